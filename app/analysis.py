@@ -1,0 +1,65 @@
+"""What the attention maps and position embeddings say, as numbers (the pictures live in visuals.py).
+
+Every function takes batched tensors as the engine returns them and is pure torch, so it runs on
+the model's device right after the forward pass. Definitions follow API.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def normalize_max(heatmap: torch.Tensor) -> torch.Tensor:
+    """Divide each map (leading dim = batch) by its maximum, so values lie in [0, 1]."""
+    peak = heatmap.flatten(1).amax(dim=1).clamp_min(torch.finfo(heatmap.dtype).tiny)
+    return heatmap / peak.view(-1, *([1] * (heatmap.dim() - 1)))
+
+
+def cls_attention(attentions: list[torch.Tensor], layer: int = -1, head: int | None = None) -> torch.Tensor:
+    """(B, N) attention from the class token to every patch in `layer`, head-mean or one head."""
+    weights = attentions[layer]  # (B, heads, T, T)
+    weights = weights.mean(dim=1) if head is None else weights[:, head]  # (B, T, T)
+    return normalize_max(weights[:, 0, 1:])
+
+
+def rollout(attentions: list[torch.Tensor]) -> torch.Tensor:
+    """(B, N) attention rollout (Abnar & Zuidema, 2020): class-token row of A_L ... A_1 over patches,
+
+    where A_l is the head-mean attention plus the identity, rows renormalised to sum to one.
+    """
+    result = None
+    for weights in attentions:  # first layer to last
+        a = weights.float().mean(dim=1)  # (B, T, T)
+        a = a + torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
+        a = a / a.sum(dim=-1, keepdim=True)
+        result = a if result is None else a @ result  # later layers multiply from the left
+    return normalize_max(result[:, 0, 1:])
+
+
+def patch_centres(grid: tuple[int, int], patch_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """(N, 2) pixel coordinates (row, col) of each patch, patch index times patch size (API.md)."""
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    return torch.stack([rows, cols], dim=-1).reshape(-1, 2).float().to(device) * patch_size
+
+
+def attention_distance(attentions: list[torch.Tensor], grid: tuple[int, int], patch_size: int) -> torch.Tensor:
+    """(B, depth, heads) mean attention distance in pixels (the ViT paper's Figure 7).
+
+    Per layer and head: attention restricted to patch queries and keys, rows renormalised,
+    then the mean over queries of sum_k A[q, k] * |c_q - c_k|. The class token is left out.
+    """
+    centres = patch_centres(grid, patch_size, attentions[0].device)
+    dist = torch.cdist(centres, centres)  # (N, N) Euclidean pixel distances
+    per_layer = []
+    for weights in attentions:
+        a = weights[:, :, 1:, 1:].float()  # (B, heads, N, N)
+        a = a / a.sum(dim=-1, keepdim=True)
+        per_layer.append((a * dist).sum(dim=-1).mean(dim=-1))  # (B, heads)
+    return torch.stack(per_layer, dim=1)
+
+
+def position_similarity(pos_embed: torch.Tensor) -> torch.Tensor:
+    """(N, N) cosine similarity between every pair of patch position embeddings (class token left out)."""
+    patches = F.normalize(pos_embed.reshape(-1, pos_embed.shape[-1])[1:].float(), dim=-1)
+    return patches @ patches.T

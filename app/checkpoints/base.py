@@ -1,0 +1,26 @@
+"""What every checkpoint reader returns, and the one error type they raise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from app.model import ViTConfig
+from app.preprocess import PreprocessConfig
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be served; the message names the spec and what is wrong."""
+
+
+@dataclass
+class Checkpoint:
+    config: ViTConfig
+    state_dict: dict[str, torch.Tensor]  # in our (timm) parameter names
+    preprocess: PreprocessConfig
+    format: str  # "hf" | "timm" | "torchvision" | "native"
+    source: str  # the spec it came from
+    weights_path: Path | None = None  # the file whose sha256 ModelInfo reports
+    labels: list[str] = field(default_factory=list)

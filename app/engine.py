@@ -1,0 +1,198 @@
+"""The engine: `load_model(spec)` -> `Model`, a ViT on a device that preprocesses and runs batches.
+
+Nothing here knows about HTTP or batching; the server and the Python API share this code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from app.checkpoints import Checkpoint, CheckpointError, read_checkpoint
+from app.model import ViTConfig, VisionTransformer, resample_pos_embed
+from app.preprocess import Normalizer, PreprocessConfig, to_model_pixels
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor | None  # (B, num_classes), float32, or None without a head
+    embedding: torch.Tensor  # (B, D) float32: the class token after the final LayerNorm
+    tokens: torch.Tensor  # (B, 1 + gh*gw, D) float32: every final-normed token
+    attentions: list[torch.Tensor] | None = None  # depth x (B, heads, T, T) float32, when asked
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device!r} was asked for, but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; use one of {[*DTYPES, 'auto']}")
+    return DTYPES[dtype]
+
+
+def file_sha256(path: Path | None) -> str:
+    if path is None:
+        return ""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_strict(model: VisionTransformer, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Copy weights into `model`, refusing any missing, unexpected or mis-shaped key by name."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mis_shaped = [
+        f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
+    if mis_shaped:
+        problems.append(f"shape mismatches: {'; '.join(mis_shaped[:10])}")
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def build_model(ckpt: Checkpoint, image_size: int | tuple[int, int] | None) -> VisionTransformer:
+    """A VisionTransformer holding the checkpoint's weights, at `image_size` when given."""
+    config = ckpt.config
+    state_dict = dict(ckpt.state_dict)
+    if image_size is not None:
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if size[0] % config.patch_size or size[1] % config.patch_size:
+            raise CheckpointError(
+                f"{ckpt.source}: image size {size} is not a multiple of the patch size {config.patch_size}"
+            )
+        new_config = ViTConfig.from_dict({**config.to_dict(), "image_size": size})
+        if "pos_embed" in state_dict:
+            state_dict["pos_embed"] = resample_pos_embed(state_dict["pos_embed"], config.grid, new_config.grid)
+        config = new_config
+    with torch.device("meta"):
+        model = VisionTransformer(config)  # no random init: every weight comes from the checkpoint
+    model = model.to_empty(device="cpu")
+    load_strict(model, state_dict, ckpt.source)
+    return model.eval()
+
+
+def preprocess_for_size(cfg: PreprocessConfig, size: tuple[int, int]) -> PreprocessConfig:
+    """The checkpoint's preprocessing retargeted to another input size (for --image-size)."""
+    if cfg.output_size == tuple(size):
+        return cfg
+    d = cfg.to_dict()
+    if cfg.crop is None:
+        d["resize"] = list(size)
+    else:
+        # keep the crop ratio (timm's crop_pct): resize = floor(new crop / crop_pct)
+        d["crop"] = list(size)
+        if isinstance(cfg.resize, int):
+            d["resize"] = math.floor(size[0] * cfg.resize / cfg.crop[0] + 1e-9)
+        else:
+            d["resize"] = [math.floor(size[i] * cfg.resize[i] / cfg.crop[i] + 1e-9) for i in (0, 1)]
+    return PreprocessConfig.from_dict(d)
+
+
+class Model:
+    """A loaded ViT: `preprocess` images, call it on pixels, read `info`."""
+
+    def __init__(self, ckpt: Checkpoint, net: VisionTransformer, device: torch.device, dtype: torch.dtype):
+        self.checkpoint_format = ckpt.format
+        self.source = ckpt.source
+        self.config = net.cfg
+        self.device = device
+        self.dtype = dtype
+        self.net = net.to(device=device, dtype=dtype)
+        self.preprocess_config = preprocess_for_size(ckpt.preprocess, self.config.image_size)
+        self.normalizer = Normalizer(self.preprocess_config).to(device)
+        n = self.config.num_classes
+        self.labels = ckpt.labels if len(ckpt.labels) == n else [f"class_{i}" for i in range(n)]
+        self.sha256 = file_sha256(ckpt.weights_path)
+
+    # -- preprocessing -------------------------------------------------------------------------
+    def to_pixels(self, image: Image.Image) -> np.ndarray:
+        """One RGB image -> uint8 (h, w, 3) at the input size (the CPU half of preprocessing)."""
+        return to_model_pixels(image, self.preprocess_config)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, h, w, 3) -> normalised float32 (B, 3, h, w) on the model's device."""
+        return self.normalizer(pixels.to(self.device, non_blocking=True))
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """RGB PIL images -> float32 (B, 3, H, W) pixels, on the model's device."""
+        batch = np.stack([self.to_pixels(img.convert("RGB")) for img in images])
+        return self.normalize(torch.from_numpy(batch))
+
+    # -- forward -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(self, pixels: torch.Tensor, attentions: bool = False) -> Output:
+        x = pixels.to(self.device, self.dtype, non_blocking=True)
+        features = self.net.forward_features(x, attentions=attentions)
+        logits = self.net.forward_head(features.tokens)
+        tokens = features.tokens.float()
+        return Output(
+            logits=logits.float() if logits is not None else None,
+            embedding=tokens[:, 0],
+            tokens=tokens,
+            attentions=[a.float() for a in features.attentions] if attentions else None,
+        )
+
+    @property
+    def info(self) -> dict:
+        cfg = self.config
+        return {
+            "source": self.source,
+            "format": self.checkpoint_format,
+            "sha256": self.sha256,
+            "image_size": list(cfg.image_size),
+            "patch_size": cfg.patch_size,
+            "grid": list(cfg.grid),
+            "embed_dim": cfg.embed_dim,
+            "depth": cfg.depth,
+            "num_heads": cfg.num_heads,
+            "num_classes": cfg.num_classes,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "preprocess": self.preprocess_config.to_dict(),
+        }
+
+
+def load_model(
+    spec: str,
+    arch: str | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    models_dir: str | Path | None = None,
+) -> Model:
+    """Load a checkpoint (see API.md for the SPEC forms) onto `device` in `dtype`."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    ckpt = read_checkpoint(spec, arch=arch, models_dir=models_dir)
+    net = build_model(ckpt, image_size)
+    return Model(ckpt, net, dev, dt)

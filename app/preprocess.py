@@ -1,0 +1,133 @@
+"""Per-checkpoint preprocessing: resize, centre crop, normalise.
+
+The geometric steps run on PIL images, exactly as the reference libraries' own PIL pipelines do
+(transformers' `ViTImageProcessor`, timm's eval transform, torchvision's published transforms),
+and produce uint8 pixels at the model's input size. Normalisation runs on a batch tensor, on the
+model's device, so that only uint8 data crosses from the decoding workers to the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """What a checkpoint expects. `resize` is an int (shortest edge) or [h, w] (exact size)."""
+
+    resize: int | tuple[int, int]
+    crop: tuple[int, int] | None = None
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = HALF
+    std: tuple[float, float, float] = HALF
+    grayscale: bool = False  # read the image as grey levels (replicated to three channels)
+    invert: bool = False  # 255 - x, for models trained on light-on-dark images
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in RESAMPLE:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}; use one of {sorted(RESAMPLE)}")
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(h, w) of the pixels this produces."""
+        if self.crop is not None:
+            return tuple(self.crop)
+        if isinstance(self.resize, int):
+            raise ValueError("a shortest-edge resize without a crop has no fixed output size")
+        return tuple(self.resize)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["resize"] = self.resize if isinstance(self.resize, int) else list(self.resize)
+        d["crop"] = list(self.crop) if self.crop is not None else None
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        for step in ("grayscale", "invert"):  # optional steps appear only when a checkpoint declares them
+            if not d[step]:
+                del d[step]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PreprocessConfig:
+        resize = d["resize"] if isinstance(d["resize"], int) else tuple(d["resize"])
+        crop = tuple(d["crop"]) if d.get("crop") else None
+        return cls(
+            resize=resize,
+            crop=crop,
+            interpolation=d.get("interpolation", "bilinear"),
+            mean=tuple(d.get("mean", HALF)),
+            std=tuple(d.get("std", HALF)),
+            grayscale=bool(d.get("grayscale", False)),
+            invert=bool(d.get("invert", False)),
+        )
+
+
+def resized_size(width: int, height: int, resize: int | tuple[int, int]) -> tuple[int, int]:
+    """(w, h) after resizing, with torchvision's rule for a shortest-edge size (long side truncated)."""
+    if not isinstance(resize, int):
+        return resize[1], resize[0]
+    if width <= height:
+        return resize, int(resize * height / width)
+    return int(resize * width / height), resize
+
+
+def crop_box(width: int, height: int, crop: tuple[int, int] | None) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the centre crop, rounded as torchvision's `center_crop` does."""
+    if crop is None:
+        return (0, 0, width, height)
+    ch, cw = crop
+    top = int(round((height - ch) / 2.0))
+    left = int(round((width - cw) / 2.0))
+    return (left, top, left + cw, top + ch)
+
+
+def seen_region(width: int, height: int, cfg: PreprocessConfig) -> tuple[float, float, float, float]:
+    """The box of the original image (left, top, right, bottom) that the model sees after resize + crop."""
+    rw, rh = resized_size(width, height, cfg.resize)
+    left, top, right, bottom = crop_box(rw, rh, cfg.crop)
+    sx, sy = width / rw, height / rh
+    return (left * sx, top * sy, right * sx, bottom * sy)
+
+
+def to_model_pixels(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """An RGB PIL image -> uint8 (h, w, 3) at the model's input size: resize, crop, optional steps."""
+    size = resized_size(image.width, image.height, cfg.resize)
+    if size != image.size:
+        image = image.resize(size, RESAMPLE[cfg.interpolation])
+    if cfg.crop is not None:
+        image = image.crop(crop_box(image.width, image.height, cfg.crop))
+    if cfg.grayscale:
+        image = image.convert("L").convert("RGB")
+    pixels = np.asarray(image, dtype=np.uint8)
+    if cfg.invert:
+        pixels = 255 - pixels
+    return pixels
+
+
+class Normalizer(torch.nn.Module):
+    """uint8 (B, h, w, 3) -> float (B, 3, h, w), (x / 255 - mean) / std, on whatever device it lives."""
+
+    def __init__(self, cfg: PreprocessConfig):
+        super().__init__()
+        mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+        return x.sub_(self.mean).div_(self.std)
