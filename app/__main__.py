@@ -1,0 +1,172 @@
+"""The command line: `vit-serve [OPTIONS]` and `python -m app [OPTIONS]` start the server with uvicorn.
+
+Flags become keyword arguments of `Settings`, so a flag wins over its `VIT_*` variable. The repeatable
+`--model` / `--arch` / `--image-size` are paired here: `--arch` and `--image-size` belong to the `--model`
+they follow; an `--image-size` before any `--model` applies to all. Given on the command line, the
+model list replaces the variable's list; it never merges with it.
+
+Exit status: 0 after a clean or graceful (SIGTERM) shutdown, 1 when a model cannot be loaded,
+2 for a bad option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from app.settings import Settings
+
+log = logging.getLogger("vitserve")
+
+SCALARS = {
+    # flag: (settings field, help)
+    "--models-dir": ("models_dir", "the model repository (default ./models where it exists, else the bundled one)"),
+    "--host": ("host", "address to listen on (default 127.0.0.1)"),
+    "--port": ("port", "port to listen on (default 8000)"),
+    "--device": ("device", "cpu, cuda, cuda:N or auto (default)"),
+    "--dtype": ("dtype", "float32, bfloat16, float16 or auto (default)"),
+    "--max-batch-size": ("max_batch_size", "most images in one forward pass (default 32 on a GPU, 8 on the CPU)"),
+    "--max-wait-ms": ("max_wait_ms", "longest an image waits for its batch to fill (default 5)"),
+    "--max-queue": ("max_queue", "per model: most images accepted and not yet answered (default 256)"),
+    "--request-timeout-s": ("request_timeout_s", "per request, from the moment its body is read (default 30)"),
+    "--max-upload-bytes": ("max_upload_bytes", "largest request body (default 20 MiB)"),
+    "--max-images-per-request": ("max_images_per_request", "default 64"),
+    "--max-image-pixels": ("max_image_pixels", "largest decoded width x height (default 40,000,000)"),
+    "--api-key": ("api_key", "when set, every /v1 request needs 'Authorization: Bearer <key>'"),
+    "--log-level": ("log_level", "debug, info (default), warning or error"),
+    "--decode-workers": ("decode_workers", "decoding processes or threads (default min(4, CPUs); 0: inline)"),
+    "--decode-pool": ("decode_pool", "process (default) or thread"),
+    "--jpeg-draft": ("jpeg_draft", "true (default) or false: JPEG DCT scaling for large images"),
+    "--warmup": ("warmup", "true (default) or false: run every batch size once before ready"),
+    "--drain-timeout-s": ("drain_timeout_s", "after SIGTERM, longest wait for accepted requests (default 60)"),
+}
+
+
+class _Ordered(argparse.Action):
+    """Records (flag, value) in command-line order, so --arch/--image-size pair with their --model."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        namespace.ordered.append((self.dest, values))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vit-serve",
+        description="Serve Vision Transformer checkpoints over HTTP. Every option is also a VIT_<NAME> variable.",
+    )
+    p.set_defaults(ordered=[])
+    p.add_argument("--model", dest="model", action=_Ordered, metavar="[NAME=]SPEC", help="a checkpoint (repeatable)")
+    p.add_argument("--arch", dest="arch", action=_Ordered, help="architecture of the --model it follows")
+    p.add_argument(
+        "--image-size", dest="image_size", action=_Ordered, type=int, metavar="N", help="serve at N x N pixels"
+    )
+    for flag, (field, text) in SCALARS.items():
+        p.add_argument(flag, dest=field, default=None, help=text)
+    return p
+
+
+def pair_models(ordered: list[tuple[str, Any]], parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The ordered --model/--arch/--image-size flags -> Settings kwargs (aligned lists)."""
+    models: list[str] = []
+    arches: list[str | None] = []
+    sizes: list[int | None] = []
+    global_size: int | None = None
+    for dest, value in ordered:
+        if dest == "model":
+            models.append(value)
+            arches.append(None)
+            sizes.append(global_size)
+        elif dest == "arch":
+            if not models:
+                parser.error("--arch must follow the --model it describes")
+            arches[-1] = value
+        elif not models:
+            global_size = value
+        else:
+            sizes[-1] = value
+    if models:
+        return {"model": models, "arch": arches, "image_size": sizes}
+    return {"image_size": [global_size]} if global_size is not None else {}
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """The command line (and the environment) -> Settings; a bad option ends the process with status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    kwargs = pair_models(args.ordered, parser)
+    for field, _ in SCALARS.values():
+        value = getattr(args, field)
+        if value is not None:
+            kwargs[field] = value
+    try:
+        return Settings(**kwargs)
+    except (ValidationError, ValueError) as e:
+        parser.error(one_line(e))
+        raise  # unreachable: parser.error exits
+
+
+def one_line(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        parts = []
+        for err in error.errors():
+            where = ".".join(str(x) for x in err.get("loc", ()))
+            msg = err.get("msg", "").removeprefix("Value error, ")
+            parts.append(f"{where}: {msg}" if where else msg)
+        return "; ".join(parts)
+    return str(error)
+
+
+def log_config(level: str) -> dict:
+    """uvicorn's logging configuration, with our 'vitserve' logger beside its own."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in LOGGING_CONFIG.items()}
+    config["loggers"] = dict(config["loggers"])
+    config["loggers"]["vitserve"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    from app.http.server import GracefulServer
+
+    settings = parse_settings(argv)
+    from app.http import create_app
+
+    server: GracefulServer | None = None
+    exit_code = 0
+
+    def on_fatal(message: str) -> None:
+        nonlocal exit_code
+        exit_code = 1
+        if server is not None:
+            server.should_exit = True
+            server.force_exit = True
+
+    app = create_app(settings, on_fatal=on_fatal)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=log_config(settings.log_level),
+        access_log=False,  # our own middleware logs one line per request, with its id
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    server = GracefulServer(config, app.state.vit, drain_timeout_s=settings.drain_timeout_s)
+    started = time.monotonic()
+    server.run()
+    if exit_code:
+        sys.exit(exit_code)
+    log.debug("served for %.1f s", time.monotonic() - started)
+
+
+if __name__ == "__main__":
+    main()

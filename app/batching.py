@@ -1,0 +1,261 @@
+"""Dynamic batching, per model: admission, batch formation, deadlines, cancellation, fault isolation.
+
+Nothing here knows FastAPI or torch. A `Batcher` is handed a `run_batch(items) -> results` callable
+(see `app.tasks`) and calls it on one dedicated thread, off the event loop:
+
+- `admit(n)` reserves room for a request's n images before any work is done on them, or raises
+  `Overloaded` with a Retry-After estimate; the room is held while the images decode, wait and run,
+  and given back when the request is answered (or dropped).
+- `run(items, key)` queues the items and returns their results in order. Items with the same `key`
+  may share a forward; a request with many items may span several batches.
+- the worker seals a batch when it is full, or when the forward thread is free and the oldest item
+  has waited `max_wait_s`. While one batch runs, the next one fills (and, once full, is sealed
+  and queued behind it), so the forward thread never waits for the event loop.
+- cancelling `run` (a timeout, a client that went away) removes its items that have not started.
+- a batch whose forward raises is split in halves and retried; only items that fail alone get an
+  error (`ForwardFailed`), so one poisoned item never takes its batch-mates down with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("vitserve.batching")
+
+
+class Overloaded(Exception):
+    """The queue has no room for the request; try again after `retry_after` seconds (>= 1)."""
+
+    def __init__(self, retry_after: int, message: str = "the server is overloaded"):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ForwardFailed(Exception):
+    """The forward pass failed for this item even when it ran alone: a fault of the server."""
+
+
+class Stopped(Exception):
+    """The batcher was stopped before the item ran."""
+
+
+@dataclass(eq=False)
+class Entry:
+    item: Any
+    key: Hashable
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Admission:
+    """Room for `n` images in a batcher's queue; give it back with `release()` (or use `with`)."""
+
+    def __init__(self, batcher: Batcher, n: int):
+        self._batcher = batcher
+        self.n = n
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._batcher._release(self.n)
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Batcher:
+    def __init__(
+        self,
+        run_batch: Callable[[list[Any]], Sequence[Any]],
+        *,
+        name: str = "model",
+        max_batch_size: int = 8,
+        max_wait_s: float = 0.005,
+        max_queue: int = 256,
+        pipeline_depth: int = 2,
+        on_batch: Callable[[int], None] | None = None,
+        on_depth: Callable[[int], None] | None = None,
+    ):
+        self.run_batch = run_batch
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.pipeline_depth = max(1, pipeline_depth)  # batches handed to the thread: 1 running + queued
+        self._on_batch = on_batch or (lambda n: None)
+        self._on_depth = on_depth or (lambda n: None)
+        self._queue: deque[Entry] = deque()
+        self._admitted = 0
+        self._running = 0
+        self._rate = 0.0  # images per second through the forward, smoothed
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._thread: ThreadPoolExecutor | None = None
+
+    # -- life ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker on the running event loop (and the forward thread)."""
+        self._wake = asyncio.Event()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{self.name}")
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        """Stop the worker; items still queued fail with `Stopped`."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        while self._queue:
+            entry = self._queue.popleft()
+            if not entry.future.done():
+                entry.future.set_exception(Stopped("the server is shutting down"))
+        if self._thread is not None:
+            self._thread.shutdown(wait=False, cancel_futures=True)
+            self._thread = None
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` on the forward thread (warm-up: CUDA graphs and compiled code stay on one thread)."""
+        assert self._thread is not None, "start() the batcher first"
+        return await asyncio.get_running_loop().run_in_executor(self._thread, lambda: fn(*args))
+
+    # -- admission -------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        """Images admitted and not yet answered."""
+        return self._admitted
+
+    @property
+    def throughput(self) -> float:
+        """Measured images per second through the forward (0 before the first batch)."""
+        return self._rate
+
+    def admit(self, n: int) -> Admission:
+        """Reserve room for n images, or raise `Overloaded` at once (the whole request, before any work)."""
+        if self._admitted + n > self.max_queue:
+            raise Overloaded(
+                self.retry_after(n),
+                f"model {self.name!r} has {self._admitted} images queued (at most {self.max_queue}); "
+                "retry after the time in the Retry-After header",
+            )
+        self._admitted += n
+        self._on_depth(self._admitted)
+        return Admission(self, n)
+
+    def _release(self, n: int) -> None:
+        self._admitted -= n
+        self._on_depth(self._admitted)
+
+    def retry_after(self, n: int) -> int:
+        """Whole seconds until room for n more images should free up, from the measured throughput."""
+        excess = self._admitted + n - self.max_queue
+        if self._rate <= 0:
+            return 1
+        return max(1, min(3600, math.ceil(excess / self._rate)))
+
+    # -- work ------------------------------------------------------------------------------------
+    async def run(self, items: Sequence[Any], key: Hashable = None) -> list[Any]:
+        """Queue `items` (which may share forwards with other requests' items of the same `key`) and
+        return their results in order. A failed item raises its `ForwardFailed`; cancelling this
+        coroutine drops the items that have not started."""
+        if self._wake is None:
+            raise Stopped("the batcher is not running")
+        loop = asyncio.get_running_loop()
+        entries = [Entry(item, key, loop.create_future()) for item in items]
+        self._queue.extend(entries)
+        self._wake.set()
+        try:
+            return [await entry.future for entry in entries]
+        finally:
+            self._drop(entries)
+
+    def _drop(self, entries: list[Entry]) -> None:
+        """Forget entries whose request has gone (answered, failed, timed out or disconnected)."""
+        for entry in entries:
+            if not entry.future.done():
+                entry.future.cancel()
+                with contextlib.suppress(ValueError):  # else already running: its result is discarded
+                    self._queue.remove(entry)
+
+    async def _loop(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            self._running += 1
+            future = loop.run_in_executor(self._thread, self._timed_forward, [e.item for e in batch])
+            future.add_done_callback(lambda f, b=batch: self._finish(b, f))
+
+    async def _next_batch(self) -> list[Entry]:
+        """Wait until a batch should be sealed, then take it off the queue."""
+        assert self._wake is not None
+        while True:
+            timeout = None
+            if self._queue:
+                first = self._queue[0]
+                ready = [e for e in self._queue if e.key == first.key][: self.max_batch_size]
+                full = len(ready) >= self.max_batch_size
+                waited_enough = time.monotonic() >= first.enqueued + self.max_wait_s
+                if (self._running == 0 and (full or waited_enough)) or (full and self._running < self.pipeline_depth):
+                    for entry in ready:
+                        self._queue.remove(entry)
+                    return ready
+                if self._running == 0:
+                    timeout = first.enqueued + self.max_wait_s - time.monotonic()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _timed_forward(self, items: list[Any]) -> tuple[list[Any], float]:
+        started = time.monotonic()
+        results = self._forward(items)
+        return results, time.monotonic() - started
+
+    def _forward(self, items: list[Any]) -> list[Any]:
+        """On the forward thread: the whole batch, or its halves on failure, down to single items."""
+        try:
+            results = list(self.run_batch(items))
+            if len(results) != len(items):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(items)} items")
+            self._on_batch(len(items))
+            return results
+        except Exception as e:
+            if len(items) == 1:
+                log.error("model %s: forward failed for an item even alone: %r", self.name, e, exc_info=e)
+                return [ForwardFailed(f"{type(e).__name__}: {e}")]
+            log.warning("model %s: a batch of %d failed (%r); retrying its halves", self.name, len(items), e)
+            mid = len(items) // 2
+            return self._forward(items[:mid]) + self._forward(items[mid:])
+
+    def _finish(self, batch: list[Entry], future: asyncio.Future) -> None:
+        """On the event loop: hand each entry its result, update the throughput estimate."""
+        self._running -= 1
+        assert self._wake is not None
+        self._wake.set()
+        if future.cancelled():
+            results: list[Any] = [Stopped("the forward was cancelled")] * len(batch)
+        elif future.exception() is not None:
+            results = [ForwardFailed(repr(future.exception()))] * len(batch)
+        else:
+            results, elapsed = future.result()
+            rate = len(batch) / max(elapsed, 1e-6)
+            self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
+        for entry, result in zip(batch, results, strict=True):
+            if entry.future.done():
+                continue  # its request has gone
+            if isinstance(result, BaseException):
+                entry.future.set_exception(result)
+            else:
+                entry.future.set_result(result)

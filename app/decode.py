@@ -1,0 +1,267 @@
+"""Image bytes -> validated RGB pixels: format sniffing, the pixel limit before decoding, EXIF, colour modes.
+
+The functions here are pure and picklable, so a `Decoder` runs them in a process pool (default), a
+thread pool or inline, never on the event loop. What comes back to the server is small: the uint8
+pixels at the model's input size (not the full image) and the original size.
+
+Safety: only the six formats of API.md are ever handed to Pillow (sniffed from magic bytes, never from
+a file name or a content type), and width x height is read from the header and checked against the
+limit before a single pixel is decoded, so a decompression bomb costs microseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import multiprocessing
+import signal
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from app.preprocess import PreprocessConfig, resized_size, to_model_pixels
+
+ORIENTATION = 0x0112  # EXIF tag
+TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
+WHITE = (255, 255, 255)
+PREVIEW_SIDE = 1024  # longest side of the image an overlay is drawn on
+
+
+class ImageError(Exception):
+    """An image the server will not decode; `code` is the API error code."""
+
+    code = "invalid_image"
+
+
+class InvalidImage(ImageError):
+    code = "invalid_image"
+
+
+class ImageTooLarge(ImageError):
+    code = "image_too_large"
+
+
+@dataclass(frozen=True)
+class Decoded:
+    pixels: np.ndarray  # uint8 (h, w, 3)
+    size: tuple[int, int]  # (width, height) of the upright original image
+
+
+def sniff(data: bytes) -> str | None:
+    """The Pillow format name from the magic bytes, or None for anything we do not decode."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:2] == b"BM":
+        return "BMP"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    return None
+
+
+def open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """Open lazily (header only) and refuse what is unsupported, zero-sized or over `max_pixels`."""
+    if not data:
+        raise InvalidImage("the image is empty (zero bytes)")
+    fmt = sniff(data)
+    if fmt is None:
+        raise InvalidImage("unsupported or unrecognised image format; send JPEG, PNG, WebP, GIF, BMP or TIFF")
+    try:
+        image = Image.open(io.BytesIO(data), formats=[fmt])
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"the image is too large: {e}") from None
+    except Exception as e:
+        raise InvalidImage(f"cannot read the {fmt} header: {e}") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"the image is zero-sized ({width} x {height})")
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"the image has {width} x {height} = {width * height:,} pixels, more than the limit of {max_pixels:,}"
+        )
+    return image
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation is applied (read from the header, nothing decoded)."""
+    w, h = image.size
+    return (h, w) if orientation(image) in TRANSPOSED else (w, h)
+
+
+def orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(ORIENTATION, 1))
+    except Exception:  # a broken EXIF block: ignore it as browsers do
+        return 1
+
+
+def draft_target(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int]:
+    """Smallest (w, h) a JPEG may be DCT-scaled to: twice the resize target on each side, so that
+    the resize that follows still averages over enough source pixels to match a full decode."""
+    rw, rh = resized_size(width, height, cfg.resize)
+    return (2 * rw, 2 * rh)
+
+
+def apply_draft(image: Image.Image, target: tuple[int, int]) -> None:
+    """Ask the JPEG decoder for a 1/2, 1/4 or 1/8 scale that stays at least `target` (upright w, h)."""
+    if image.format != "JPEG":
+        return
+    tw, th = target
+    if orientation(image) in TRANSPOSED:
+        tw, th = th, tw  # the file's own frame
+    if image.width >= 2 * tw and image.height >= 2 * th:
+        image.draft(image.mode, (tw, th))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode -> RGB: grey, palette, CMYK and the rest converted; 16-bit scaled; alpha composited on white."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        image = Image.fromarray(high_depth_to_uint8(np.asarray(image)), "L")
+    if image.mode == "RGB":
+        return image
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, WHITE)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def high_depth_to_uint8(a: np.ndarray) -> np.ndarray:
+    """16-bit (or 32-bit int holding 16-bit) grey levels -> 8-bit by their top byte; floats in [0, 1] or
+    [0, 255] scaled to 8-bit."""
+    if a.dtype.kind == "f":
+        a = np.nan_to_num(a.astype(np.float32))
+        scale = 255.0 if a.max(initial=0.0) <= 1.0 else 1.0
+        return np.clip(a * scale + 0.5, 0, 255).astype(np.uint8)
+    a = a.astype(np.int64)
+    if a.max(initial=0) > 255:
+        a = np.clip(a, 0, 65535) >> 8
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def decode_image(
+    data: bytes, max_pixels: int, target: Callable[[tuple[int, int]], tuple[int, int]] | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Bytes -> (an upright RGB image, the upright size of the original).
+
+    With `target` (upright size -> smallest acceptable upright (w, h)), a JPEG may be decoded at a
+    reduced DCT scale that stays at least that large; the image is then smaller than the original.
+    """
+    image = open_checked(data, max_pixels)
+    size = upright_size(image)
+    try:
+        if target is not None:
+            apply_draft(image, target(size))
+        image.load()  # first frame of a GIF / WebP animation / multi-page TIFF
+        image = ImageOps.exif_transpose(image)
+        image = to_rgb(image)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"the image is too large: {e}") from None
+    except Exception as e:  # Pillow reports corrupt data with many exception types
+        raise InvalidImage(f"the image data is truncated or corrupt: {e}") from None
+    if image.width == 0 or image.height == 0:
+        raise InvalidImage("the image is zero-sized")
+    return image, size
+
+
+def decode_to_pixels(data: bytes, cfg: PreprocessConfig, max_pixels: int, draft: bool = True) -> Decoded:
+    """Bytes -> uint8 pixels at the model's input size (the CPU half of preprocessing), and the upright size.
+
+    A JPEG decoded at a reduced scale is resized from there exactly as the full image would be.
+    """
+    target = partial(_draft_target, cfg=cfg) if draft else None
+    image, size = decode_image(data, max_pixels, target)
+    try:
+        pixels = to_model_pixels(image, cfg)
+    except Exception as e:  # e.g. an image too thin to resize to the target
+        raise InvalidImage(f"the image cannot be resized to the model's input: {e}") from None
+    return Decoded(np.ascontiguousarray(pixels), size)
+
+
+def _draft_target(size: tuple[int, int], cfg: PreprocessConfig) -> tuple[int, int]:
+    return draft_target(size[0], size[1], cfg)
+
+
+def decode_preview(data: bytes, max_pixels: int, max_side: int = PREVIEW_SIDE) -> Decoded:
+    """Bytes -> the upright RGB image, shrunk to at most `max_side` on its longest side (for overlays)."""
+
+    def target(size: tuple[int, int]) -> tuple[int, int]:
+        scale = min(1.0, max_side / max(size))
+        return (max(1, int(size[0] * scale)), max(1, int(size[1] * scale)))
+
+    image, size = decode_image(data, max_pixels, target)
+    if max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    return Decoded(np.asarray(image, dtype=np.uint8), size)
+
+
+def _init_worker(max_pixels: int) -> None:
+    """In each decoding process: Pillow's own bomb limit follows ours (we check first anyway), and
+    Ctrl+C is left to the server, which shuts the pool down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Image.MAX_IMAGE_PIXELS = max(max_pixels, Image.MAX_IMAGE_PIXELS or 0)
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    Image.init()  # load the format plugins once, not on the first request
+
+
+def _noop() -> int:
+    return 0
+
+
+class Decoder:
+    """Runs the decode functions off the event loop: `await decoder.pixels(data, cfg)`."""
+
+    def __init__(
+        self,
+        max_pixels: int,
+        workers: int = 2,
+        kind: Literal["process", "thread"] = "process",
+        draft: bool = True,
+    ):
+        self.max_pixels = max_pixels
+        self.draft = draft
+        self.workers = workers
+        self.kind = kind
+        self._pool: Executor | None = None
+        if workers > 0 and kind == "process":
+            context = multiprocessing.get_context("forkserver")
+            # the fork server imports us once; each worker then forks from it, already warm
+            context.set_forkserver_preload(["app.decode"])
+            self._pool = ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_init_worker, initargs=(max_pixels,)
+            )
+        elif workers > 0:
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+
+    async def start(self) -> None:
+        """Start every worker now (a process pool starts them on first use otherwise)."""
+        if self._pool is not None:
+            await asyncio.gather(*(self._run(_noop) for _ in range(self.workers)))
+
+    async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
+        if self._pool is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args))
+
+    async def pixels(self, data: bytes, cfg: PreprocessConfig) -> Decoded:
+        return await self._run(decode_to_pixels, data, cfg, self.max_pixels, self.draft)
+
+    async def preview(self, data: bytes) -> Decoded:
+        return await self._run(decode_preview, data, self.max_pixels)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None

@@ -1,0 +1,210 @@
+"""Start-up in the background: which models to serve, under which names; load, warm up, publish.
+
+The lifespan starts `load_all` as a task and returns at once, so uvicorn opens the socket while the
+models load; `/readyz` and `/v1/*` answer 503 not_ready until every model is warm. A model that cannot
+be loaded ends the server: one log line naming the spec and the error, then `on_fatal(message)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from app.batching import Batcher
+from app.http.state import ServedModel, ServerState
+from app.settings import ModelSpec, Settings
+from app.tasks import ATTENTION, FAST, run_batch, warmup_items
+
+log = logging.getLogger("vitserve")
+
+Loader = Callable[[ModelSpec, Settings, "Path | None"], Any]
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+class StartupError(Exception):
+    """A configuration that cannot be served (duplicate names, an empty repository)."""
+
+
+@dataclass(frozen=True)
+class Planned:
+    name: str
+    spec: ModelSpec
+
+
+def default_models_dir() -> Path:
+    """./models where it exists, else the repository shipped inside the package (or the source tree's)."""
+    try:
+        from app.checkpoints.detect import default_models_dir as engine_default
+
+        return Path(engine_default())
+    except ImportError:
+        pass
+    here = Path.cwd() / "models"
+    if here.is_dir():
+        return here
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "_models", package.parent / "models"):
+        if candidate.is_dir():
+            return candidate
+    return here
+
+
+def list_repository(models_dir: Path) -> list[str]:
+    """Folder paths of the repository's models, the bundled default first."""
+    try:
+        from app.checkpoints.detect import list_repository as engine_list
+
+        return [str(p) for p in engine_list(models_dir)]
+    except ImportError:
+        pass
+    if not models_dir.is_dir():
+        return []
+    folders = [
+        p
+        for p in sorted(models_dir.iterdir())
+        if p.is_dir() and any(f.suffix in CHECKPOINT_SUFFIXES for f in p.iterdir() if f.is_file())
+    ]
+    return [str(p) for p in folders]
+
+
+def model_name(spec: str) -> str:
+    """The name a SPEC is served under without NAME=: folder name, file stem, or last part of a hub id."""
+    try:
+        from app.checkpoints.detect import model_name as engine_name
+
+        return engine_name(spec)
+    except ImportError:
+        pass
+    if spec.startswith("hf-hub:"):
+        return spec.removeprefix("hf-hub:").rstrip("/").rsplit("/", 1)[-1]
+    path = Path(spec)
+    return path.name if path.is_dir() or path.suffix not in CHECKPOINT_SUFFIXES else path.stem
+
+
+def models_dir_of(settings: Settings) -> Path:
+    return Path(settings.models_dir) if settings.models_dir else default_models_dir()
+
+
+def plan(settings: Settings) -> list[Planned]:
+    """The models to serve, in order (the first is the default), with their unique names."""
+    specs = settings.model_specs()
+    if not specs:
+        repo = models_dir_of(settings)
+        folders = list_repository(repo)
+        if not folders:
+            raise StartupError(f"no models to serve: the model repository {repo} holds none; pass --model SPEC")
+        specs = [ModelSpec(spec=f, image_size=settings.global_image_size) for f in folders]
+    planned = [Planned(s.name or model_name(s.spec), s) for s in specs]
+    seen: dict[str, str] = {}
+    for p in planned:
+        if p.name in seen:
+            raise StartupError(
+                f"two models are named {p.name!r} ({seen[p.name]} and {p.spec.spec}); name them with --model NAME=SPEC"
+            )
+        seen[p.name] = p.spec.spec
+    return planned
+
+
+def engine_loader(spec: ModelSpec, settings: Settings, models_dir: Path | None) -> Any:
+    """The default loader: `app.engine.load_model` with the settings' device and dtype."""
+    from app.engine import load_model
+
+    return load_model(
+        spec.spec,
+        arch=spec.arch,
+        image_size=spec.image_size,
+        device=settings.device,
+        dtype=settings.dtype,
+        models_dir=models_dir,
+    )
+
+
+def warmup_sizes(max_batch_size: int) -> list[int]:
+    """Every batch size the batcher will use is warmed: powers of two up to the maximum, and the maximum."""
+    sizes = {max_batch_size}
+    size = 1
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
+
+
+def warm_up(model: Any, max_batch_size: int) -> None:
+    """Run the fast path at every batch size, and the attention path at the smallest and largest."""
+    if hasattr(model, "warmup"):  # an engine with its own warm-up (compiled buckets, CUDA graphs)
+        model.warmup(warmup_sizes(max_batch_size))
+    for size in warmup_sizes(max_batch_size):
+        run_batch(model, warmup_items(model, size, FAST))
+    for size in sorted({1, max_batch_size}):
+        run_batch(model, warmup_items(model, size, ATTENTION))
+
+
+def one_line(error: BaseException) -> str:
+    """The error as one line; the type is kept unless the error is one of ours (already self-explanatory)."""
+    text = " ".join(str(error).split())
+    kind = type(error).__name__
+    if isinstance(error, StartupError) or kind == "CheckpointError":
+        return text or kind
+    return f"{kind}: {text}" if text else kind
+
+
+async def load_all(state: ServerState, loader: Loader, on_fatal: Callable[[str], None] | None) -> None:
+    """Load, warm up and publish every model; on any failure log one line and call `on_fatal`."""
+    settings = state.settings
+    current = "start-up"
+    try:
+        planned = plan(settings)
+        state.expected = len(planned)
+        models_dir = models_dir_of(settings)
+        if state.decoder is not None:
+            await state.decoder.start()
+        for p in planned:
+            current = f"model {p.name!r} ({p.spec.spec})"
+            served = await load_one(state, p, loader, models_dir)
+            state.models[p.name] = served
+            if state.default_model is None:
+                state.default_model = p.name
+        state.ready = True
+        log.info("ready: serving %s (default %s)", ", ".join(state.models), state.default_model)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        message = f"cannot load {current}: {one_line(e)}" if current != "start-up" else f"start-up error: {one_line(e)}"
+        state.load_error = message
+        log.error("%s", message)
+        if on_fatal is not None:
+            on_fatal(message)
+
+
+async def load_one(state: ServerState, p: Planned, loader: Loader, models_dir: Path) -> ServedModel:
+    settings, metrics = state.settings, state.metrics
+    started = time.monotonic()
+    model = await asyncio.to_thread(loader, p.spec, settings, models_dir)
+    device = getattr(getattr(model, "device", None), "type", "cpu")
+    max_batch = settings.batch_size_for(device)
+    batcher = Batcher(
+        partial(run_batch, model),
+        name=p.name,
+        max_batch_size=max_batch,
+        max_wait_s=settings.max_wait_ms / 1000.0,
+        max_queue=settings.max_queue,
+        on_batch=metrics.batch_size.labels(p.name).observe,
+        on_depth=metrics.queue_depth.labels(p.name).set,
+    )
+    batcher.start()
+    try:
+        if settings.warmup:
+            await batcher.call(warm_up, model, max_batch)
+    except BaseException:
+        await batcher.stop()
+        raise
+    seconds = time.monotonic() - started
+    metrics.load_seconds.labels(p.name).set(seconds)
+    log.info("model %s loaded from %s in %.2f s (max batch %d)", p.name, p.spec.spec, seconds, max_batch)
+    return ServedModel(p.name, model, batcher, p.spec.spec)

@@ -1,0 +1,126 @@
+"""The road every /v1 inference request travels: read the images, admit, decode in the pool, batch, answer.
+
+Limits come first and cost nothing: the body cap and image count while reading, then admission to the
+model's queue (503 overloaded, before any decoding), then the deadline (counted from the moment the
+body has been read) and the client's disconnect, either of which drops the request's unfinished work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+from starlette.requests import ClientDisconnect, Request
+
+from app.batching import ForwardFailed, Overloaded, Stopped
+from app.decode import Decoded, ImageError
+from app.http.errors import ApiError, internal_error, invalid
+from app.http.inputs import Upload, read_uploads
+from app.http.middleware import note, request_id_of
+from app.http.state import ServedModel, ServerState
+from app.tasks import Item, Task
+
+
+@dataclass
+class Outcome:
+    uploads: list[Upload]
+    decoded: list[Decoded]
+    results: list[object]
+    previews: list[Decoded] | None = None
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.vit
+
+
+def pick_model(state: ServerState, name: str | None) -> ServedModel:
+    """The model called `name` among the loaded ones (never anything else), or the default."""
+    if name is None or name == "":
+        assert state.default_model is not None
+        return state.models[state.default_model]
+    served = state.models.get(name)
+    if served is None:
+        known = ", ".join(state.models)
+        raise ApiError(404, "model_not_found", f"no model named {name!r}; loaded models: {known}")
+    return served
+
+
+async def infer(
+    request: Request, served: ServedModel, task: Task, *, one_image: bool = False, preview: bool = False
+) -> Outcome:
+    """Read the request's images and run `task` on each; errors as API.md says."""
+    state = state_of(request)
+    settings = state.settings
+    uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_images_per_request)
+    note(request.scope, model=served.name, images=len(uploads))
+    if one_image and len(uploads) != 1:
+        raise invalid(f"format=png draws one image; this request has {len(uploads)} (use format=json for several)")
+    try:
+        admission = served.batcher.admit(len(uploads))
+    except Overloaded as e:
+        raise ApiError(503, "overloaded", str(e), headers={"Retry-After": str(e.retry_after)}) from None
+    with admission:
+        work = _decode_and_run(request, state, served, uploads, task, preview)
+        return await _guarded(request, work, settings.request_timeout_s)
+
+
+async def _decode_and_run(
+    request: Request, state: ServerState, served: ServedModel, uploads: list[Upload], task: Task, preview: bool
+) -> Outcome:
+    decoder = state.decoder
+    assert decoder is not None
+    cfg = served.model.preprocess_config
+    jobs = [decoder.pixels(u.data, cfg) for u in uploads]
+    if preview:
+        jobs += [decoder.preview(u.data) for u in uploads]
+    done = await asyncio.gather(*jobs, return_exceptions=True)
+    decoded, previews = done[: len(uploads)], done[len(uploads) :]
+    for i, d in enumerate(decoded):
+        if isinstance(d, ImageError):
+            filename = uploads[i].filename
+            where = f"image {i}" + (f" ({filename})" if filename else "")
+            raise ApiError(400, d.code, f"{where}: {d}", index=i, filename=filename)
+        if isinstance(d, BaseException):
+            raise d  # the pool itself failed: a server fault
+    for d in previews:
+        if isinstance(d, BaseException):
+            raise d
+    items = [Item(d.pixels, task) for d in decoded]  # type: ignore[union-attr]
+    try:
+        results = await served.batcher.run(items, task.key)
+    except ForwardFailed:
+        raise internal_error(request_id_of(request.scope)) from None
+    except Stopped:
+        raise ApiError(503, "not_ready", "the server is shutting down; retry on another instance") from None
+    return Outcome(uploads, decoded, results, previews or None)  # type: ignore[arg-type]
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client has gone away (the body has been read; only a disconnect can follow)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _guarded(request: Request, work, timeout: float) -> Outcome:  # type: ignore[no-untyped-def]
+    """Run `work` until it finishes, the deadline passes (504) or the client disconnects (dropped)."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, watch):
+            if not t.done():
+                t.cancel()
+        for t in (task, watch):
+            with contextlib.suppress(BaseException):
+                await t
+    if task in done:
+        return task.result()
+    if watch in done:
+        raise ClientDisconnect()
+    raise ApiError(
+        504, "timeout", f"the request took longer than the {timeout:g} s limit; its unfinished work was dropped"
+    )

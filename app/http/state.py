@@ -1,0 +1,77 @@
+"""What the running server knows: its settings, metrics, decoder, loaded models, readiness and drain state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from app.batching import Batcher
+from app.decode import Decoder
+from app.metrics import Metrics
+from app.settings import Settings
+
+
+@dataclass
+class ServedModel:
+    """A loaded model with its batcher."""
+
+    name: str
+    model: Any  # app.engine.Model (or anything with its interface)
+    batcher: Batcher
+    spec: str
+    _similarity: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def info(self) -> dict:
+        return {"name": self.name, **self.model.info}
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.config.num_classes)
+
+    def similarity(self) -> np.ndarray:
+        """Position-embedding similarity: fixed per model, computed once."""
+        if self._similarity is None:
+            from app.tasks import position_similarity
+
+            self._similarity = position_similarity(self.model)
+        return self._similarity
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    metrics: Metrics
+    decoder: Decoder | None = None
+    models: dict[str, ServedModel] = field(default_factory=dict)
+    default_model: str | None = None
+    expected: int = 0  # models to load
+    ready: bool = False
+    draining: bool = False
+    load_error: str | None = None
+    inflight: int = 0  # HTTP requests being answered
+    on_drain: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def accepting(self) -> bool:
+        return self.ready and not self.draining
+
+    def not_ready_reason(self) -> str:
+        if self.draining:
+            return "the server is shutting down; send requests to another instance"
+        if self.load_error:
+            return f"a model failed to load: {self.load_error}"
+        return f"models are still loading ({len(self.models)} of {self.expected or '?'} ready); retry shortly"
+
+    def begin_drain(self) -> None:
+        """SIGTERM: /readyz turns 503 and new /v1 requests get not_ready; accepted ones still finish."""
+        self.draining = True
+        for callback in self.on_drain:
+            callback()

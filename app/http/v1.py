@@ -1,0 +1,190 @@
+"""The /v1 routes of API.md. Each route checks its parameters, hands the images to `pipeline.infer` and
+shapes the answer; nothing here touches torch."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+from starlette.responses import Response
+
+from app.http.errors import ApiError, invalid
+from app.http.middleware import note
+from app.http.pipeline import infer, pick_model, state_of
+from app.http.responses import FastJSON
+from app.http.state import ServedModel
+from app.preprocess import seen_region
+from app.tasks import AttentionDistance, AttentionMap, Classify, Embed, Predictions
+
+
+def require_api_key(request: Request) -> None:
+    """With --api-key, every /v1 request needs `Authorization: Bearer <key>` (compared in constant time)."""
+    key = state_of(request).settings.api_key
+    if not key:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise ApiError(
+            401,
+            "unauthorized",
+            "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def require_ready(request: Request) -> None:
+    state = state_of(request)
+    if not state.accepting:
+        raise ApiError(503, "not_ready", state.not_ready_reason(), headers={"Retry-After": "1"})
+
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key), Depends(require_ready)])
+
+ModelName = Annotated[str | None, Query(description="a loaded model's name (default: the default model)")]
+Format = Annotated[Literal["json", "png"], Query(description="json, or png (one image only)")]
+
+
+def _model(request: Request, name: str | None) -> ServedModel:
+    served = pick_model(state_of(request), name)
+    note(request.scope, model=served.name)
+    return served
+
+
+@router.get("/models", response_model=None)
+async def list_models(request: Request) -> Response:
+    state = state_of(request)
+    return FastJSON({"models": [m.info for m in state.models.values()]})
+
+
+@router.get("/models/{name}", response_model=None)
+async def get_model(request: Request, name: str) -> Response:
+    return FastJSON(_model(request, name).info)
+
+
+@router.post("/classify", response_model=None)
+async def classify(
+    request: Request,
+    top_k: Annotated[int, Query(ge=1, description="how many classes, 1 to num_classes")] = 5,
+    model: ModelName = None,
+) -> Response:
+    served = _model(request, model)
+    n = served.num_classes
+    if n == 0:
+        raise invalid(f"model {served.name!r} has no classification head; use /v1/embed")
+    if top_k > n:
+        raise invalid(f"top_k must be between 1 and {n} (the model's number of classes), not {top_k}")
+    out = await infer(request, served, Classify(top_k))
+    labels = served.model.labels
+    results = []
+    for upload, pred in zip(out.uploads, out.results, strict=True):
+        assert isinstance(pred, Predictions)
+        predictions = [
+            {"index": int(i), "label": labels[int(i)], "score": float(s)}
+            for i, s in zip(pred.indices, pred.scores, strict=True)
+        ]
+        results.append({"filename": upload.filename, "predictions": predictions})
+    return FastJSON({"model": served.name, "results": results})
+
+
+@router.post("/embed", response_model=None)
+async def embed(
+    request: Request,
+    pool: Annotated[Literal["cls", "mean"], Query(description="class token or mean of patch tokens")] = "cls",
+    normalize: Annotated[bool, Query(description="divide by the L2 norm")] = False,
+    encoding: Annotated[Literal["float", "base64"], Query(description="float list or base64 float32 LE")] = "float",
+    model: ModelName = None,
+) -> Response:
+    served = _model(request, model)
+    out = await infer(request, served, Embed(pool, normalize))
+    results = []
+    for upload, vector in zip(out.uploads, out.results, strict=True):
+        v = np.asarray(vector, dtype="<f4")
+        value = base64.b64encode(v.tobytes()).decode("ascii") if encoding == "base64" else v
+        results.append({"filename": upload.filename, "embedding": value})
+    return FastJSON({"model": served.name, "dim": int(served.config.embed_dim), "results": results})
+
+
+def _layer_head(served: ServedModel, layer: int, head: str) -> tuple[int, int | None]:
+    depth, heads = int(served.config.depth), int(served.config.num_heads)
+    if not -depth <= layer < depth:
+        raise invalid(f"layer must be between {-depth} and {depth - 1} (the model has {depth} layers), not {layer}")
+    if head == "mean":
+        return layer, None
+    try:
+        h = int(head)
+    except ValueError:
+        raise invalid(f"head must be 'mean' or a head index from 0 to {heads - 1}, not {head!r}") from None
+    if not 0 <= h < heads:
+        raise invalid(f"head must be 'mean' or a head index from 0 to {heads - 1}, not {h}")
+    return layer, h
+
+
+@router.post("/attention", response_model=None)
+async def attention(
+    request: Request,
+    method: Annotated[Literal["rollout", "cls"], Query(description="rollout, or one layer's CLS row")] = "rollout",
+    layer: Annotated[int, Query(description="Python-style layer index (method=cls)")] = -1,
+    head: Annotated[str, Query(description="'mean' or a head index (method=cls)")] = "mean",
+    format: Format = "json",
+    model: ModelName = None,
+) -> Response:
+    served = _model(request, model)
+    layer, h = _layer_head(served, layer, head)
+    task = AttentionMap(method, layer, h) if method == "cls" else AttentionMap("rollout")
+    png = format == "png"
+    out = await infer(request, served, task, one_image=png, preview=png)
+    grid = [int(g) for g in served.config.grid]
+    if png:
+        assert out.previews is not None
+        return await _overlay(served, out.previews[0], out.results[0])  # type: ignore[arg-type]
+    results = [
+        {"filename": u.filename, "method": method, "grid": grid, "heatmap": heat}
+        for u, heat in zip(out.uploads, out.results, strict=True)
+    ]
+    return FastJSON({"model": served.name, "results": results})
+
+
+async def _overlay(served: ServedModel, preview, heatmap: np.ndarray) -> Response:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    from app import visuals
+
+    image = Image.fromarray(preview.pixels, "RGB")
+    width, height = preview.size
+    left, top, right, bottom = seen_region(width, height, served.model.preprocess_config)
+    sx, sy = image.width / width, image.height / height
+    box = (left * sx, top * sy, right * sx, bottom * sy)
+    png = await asyncio.to_thread(visuals.overlay_png, image, heatmap, box)
+    return Response(png, media_type="image/png")
+
+
+@router.post("/attention-distance", response_model=None)
+async def attention_distance(request: Request, format: Format = "json", model: ModelName = None) -> Response:
+    served = _model(request, model)
+    png = format == "png"
+    out = await infer(request, served, AttentionDistance(), one_image=png)
+    if png:
+        from app import visuals
+
+        cfg = served.config
+        data = await asyncio.to_thread(visuals.distance_plot_png, out.results[0], cfg.patch_size, tuple(cfg.image_size))
+        return Response(data, media_type="image/png")
+    results = [{"filename": u.filename, "distance": d} for u, d in zip(out.uploads, out.results, strict=True)]
+    return FastJSON({"model": served.name, "results": results})
+
+
+@router.get("/models/{name}/position-similarity", response_model=None)
+async def position_similarity(request: Request, name: str, format: Format = "json") -> Response:
+    served = _model(request, name)
+    similarity = await asyncio.to_thread(served.similarity)
+    grid = [int(g) for g in served.config.grid]
+    if format == "png":
+        from app import visuals
+
+        data = await asyncio.to_thread(visuals.similarity_mosaic_png, similarity, tuple(grid))
+        return Response(data, media_type="image/png")
+    return FastJSON({"model": served.name, "grid": grid, "similarity": similarity})

@@ -1,0 +1,156 @@
+"""The one settings object: every start-up option of API.md, from flags (see `app.__main__`) or `VIT_*` variables.
+
+Precedence is pydantic-settings' own: values passed to `Settings(...)` (the command line) win over the
+environment, which wins over the defaults. The repeatable options (`model`, `arch`, `image_size`) are
+kept as lists; `Settings.model_specs()` pairs them into one `ModelSpec` per model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1 << 20
+
+
+def parse_list(value: Any) -> Any:
+    """A `VIT_MODEL`-style value: a JSON list, or one plain value (which may itself look like JSON)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not a valid JSON list: {e}") from None
+        return [] if text == "" else [text]
+    if value is None:
+        return []
+    if isinstance(value, (int, float)):
+        return [value]
+    return value
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One `--model`: its SPEC (without the NAME= part), its explicit name, arch and image size."""
+
+    spec: str
+    name: str | None = None  # the NAME of NAME=SPEC; None: derived from the spec
+    arch: str | None = None
+    image_size: int | None = None
+
+
+def split_name(text: str) -> tuple[str | None, str]:
+    """`NAME=SPEC` -> (NAME, SPEC); a bare SPEC -> (None, SPEC). A NAME never holds a path separator."""
+    name, sep, spec = text.partition("=")
+    if sep and name and spec and "/" not in name and "\\" not in name and ":" not in name:
+        return name, spec
+    return None, text
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VIT_", extra="forbid", validate_default=True)
+
+    # repeatable options: one value or a JSON list in the environment; pairing is done by model_specs()
+    model: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    arch: Annotated[list[str | None], NoDecode] = Field(default_factory=list)
+    image_size: Annotated[list[int | None], NoDecode] = Field(default_factory=list)
+
+    models_dir: str | None = None  # None: ./models where it exists, else the bundled repository
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: int | None = Field(None, ge=1)  # None: 32 on a GPU, 8 on the CPU
+    max_wait_ms: float = Field(5.0, ge=0)
+    max_queue: int = Field(256, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0)
+    max_upload_bytes: int = Field(20 * MiB, ge=1)
+    max_images_per_request: int = Field(64, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    api_key: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # additions beyond the contract's table
+    decode_workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=0)  # 0: decode inline
+    decode_pool: Literal["process", "thread"] = "process"  # measured faster on a 2-core CPU (see README)
+    jpeg_draft: bool = True  # JPEG DCT scaling while the image stays >= 2x the resize target
+    warmup: bool = True  # run each batch size once before /readyz says ready
+    drain_timeout_s: float = Field(60.0, ge=0)  # after SIGTERM, longest wait for accepted requests
+
+    @field_validator("model", "arch", "image_size", mode="before")
+    @classmethod
+    def _one_or_list(cls, value: Any) -> Any:
+        return parse_list(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        v = value.strip().lower()
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"unknown device {value!r}; use cpu, cuda, cuda:N or auto")
+
+    @field_validator("image_size")
+    @classmethod
+    def _sizes(cls, value: list[int | None]) -> list[int | None]:
+        for size in value:
+            if size is not None and size < 1:
+                raise ValueError(f"image size {size} must be a positive number of pixels")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_queue < self.max_images_per_request:
+            raise ValueError(
+                f"max_queue ({self.max_queue}) is smaller than max_images_per_request "
+                f"({self.max_images_per_request}): a full-size request could never be accepted; "
+                "raise --max-queue or lower --max-images-per-request"
+            )
+        self.model_specs()  # the pairing must make sense
+        return self
+
+    def model_specs(self) -> list[ModelSpec]:
+        """One ModelSpec per `model`, with its arch and image size paired by position.
+
+        An `arch` or `image_size` list pairs one to one with the models; a single `image_size`
+        applies to every model (also to the repository's models when no `model` is given).
+        """
+        n = len(self.model)
+        if len(self.arch) not in (0, n) and not (n == 0 and not any(self.arch)):
+            raise ValueError(
+                f"{len(self.arch)} arch value(s) for {n} model(s): give one --arch after each --model it "
+                "describes (or a JSON list with one entry per model, null where it is inferred)"
+            )
+        if len(self.image_size) > 1 and len(self.image_size) != n:
+            raise ValueError(
+                f"{len(self.image_size)} image sizes for {n} model(s): give one size for all, or one per model"
+            )
+        arches = self.arch or [None] * n
+        sizes = self.image_size if len(self.image_size) == n else [self.global_image_size] * n
+        specs = []
+        for text, arch, size in zip(self.model, arches, sizes, strict=True):
+            name, spec = split_name(text)
+            specs.append(ModelSpec(spec=spec, name=name, arch=arch or None, image_size=size))
+        return specs
+
+    @property
+    def global_image_size(self) -> int | None:
+        """The image size that applies to every model (a single value), else None."""
+        return self.image_size[0] if len(self.image_size) == 1 else None
+
+    def batch_size_for(self, device_type: str) -> int:
+        """--max-batch-size, or its default for the device: 32 on a GPU, 8 on the CPU."""
+        if self.max_batch_size is not None:
+            return self.max_batch_size
+        return 32 if device_type == "cuda" else 8

@@ -1,0 +1,147 @@
+"""What a forward is for: the per-image tasks of the /v1 endpoints, computed for a whole batch on the device.
+
+`run_batch(model, items)` is the callable a `Batcher` runs on its forward thread: it stacks the uint8
+pixels, normalises them on the model's device, runs the fast path (no attention maps) or the attention
+path, and returns one small CPU result per item (top-k predictions, an embedding, a heatmap, distances).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from app import analysis
+
+FAST = "fast"
+ATTENTION = "attention"
+
+
+@dataclass(frozen=True)
+class Classify:
+    top_k: int
+    key = FAST
+
+
+@dataclass(frozen=True)
+class Embed:
+    pool: Literal["cls", "mean"] = "cls"
+    normalize: bool = False
+    key = FAST
+
+
+@dataclass(frozen=True)
+class AttentionMap:
+    method: Literal["rollout", "cls"] = "rollout"
+    layer: int = -1
+    head: int | None = None  # None: the mean over heads
+    key = ATTENTION
+
+
+@dataclass(frozen=True)
+class AttentionDistance:
+    key = ATTENTION
+
+
+Task = Classify | Embed | AttentionMap | AttentionDistance
+
+
+@dataclass(frozen=True)
+class Item:
+    pixels: np.ndarray  # uint8 (h, w, 3) at the model's input size
+    task: Task
+
+
+@dataclass(frozen=True)
+class Predictions:
+    indices: np.ndarray  # int64 (k,)
+    scores: np.ndarray  # float32 (k,), softmax probabilities, highest first
+
+
+def run_batch(model, items: list[Item]) -> list[object]:  # type: ignore[no-untyped-def]
+    """One forward for `items` (all of one path) -> one CPU result per item, in order."""
+    attentions = any(item.task.key == ATTENTION for item in items)
+    pixels = torch.from_numpy(np.stack([item.pixels for item in items]))
+    with torch.inference_mode():
+        out = model(model.normalize(pixels), attentions=attentions)
+        results: list[object] = [None] * len(items)
+        groups: dict[type, list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            groups[type(item.task)].append(i)
+        for kind, index in groups.items():
+            tasks = [items[i].task for i in index]
+            for i, result in zip(index, HANDLERS[kind](model, out, index, tasks), strict=True):
+                results[i] = result
+    return results
+
+
+def _classify(model, out, index: list[int], tasks: list[Classify]) -> list[Predictions]:  # type: ignore[no-untyped-def]
+    if out.logits is None:
+        raise ValueError("this model has no classification head")
+    k = max(t.top_k for t in tasks)
+    probs = out.logits[index].float().softmax(dim=-1)
+    scores, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    scores, indices = scores.cpu().numpy(), indices.cpu().numpy()
+    return [Predictions(indices[j, : t.top_k], scores[j, : t.top_k]) for j, t in enumerate(tasks)]
+
+
+def _embed(model, out, index: list[int], tasks: list[Embed]) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    rows = []
+    for j, t in zip(index, tasks, strict=True):
+        e = out.embedding[j] if t.pool == "cls" else out.tokens[j, 1:].mean(dim=0)
+        rows.append(F.normalize(e.float(), dim=-1) if t.normalize else e.float())
+    stacked = torch.stack(rows).cpu().numpy()
+    return list(stacked)
+
+
+def _attention_map(model, out, index: list[int], tasks: list[AttentionMap]) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    grid = tuple(model.config.grid)
+    attns = [a[index] for a in out.attentions]
+    maps: list[torch.Tensor | None] = [None] * len(tasks)
+    by_kind: dict[tuple, list[int]] = defaultdict(list)
+    for j, t in enumerate(tasks):
+        by_kind[(t.method, t.layer, t.head) if t.method == "cls" else ("rollout",)].append(j)
+    for kind, js in by_kind.items():
+        sub = [a[js] for a in attns]
+        heat = analysis.rollout(sub) if kind[0] == "rollout" else analysis.cls_attention(sub, kind[1], kind[2])
+        for j, h in zip(js, heat, strict=True):
+            maps[j] = h
+    stacked = torch.stack(maps).reshape(len(tasks), *grid).float().cpu().numpy()  # type: ignore[arg-type]
+    return list(stacked)
+
+
+def _attention_distance(model, out, index: list[int], tasks: list[AttentionDistance]) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    attns = [a[index] for a in out.attentions]
+    dist = analysis.attention_distance(attns, tuple(model.config.grid), model.config.patch_size)
+    return list(dist.float().cpu().numpy())
+
+
+HANDLERS = {
+    Classify: _classify,
+    Embed: _embed,
+    AttentionMap: _attention_map,
+    AttentionDistance: _attention_distance,
+}
+
+
+def position_similarity(model) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """(N, N) cosine similarity of the model's patch position embeddings, on the CPU."""
+    with torch.inference_mode():
+        return analysis.position_similarity(model.net.pos_embed.detach()).float().cpu().numpy()
+
+
+def warmup_items(model, batch_size: int, key: str) -> list[Item]:  # type: ignore[no-untyped-def]
+    """Dummy items that exercise one path at one batch size."""
+    h, w = model.preprocess_config.output_size
+    pixels = np.zeros((h, w, 3), dtype=np.uint8)
+    if key == ATTENTION:
+        task: Task = AttentionMap("rollout")
+    elif model.config.num_classes > 0:
+        task = Classify(1)
+    else:
+        task = Embed()
+    return [Item(pixels, task)] * batch_size
