@@ -200,8 +200,8 @@ def _colour_bar(height: int, vmin: float, vmax: float, colormap: str) -> tuple[I
     Returns the panel and its margin: the bar starts `margin` pixels below the panel's top, so the
     labels at its ends are never cut.
     """
-    font = _font(12)
-    bar_w, gap, margin = 16, 6, 8
+    font = _font(14)
+    bar_w, gap, margin = 18, 6, 9
     values = np.linspace(1.0, 0.0, height, dtype=np.float64)[:, None].repeat(bar_w, axis=1)
     bar = Image.fromarray(apply_colormap(values, colormap), mode="RGB")
     labels = [f"{v:.2f}" for v in (vmax, (vmin + vmax) / 2, vmin)]
@@ -257,8 +257,8 @@ def similarity_mosaic_png(
 
 def _frame_mosaic(mosaic: Image.Image, grid: tuple[int, int], vmin: float, vmax: float, colormap: str) -> Image.Image:
     """The mosaic with its axis titles (input patch row / column), tile indices and the colour bar."""
-    font = _font(13)
-    small = _font(11)
+    font = _font(15)
+    small = _font(13)
     pad, gap = 12, 14
     row_title = _vertical_text("input patch row", font, INK)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -327,7 +327,7 @@ def distance_plot_png(
     patch_size: int,
     image_size: int | Sequence[int],
     *,
-    size: tuple[int, int] = (720, 440),
+    size: tuple[int, int] = (720, 520),
 ) -> bytes:
     """The ViT paper's mean attention distance figure: x = layer, y = distance in pixels, one dot per head.
 

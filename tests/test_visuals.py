@@ -214,7 +214,7 @@ def test_distance_plot_puts_one_dot_per_head_and_layer_where_the_numbers_say():
     distance[:, 1] = 50  # head 2 always far
     distance[:, 2] = 2  # head 3 always local
     plot = decode(visuals.distance_plot_png(distance, patch_size=8, image_size=64))
-    assert plot.mode == "RGB" and plot.size == (720, 440)
+    assert plot.mode == "RGB" and plot.size == (720, 520)
     pixels = np.asarray(plot)
 
     dots = {h: colour_blobs(pixels, visuals.HEAD_COLOURS[h]) for h in range(heads)}
@@ -232,7 +232,7 @@ def test_distance_plot_puts_one_dot_per_head_and_layer_where_the_numbers_say():
 
 def test_distance_plot_handles_one_layer_many_heads_and_rectangles():
     plot = decode(visuals.distance_plot_png(np.random.default_rng(0).random((1, 20)) * 30, 16, (224, 160)))
-    assert plot.mode == "RGB" and plot.size == (720, 440)
+    assert plot.mode == "RGB" and plot.size == (720, 520)
     with pytest.raises(ValueError, match="distance"):
         visuals.distance_plot_png(np.ones(3), 16, 224)
 

@@ -1,0 +1,569 @@
+// vitserve's page: plain JavaScript against the public API (API.md), no build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  models: [], // ModelInfo objects from GET /v1/models
+  model: null, // the selected ModelInfo
+  image: null, // {blob, name}: what the analyses run on
+  attention: null, // {grid, heatmap, region?} of the image on screen
+  lut: null, // Uint8Array(256 * 3): the colour map, the same table the server's PNGs use
+  seq: 0, // bumped per image / per attention request, so late answers never overwrite newer ones
+  attentionSeq: 0,
+  urls: {}, // object URLs in use, revoked when replaced
+  retry: null,
+};
+window.vitserve = state; // for people (and tests) poking at the page from the console
+
+// ------------------------------------------------------------------------------------------ API access
+
+class ApiError extends Error {
+  constructor(message, code, status) {
+    super(message);
+    this.code = code;
+    this.status = status;
+  }
+}
+
+function authHeaders() {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+async function errorFrom(response) {
+  let message = `The server answered ${response.status} ${response.statusText || ""}`.trim() + ".";
+  let code = `http_${response.status}`;
+  try {
+    const body = await response.json();
+    const error = body && body.error;
+    if (typeof error === "string") message = error; // the v2 protocol's shape
+    else if (error) {
+      message = error.message || message;
+      code = error.code || code;
+    }
+  } catch {
+    // not JSON (a proxy's page, say): keep the status line
+  }
+  return new ApiError(message, code, response.status);
+}
+
+async function api(path, { method = "GET", body = null, as = "json" } = {}) {
+  let response;
+  try {
+    response = await fetch(path, { method, body, headers: authHeaders() });
+  } catch (err) {
+    throw new ApiError(`Could not reach the server (${err.message}).`, "network_error", 0);
+  }
+  if (!response.ok) throw await errorFrom(response);
+  return as === "blob" ? response.blob() : response.json();
+}
+
+function modelQuery(extra = {}) {
+  const params = new URLSearchParams({ model: state.model.name, ...extra });
+  return params.toString();
+}
+
+function imageForm() {
+  const form = new FormData();
+  form.append("images", state.image.blob, state.image.name);
+  return form;
+}
+
+// ------------------------------------------------------------------------------------------ messages
+
+function showError(err) {
+  const message = err instanceof Error ? err.message : String(err);
+  $("error-message").textContent = message;
+  $("error-code").textContent = err && err.code ? `${err.code}${err.status ? ` · HTTP ${err.status}` : ""}` : "";
+  $("error").hidden = false;
+}
+
+function hideError() {
+  $("error").hidden = true;
+}
+
+function notice(text) {
+  $("notice").textContent = text || "";
+  $("notice").hidden = !text;
+}
+
+function setStatus(id, text, busy = false) {
+  const el = $(id);
+  el.textContent = text;
+  el.classList.toggle("busy", busy);
+}
+
+function swapObjectURL(key, blob) {
+  if (state.urls[key]) URL.revokeObjectURL(state.urls[key]);
+  state.urls[key] = blob ? URL.createObjectURL(blob) : null;
+  return state.urls[key];
+}
+
+// ------------------------------------------------------------------------------------------ models
+
+async function loadColormap() {
+  const response = await fetch("/static/colormaps.json");
+  const table = (await response.json()).colormaps.viridis;
+  // matplotlib's bytes=True conversion: truncate x * 255, so page and PNGs show the same colours
+  state.lut = Uint8Array.from(table.flat(), (v) => Math.floor(v * 255));
+}
+
+async function loadModels() {
+  clearTimeout(state.retry);
+  try {
+    const { models } = await api("/v1/models");
+    notice("");
+    state.models = models;
+    const select = $("model-select");
+    const previous = state.model && state.model.name;
+    select.replaceChildren(
+      ...models.map((m) => new Option(`${m.name} (${m.image_size[0]}×${m.image_size[1]}, ${m.num_classes} classes)`, m.name)),
+    );
+    if (models.some((m) => m.name === previous)) select.value = previous;
+    select.disabled = models.length < 2;
+    hideError();
+    await selectModel(select.value);
+  } catch (err) {
+    if (err.code === "not_ready") {
+      notice("The models are still loading; this page retries by itself.");
+      state.retry = setTimeout(loadModels, 2000);
+      return;
+    }
+    $("model-select").replaceChildren(new Option("unavailable"));
+    showError(err);
+  }
+}
+
+async function selectModel(name) {
+  state.model = state.models.find((m) => m.name === name) || null;
+  if (!state.model) return;
+  fillAttentionSelectors(state.model);
+  describeModel(state.model);
+  loadMosaic();
+  if (state.image) analyse();
+}
+
+function describeModel(m) {
+  const p = m.preprocess || {};
+  const facts = [
+    `${m.name}: ${m.format}`,
+    `${m.depth} layers × ${m.num_heads} heads, width ${m.embed_dim}`,
+    `${m.image_size[0]}×${m.image_size[1]} input, patch ${m.patch_size} (${m.grid[0]}×${m.grid[1]} grid)`,
+    p.crop ? `resize ${p.resize}, crop ${p.crop.join("×")}` : null,
+    `${m.device}, ${m.dtype}`,
+  ];
+  $("model-facts").textContent = facts.filter(Boolean).join(" · ");
+}
+
+function fillAttentionSelectors(m) {
+  const layer = $("layer-select");
+  const layers = [];
+  for (let i = 0; i < m.depth; i++) layers.push(new Option(`Layer ${i + 1}${i === m.depth - 1 ? " (last)" : ""}`, String(i)));
+  layer.replaceChildren(...layers);
+  layer.value = String(m.depth - 1);
+  const head = $("head-select");
+  const heads = [new Option("Mean of all heads", "mean")];
+  for (let h = 0; h < m.num_heads; h++) heads.push(new Option(`Head ${h + 1}`, String(h)));
+  head.replaceChildren(...heads);
+  syncMethodControls();
+}
+
+function syncMethodControls() {
+  const perLayer = $("method-select").value === "cls"; // rollout spans every layer and head-averages
+  $("layer-select").disabled = !perLayer;
+  $("head-select").disabled = !perLayer;
+}
+
+async function loadMosaic() {
+  const model = state.model;
+  setStatus("mosaic-status", "computing…", true);
+  try {
+    const blob = await api(`/v1/models/${encodeURIComponent(model.name)}/position-similarity?format=png`, { as: "blob" });
+    if (model !== state.model) return;
+    const img = $("mosaic");
+    img.src = swapObjectURL("mosaic", blob);
+    img.hidden = false;
+    setStatus("mosaic-status", `${model.grid[0]}×${model.grid[1]} positions`);
+  } catch (err) {
+    setStatus("mosaic-status", "unavailable");
+    showError(err);
+  }
+}
+
+// ------------------------------------------------------------------------------------------ one image through the API
+
+function setImage(blob, name) {
+  state.image = { blob, name };
+  state.attention = null;
+  const img = $("input-image");
+  img.src = swapObjectURL("input", blob);
+  const current = $("current");
+  current.replaceChildren("Showing ", Object.assign(document.createElement("strong"), { textContent: name }));
+  current.hidden = false;
+  $("stage").hidden = false;
+  $("viewer-empty").hidden = true;
+  clearHeatmap();
+  analyse();
+}
+
+function analyse() {
+  if (!state.image || !state.model) return;
+  hideError();
+  const seq = ++state.seq;
+  classify(seq);
+  loadAttention();
+  loadDistance(seq);
+}
+
+async function classify(seq) {
+  const model = state.model;
+  if (!model.num_classes) {
+    renderPredictions([]);
+    $("pred-empty").textContent = `${model.name} has no classification head: it only embeds images.`;
+    return;
+  }
+  setStatus("pred-status", "classifying…", true);
+  try {
+    const topK = Math.min(5, model.num_classes);
+    const data = await api(`/v1/classify?${modelQuery({ top_k: topK })}`, { method: "POST", body: imageForm() });
+    if (seq !== state.seq) return;
+    renderPredictions(data.results[0].predictions);
+    setStatus("pred-status", `${data.model}`);
+  } catch (err) {
+    if (seq !== state.seq) return;
+    renderPredictions([]);
+    $("pred-empty").textContent = "No predictions for this image.";
+    setStatus("pred-status", "failed");
+    showError(err);
+  }
+}
+
+function percent(score) {
+  const p = score * 100;
+  if (p > 0 && p < 0.1) return "<0.1%";
+  return `${p.toFixed(1)}%`;
+}
+
+function renderPredictions(predictions) {
+  const list = $("predictions");
+  list.replaceChildren(
+    ...predictions.map((p) => {
+      const item = document.createElement("li");
+      item.className = "bar-item";
+      const label = document.createElement("span");
+      label.className = "bar-label";
+      label.textContent = p.label;
+      label.title = `${p.label} (class ${p.index})`;
+      const value = document.createElement("span");
+      value.className = "bar-value";
+      value.textContent = percent(p.score);
+      const track = document.createElement("div");
+      track.className = "bar-track";
+      track.setAttribute("role", "meter");
+      track.setAttribute("aria-label", `${p.label} probability`);
+      track.setAttribute("aria-valuemin", "0");
+      track.setAttribute("aria-valuemax", "100");
+      track.setAttribute("aria-valuenow", (p.score * 100).toFixed(1));
+      const fill = document.createElement("div");
+      fill.className = "bar-fill";
+      fill.style.width = `${Math.max(0, Math.min(100, p.score * 100))}%`;
+      track.append(fill);
+      item.append(label, value, track);
+      return item;
+    }),
+  );
+  $("pred-empty").hidden = predictions.length > 0;
+}
+
+async function loadAttention() {
+  if (!state.image || !state.model) return;
+  const seq = ++state.attentionSeq;
+  const method = $("method-select").value;
+  const params = { method, format: "json" };
+  if (method === "cls") {
+    params.layer = $("layer-select").value;
+    params.head = $("head-select").value;
+  }
+  setStatus("att-status", "computing…", true);
+  try {
+    const data = await api(`/v1/attention?${modelQuery(params)}`, { method: "POST", body: imageForm() });
+    if (seq !== state.attentionSeq) return;
+    const result = data.results[0];
+    state.attention = { grid: result.grid, heatmap: result.heatmap, region: result.region || null, method };
+    drawHeatmap();
+    setStatus("att-status", method === "rollout" ? "rollout over all layers" : describeLayerHead());
+  } catch (err) {
+    if (seq !== state.attentionSeq) return;
+    clearHeatmap();
+    setStatus("att-status", "failed");
+    showError(err);
+  }
+}
+
+function describeLayerHead() {
+  const layer = $("layer-select");
+  const head = $("head-select");
+  return `${layer.options[layer.selectedIndex].text}, ${head.options[head.selectedIndex].text.toLowerCase()}`;
+}
+
+async function loadDistance(seq) {
+  setStatus("dist-status", "computing…", true);
+  try {
+    const blob = await api(`/v1/attention-distance?${modelQuery({ format: "png" })}`, {
+      method: "POST",
+      body: imageForm(),
+      as: "blob",
+    });
+    if (seq !== state.seq) return;
+    const img = $("distance-plot");
+    img.src = swapObjectURL("distance", blob);
+    img.hidden = false;
+    $("dist-empty").hidden = true;
+    setStatus("dist-status", "");
+  } catch (err) {
+    if (seq !== state.seq) return;
+    $("distance-plot").hidden = true;
+    $("dist-empty").hidden = false;
+    setStatus("dist-status", "failed");
+    showError(err);
+  }
+}
+
+// ------------------------------------------------------------------------------------------ the heatmap
+
+// Python's round(): half to even, as torchvision's centre crop rounds.
+function roundHalfEven(x) {
+  const r = Math.round(x);
+  return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+// The box of the original image the model sees after resize + centre crop (app/preprocess.py seen_region).
+function seenRegion(width, height, pre) {
+  if (!pre || pre.resize == null) return [0, 0, width, height];
+  let rw;
+  let rh;
+  if (Array.isArray(pre.resize)) [rh, rw] = pre.resize;
+  else if (width <= height) [rw, rh] = [pre.resize, Math.trunc((pre.resize * height) / width)];
+  else [rw, rh] = [Math.trunc((pre.resize * width) / height), pre.resize];
+  let box = [0, 0, rw, rh];
+  if (pre.crop) {
+    const [ch, cw] = pre.crop;
+    const top = roundHalfEven((rh - ch) / 2);
+    const left = roundHalfEven((rw - cw) / 2);
+    box = [left, top, left + cw, top + ch];
+  }
+  const sx = width / rw;
+  const sy = height / rh;
+  return [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy];
+}
+
+function clearHeatmap() {
+  const canvas = $("heatmap");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  delete canvas.dataset.drawn;
+}
+
+function heatmapTile(grid, heatmap) {
+  const [gh, gw] = grid;
+  const tile = document.createElement("canvas");
+  tile.width = gw;
+  tile.height = gh;
+  const ctx = tile.getContext("2d");
+  const pixels = ctx.createImageData(gw, gh);
+  for (let i = 0; i < gh; i++) {
+    for (let j = 0; j < gw; j++) {
+      const v = Math.min(1, Math.max(0, heatmap[i][j] || 0));
+      const k = Math.min(255, Math.floor(v * 256)); // matplotlib's indexing of a 256-entry table
+      const o = (i * gw + j) * 4;
+      pixels.data[o] = state.lut[k * 3];
+      pixels.data[o + 1] = state.lut[k * 3 + 1];
+      pixels.data[o + 2] = state.lut[k * 3 + 2];
+      pixels.data[o + 3] = 255;
+    }
+  }
+  ctx.putImageData(pixels, 0, 0);
+  return tile;
+}
+
+function describeImage() {
+  const img = $("input-image");
+  if (img.naturalWidth) $("stage").style.setProperty("--aspect", String(img.naturalWidth / img.naturalHeight));
+  if (state.image && img.naturalWidth) {
+    const current = $("current");
+    current.replaceChildren(
+      "Showing ",
+      Object.assign(document.createElement("strong"), { textContent: state.image.name }),
+      ` (${img.naturalWidth}×${img.naturalHeight} pixels)`,
+    );
+  }
+}
+
+function drawHeatmap() {
+  const img = $("input-image");
+  const att = state.attention;
+  if (!att || !state.lut || !img.complete || !img.naturalWidth) return; // drawn again when the image loads
+  const canvas = $("heatmap");
+  const scale = Math.min(1, 1024 / Math.max(img.naturalWidth, img.naturalHeight));
+  canvas.width = Math.round(img.naturalWidth * scale);
+  canvas.height = Math.round(img.naturalHeight * scale);
+  const region = (att.region || seenRegion(img.naturalWidth, img.naturalHeight, state.model.preprocess)).map(
+    (v) => v * scale,
+  );
+  const [left, top, right, bottom] = region;
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  // dim what the model never saw (outside the crop), then paint the smooth heatmap onto what it saw
+  ctx.fillStyle = "rgba(0, 0, 0, 0.6)";
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  ctx.clearRect(left, top, right - left, bottom - top);
+  ctx.imageSmoothingEnabled = true;
+  ctx.imageSmoothingQuality = "high";
+  ctx.drawImage(heatmapTile(att.grid, att.heatmap), left, top, right - left, bottom - top);
+  canvas.dataset.drawn = "1";
+}
+
+// ------------------------------------------------------------------------------------------ input: files, drops, pastes
+
+function wireUpload() {
+  const input = $("file-input");
+  input.addEventListener("change", () => {
+    if (input.files && input.files[0]) setImage(input.files[0], input.files[0].name);
+    input.value = ""; // choosing the same file again still fires
+  });
+  const zone = $("dropzone");
+  for (const type of ["dragenter", "dragover"]) {
+    zone.addEventListener(type, (e) => {
+      e.preventDefault();
+      zone.classList.add("over");
+    });
+  }
+  for (const type of ["dragleave", "drop"]) zone.addEventListener(type, () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    const file = e.dataTransfer && e.dataTransfer.files[0];
+    if (file) setImage(file, file.name);
+  });
+  window.addEventListener("paste", (e) => {
+    const item = [...(e.clipboardData ? e.clipboardData.items : [])].find((i) => i.type.startsWith("image/"));
+    if (item) setImage(item.getAsFile(), "pasted image");
+  });
+}
+
+// ------------------------------------------------------------------------------------------ input: drawing
+
+function wireDrawing() {
+  const canvas = $("draw-canvas");
+  const ctx = canvas.getContext("2d");
+  let drawing = false;
+  let last = null;
+  let inked = false;
+
+  const clear = () => {
+    ctx.fillStyle = "#fff";
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    inked = false;
+  };
+  const point = (e) => {
+    const rect = canvas.getBoundingClientRect();
+    return [((e.clientX - rect.left) * canvas.width) / rect.width, ((e.clientY - rect.top) * canvas.height) / rect.height];
+  };
+  const stroke = (from, to) => {
+    ctx.strokeStyle = "#000";
+    ctx.lineWidth = canvas.width / 12; // thick, like a pen stroke on a 28-pixel digit
+    ctx.lineCap = "round";
+    ctx.lineJoin = "round";
+    ctx.beginPath();
+    ctx.moveTo(...from);
+    ctx.lineTo(...to);
+    ctx.stroke();
+    inked = true;
+  };
+
+  canvas.addEventListener("pointerdown", (e) => {
+    drawing = true;
+    canvas.setPointerCapture(e.pointerId);
+    last = point(e);
+    stroke(last, last);
+  });
+  canvas.addEventListener("pointermove", (e) => {
+    if (!drawing) return;
+    const next = point(e);
+    stroke(last, next);
+    last = next;
+  });
+  for (const type of ["pointerup", "pointercancel"]) canvas.addEventListener(type, () => (drawing = false));
+
+  $("draw-clear").addEventListener("click", clear);
+  $("draw-classify").addEventListener("click", () => {
+    if (!inked) {
+      notice("Draw something first: the canvas is empty.");
+      return;
+    }
+    notice("");
+    canvas.toBlob((blob) => setImage(blob, "drawing.png"), "image/png");
+  });
+  clear();
+}
+
+function wireTabs() {
+  const tabs = [
+    [$("tab-upload"), $("panel-upload")],
+    [$("tab-draw"), $("panel-draw")],
+  ];
+  for (const [tab] of tabs) {
+    tab.addEventListener("click", () => {
+      for (const [other, panel] of tabs) {
+        const on = other === tab;
+        other.setAttribute("aria-selected", String(on));
+        panel.hidden = !on;
+      }
+    });
+  }
+}
+
+// ------------------------------------------------------------------------------------------ controls
+
+function wireControls() {
+  $("model-select").addEventListener("change", (e) => selectModel(e.target.value));
+  $("method-select").addEventListener("change", () => {
+    syncMethodControls();
+    loadAttention();
+  });
+  $("layer-select").addEventListener("change", loadAttention);
+  $("head-select").addEventListener("change", loadAttention);
+  const opacity = $("opacity");
+  const applyOpacity = () => {
+    $("heatmap").style.opacity = String(opacity.value / 100);
+    $("opacity-value").textContent = `${opacity.value}%`;
+  };
+  opacity.addEventListener("input", applyOpacity);
+  applyOpacity();
+  $("input-image").addEventListener("load", () => {
+    describeImage();
+    drawHeatmap();
+  });
+  $("error-close").addEventListener("click", hideError);
+
+  const key = $("api-key");
+  key.value = sessionStorage.getItem("vitserve-api-key") || "";
+  key.addEventListener("change", () => {
+    sessionStorage.setItem("vitserve-api-key", key.value.trim());
+    loadModels();
+  });
+}
+
+async function main() {
+  wireTabs();
+  wireUpload();
+  wireDrawing();
+  wireControls();
+  try {
+    await loadColormap();
+  } catch (err) {
+    showError(new ApiError(`Could not load the colour map (${err.message}).`, "page_error", 0));
+  }
+  await loadModels();
+}
+
+main();
