@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 from app.checkpoints import Checkpoint, CheckpointError, read_checkpoint
-from app.model import ViTConfig, VisionTransformer, resample_pos_embed
+from app.model import VisionTransformer, ViTConfig, resample_pos_embed
 from app.preprocess import Normalizer, PreprocessConfig, to_model_pixels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -103,13 +104,21 @@ def build_model(ckpt: Checkpoint, image_size: int | tuple[int, int] | None) -> V
 
 def preprocess_for_size(cfg: PreprocessConfig, size: tuple[int, int]) -> PreprocessConfig:
     """The checkpoint's preprocessing retargeted to another input size (for --image-size)."""
+    d = cfg.to_dict()
+    if cfg.crop is None and isinstance(cfg.resize, int):
+        d["crop"] = list(size)  # a shortest-edge resize alone has no fixed size: centre-crop to the model's
+        return PreprocessConfig.from_dict(d)
     if cfg.output_size == tuple(size):
         return cfg
-    d = cfg.to_dict()
     if cfg.crop is None:
         d["resize"] = list(size)
+    elif cfg.crop_pct is not None:
+        # timm's eval transform at another input size: resize to floor(size / crop_pct), crop size
+        d["crop"] = list(size)
+        scale = [math.floor(s / cfg.crop_pct) for s in size]
+        d["resize"] = scale[0] if isinstance(cfg.resize, int) else scale
     else:
-        # keep the crop ratio (timm's crop_pct): resize = floor(new crop / crop_pct)
+        # keep the crop ratio: resize = floor(new crop * resize / crop)
         d["crop"] = list(size)
         if isinstance(cfg.resize, int):
             d["resize"] = math.floor(size[0] * cfg.resize / cfg.crop[0] + 1e-9)
@@ -121,7 +130,9 @@ def preprocess_for_size(cfg: PreprocessConfig, size: tuple[int, int]) -> Preproc
 class Model:
     """A loaded ViT: `preprocess` images, call it on pixels, read `info`."""
 
-    def __init__(self, ckpt: Checkpoint, net: VisionTransformer, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, ckpt: Checkpoint, net: VisionTransformer, device: torch.device, dtype: torch.dtype, compile: str = "off"
+    ):
         self.checkpoint_format = ckpt.format
         self.source = ckpt.source
         self.config = net.cfg
@@ -133,6 +144,19 @@ class Model:
         n = self.config.num_classes
         self.labels = ckpt.labels if len(ckpt.labels) == n else [f"class_{i}" for i in range(n)]
         self.sha256 = file_sha256(ckpt.weights_path)
+        self.compile_mode = compile  # app.accel: off, auto, on (or a strategy name)
+        self._fast = None  # the accelerated fast path, built by warmup()
+
+    def warmup(self, batch_sizes: Sequence[int] | int) -> dict[int, float]:
+        """Build the fast path for these batch sizes (compile / capture each bucket); seconds per bucket."""
+        from app.accel import accelerate
+
+        self._fast = accelerate(self.net, self.device, self.dtype, batch_sizes, self.compile_mode)
+        return self._fast.warmup()
+
+    @property
+    def accel_strategy(self) -> str:
+        return self._fast.strategy if self._fast is not None else "eager"
 
     # -- preprocessing -------------------------------------------------------------------------
     def to_pixels(self, image: Image.Image) -> np.ndarray:
@@ -152,14 +176,19 @@ class Model:
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor, attentions: bool = False) -> Output:
         x = pixels.to(self.device, self.dtype, non_blocking=True)
-        features = self.net.forward_features(x, attentions=attentions)
-        logits = self.net.forward_head(features.tokens)
-        tokens = features.tokens.float()
+        if self._fast is not None and not attentions:
+            tokens, logits = self._fast(x)
+            maps = None
+        else:
+            features = self.net.forward_features(x, attentions=attentions)
+            tokens, maps = features.tokens, features.attentions
+            logits = self.net.forward_head(tokens)
+        tokens = tokens.float()
         return Output(
             logits=logits.float() if logits is not None else None,
             embedding=tokens[:, 0],
             tokens=tokens,
-            attentions=[a.float() for a in features.attentions] if attentions else None,
+            attentions=[a.float() for a in maps] if attentions else None,
         )
 
     @property
@@ -189,10 +218,14 @@ def load_model(
     device: str = "cpu",
     dtype: str = "float32",
     models_dir: str | Path | None = None,
+    compile: str = "off",
 ) -> Model:
-    """Load a checkpoint (see API.md for the SPEC forms) onto `device` in `dtype`."""
+    """Load a checkpoint (see API.md for the SPEC forms) onto `device` in `dtype`.
+
+    compile: the fast path's speed-up (app.accel): `off`, `auto` or `on`; it is built by `Model.warmup`.
+    """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     ckpt = read_checkpoint(spec, arch=arch, models_dir=models_dir)
     net = build_model(ckpt, image_size)
-    return Model(ckpt, net, dev, dt)
+    return Model(ckpt, net, dev, dt, compile=compile)

@@ -23,12 +23,20 @@ RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
 }
+CROP_ROUNDING = ("round", "floor")
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """What a checkpoint expects. `resize` is an int (shortest edge) or [h, w] (exact size)."""
+    """What a checkpoint expects. `resize` is an int (shortest edge) or [h, w] (exact size).
+
+    `crop_pct` (timm's crop ratio) is kept when a checkpoint declares it, so that serving at another size
+    resizes to floor(size / crop_pct) exactly as timm does. `crop_rounding` says how an odd centre-crop
+    margin is split: "round" (torchvision and timm: round half to even) or "floor" (transformers).
+    """
 
     resize: int | tuple[int, int]
     crop: tuple[int, int] | None = None
@@ -37,10 +45,14 @@ class PreprocessConfig:
     std: tuple[float, float, float] = HALF
     grayscale: bool = False  # read the image as grey levels (replicated to three channels)
     invert: bool = False  # 255 - x, for models trained on light-on-dark images
+    crop_pct: float | None = None
+    crop_rounding: str = "round"
 
     def __post_init__(self) -> None:
         if self.interpolation not in RESAMPLE:
             raise ValueError(f"unknown interpolation {self.interpolation!r}; use one of {sorted(RESAMPLE)}")
+        if self.crop_rounding not in CROP_ROUNDING:
+            raise ValueError(f"unknown crop_rounding {self.crop_rounding!r}; use one of {CROP_ROUNDING}")
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -56,8 +68,9 @@ class PreprocessConfig:
         d["resize"] = self.resize if isinstance(self.resize, int) else list(self.resize)
         d["crop"] = list(self.crop) if self.crop is not None else None
         d["mean"], d["std"] = list(self.mean), list(self.std)
-        for step in ("grayscale", "invert"):  # optional steps appear only when a checkpoint declares them
-            if not d[step]:
+        # optional steps appear only when a checkpoint declares them
+        for step, default in (("grayscale", False), ("invert", False), ("crop_pct", None), ("crop_rounding", "round")):
+            if d[step] == default:
                 del d[step]
         return d
 
@@ -73,6 +86,8 @@ class PreprocessConfig:
             std=tuple(d.get("std", HALF)),
             grayscale=bool(d.get("grayscale", False)),
             invert=bool(d.get("invert", False)),
+            crop_pct=float(d["crop_pct"]) if d.get("crop_pct") is not None else None,
+            crop_rounding=d.get("crop_rounding", "round"),
         )
 
 
@@ -85,20 +100,28 @@ def resized_size(width: int, height: int, resize: int | tuple[int, int]) -> tupl
     return int(resize * width / height), resize
 
 
-def crop_box(width: int, height: int, crop: tuple[int, int] | None) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of the centre crop, rounded as torchvision's `center_crop` does."""
+def crop_box(
+    width: int, height: int, crop: tuple[int, int] | None, rounding: str = "round"
+) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the centre crop.
+
+    "round" rounds the margin as torchvision's `center_crop` does (Python's round, half to even);
+    "floor" floors it as transformers' `center_crop` does. They differ only for odd margins.
+    """
     if crop is None:
         return (0, 0, width, height)
     ch, cw = crop
-    top = int(round((height - ch) / 2.0))
-    left = int(round((width - cw) / 2.0))
+    if rounding == "floor":
+        top, left = (height - ch) // 2, (width - cw) // 2
+    else:
+        top, left = round((height - ch) / 2.0), round((width - cw) / 2.0)
     return (left, top, left + cw, top + ch)
 
 
 def seen_region(width: int, height: int, cfg: PreprocessConfig) -> tuple[float, float, float, float]:
     """The box of the original image (left, top, right, bottom) that the model sees after resize + crop."""
     rw, rh = resized_size(width, height, cfg.resize)
-    left, top, right, bottom = crop_box(rw, rh, cfg.crop)
+    left, top, right, bottom = crop_box(rw, rh, cfg.crop, cfg.crop_rounding)
     sx, sy = width / rw, height / rh
     return (left * sx, top * sy, right * sx, bottom * sy)
 
@@ -109,7 +132,7 @@ def to_model_pixels(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     if size != image.size:
         image = image.resize(size, RESAMPLE[cfg.interpolation])
     if cfg.crop is not None:
-        image = image.crop(crop_box(image.width, image.height, cfg.crop))
+        image = image.crop(crop_box(image.width, image.height, cfg.crop, cfg.crop_rounding))
     if cfg.grayscale:
         image = image.convert("L").convert("RGB")
     pixels = np.asarray(image, dtype=np.uint8)

@@ -19,16 +19,21 @@ from app.preprocess import PreprocessConfig
 METADATA_KEY = "vitserve"
 
 
+def _raw_metadata(path: Path) -> str | None:
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get(METADATA_KEY)
+
+
 def read_metadata(path: Path) -> dict | None:
     """The vitserve metadata of a .safetensors file, or None when it is not ours."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
+    raw = _raw_metadata(path)
+    return json.loads(raw) if raw is not None else None
 
 
 def is_native(path: Path) -> bool:
+    """A .safetensors file with vitserve metadata (an unreadable file is not; its reader will say why)."""
     try:
-        return path.suffix == ".safetensors" and read_metadata(path) is not None
+        return path.suffix == ".safetensors" and _raw_metadata(path) is not None
     except Exception:
         return False
 
@@ -48,9 +53,12 @@ def save(
 
 
 def load(path: Path, source: str) -> Checkpoint:
-    from safetensors.torch import load_file
+    from app.checkpoints.files import load_tensors
 
-    meta = read_metadata(path)
+    try:
+        meta = read_metadata(path)
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{source}: unreadable vitserve metadata in {path.name}: {e}") from None
     if meta is None:
         raise CheckpointError(f"{source}: {path.name} has no vitserve metadata")
     try:
@@ -58,5 +66,5 @@ def load(path: Path, source: str) -> Checkpoint:
         preprocess = PreprocessConfig.from_dict(meta["preprocess"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: malformed vitserve metadata in {path.name}: {e}") from None
-    labels = list(meta.get("labels") or [])
-    return Checkpoint(config, load_file(str(path)), preprocess, "native", source, path, labels)
+    labels = [str(x) for x in meta.get("labels") or []]
+    return Checkpoint(config, load_tensors(path, source), preprocess, "native", source, path, labels)

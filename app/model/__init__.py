@@ -3,8 +3,8 @@ from app.model.vit import (
     Block,
     Features,
     PatchEmbed,
-    ViTConfig,
     VisionTransformer,
+    ViTConfig,
     grid_from_num_patches,
     resample_pos_embed,
 )

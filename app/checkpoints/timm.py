@@ -1,0 +1,178 @@
+"""timm state dicts of class-token `vit_*` / `deit_*` models -> a Checkpoint.
+
+timm's parameter names are ours, so the weights load as they are. What the weights cannot tell comes from:
+
+- `--arch NAME[.TAG]` (e.g. `vit_base_patch16_224.augreg2_in21k_ft_in1k`): the heads, and the preprocessing
+  of that pretrained tag (the architecture's default tag when none is given), from app/data/timm_pretrained.json;
+- a timm `config.json` beside the weights (what timm pushes to the Hub: "architecture", "pretrained_cfg",
+  "label_names"; or just "num_heads" / "model_args": {"num_heads": ...});
+- otherwise the keys: heads from the standard widths (192 -> 3, 384 -> 6, 768 -> 12, 1024 -> 16, 1280 -> 16;
+  any other width is an error, never a guess), and the preprocessing of the first timm architecture with the
+  same shape (vit_* before deit_*), or timm's generic ViT default when none matches.
+
+LayerNorm eps is timm's 1e-6. Registers, distillation tokens, layer scale, average pooling, qk norm and
+models without a class token are refused with a message saying which.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from app.checkpoints.base import Checkpoint, CheckpointError
+from app.checkpoints.keys import check_arch, infer_shape, refuse_unsupported, square_grid
+from app.checkpoints.tables import heads_for_width, labels_for, timm_table, torchvision_table
+from app.model import ViTConfig
+from app.preprocess import RESAMPLE, PreprocessConfig
+
+LAYER_NORM_EPS = 1e-6
+DEFAULT_CROP_PCT = 0.875  # timm.data.constants.DEFAULT_CROP_PCT, used when a config has none
+MARKERS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "reg_token", "dist_token")
+
+
+def is_timm_state_dict(keys) -> bool:
+    return any(k in MARKERS or k.startswith("blocks.") for k in keys)
+
+
+def is_timm_config(config: dict) -> bool:
+    return "architecture" in config or "pretrained_cfg" in config
+
+
+def parse_arch(arch: str) -> tuple[str, str | None]:
+    """ "vit_base_patch16_224.augreg_in1k" -> ("vit_base_patch16_224", "augreg_in1k")."""
+    name, _, tag = arch.strip().partition(".")
+    return name, tag or None
+
+
+def lookup_arch(name: str, source: str) -> dict:
+    """The shape of a supported timm architecture; a clear error for unsupported or unknown names."""
+    table = timm_table()
+    if name in table["architectures"]:
+        return table["architectures"][name]
+    if name in table["unsupported"]:
+        raise CheckpointError(
+            f"{source}: timm architecture {name} has {table['unsupported'][name]}, which vitserve does not support "
+            f"(it serves class-token ViTs / DeiTs)"
+        )
+    hint = (
+        " (a torchvision name: its weights have torchvision keys)"
+        if name in torchvision_table()["architectures"]
+        else ""
+    )
+    known = ", ".join(sorted(table["architectures"]))
+    raise CheckpointError(f"{source}: unknown timm architecture {name!r}{hint}; known: {known}")
+
+
+def read(
+    path: Path, state_dict: dict[str, torch.Tensor], arch: str | None, side_config: dict | None, source: str
+) -> Checkpoint:
+    refuse_unsupported(state_dict, source)
+    side = side_config or {}
+    shape = infer_shape(state_dict, source)
+    grid, patch = square_grid(shape["num_positions"], source), shape["patch_size"]
+    image_size = (grid[0] * patch, grid[1] * patch)
+    name, tag = parse_arch(arch) if arch else _arch_from_side(side)
+    entry = lookup_arch(name, source) if name else None
+    if entry is not None:
+        check_arch(shape, entry, name, source)
+        num_heads, eps, qkv_bias = entry["num_heads"], entry["layer_norm_eps"], entry["qkv_bias"]
+    else:
+        num_heads = side_num_heads(side) or heads_for_width(shape["embed_dim"], source)
+        eps, qkv_bias = LAYER_NORM_EPS, shape["qkv_bias"]
+        name = matching_arch(shape, image_size)
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=patch,
+        in_chans=shape["in_chans"],
+        embed_dim=shape["embed_dim"],
+        depth=shape["depth"],
+        num_heads=num_heads,
+        mlp_dim=shape["mlp_dim"],
+        num_classes=shape["num_classes"],
+        qkv_bias=qkv_bias,
+        layer_norm_eps=eps,
+    )
+    if side.get("pretrained_cfg"):  # timm's Hub config carries the weights' own pretrained cfg
+        preprocess = preprocess_config(side["pretrained_cfg"], source)
+    else:
+        preprocess = preprocess_config(pretrained_cfg(name, tag, source), source)
+    labels = side.get("label_names") or (side.get("pretrained_cfg") or {}).get("label_names") or []
+    if len(labels) != config.num_classes:
+        labels = labels_for(config.num_classes)
+    return Checkpoint(config, state_dict, preprocess, "timm", source, path, [str(x) for x in labels])
+
+
+def _arch_from_side(side: dict) -> tuple[str | None, str | None]:
+    """The architecture a timm config.json names, when our table knows it (else the keys decide)."""
+    name = side.get("architecture")
+    table = timm_table()
+    if not isinstance(name, str) or (name not in table["architectures"] and name not in table["unsupported"]):
+        return None, None
+    return name, (side.get("pretrained_cfg") or {}).get("tag")
+
+
+def side_num_heads(side: dict) -> int | None:
+    """Heads from a config.json beside the weights: timm's model_args, a plain num_heads, or transformers'."""
+    for value in (
+        side.get("num_heads"),
+        (side.get("model_args") or {}).get("num_heads"),
+        side.get("num_attention_heads"),
+    ):
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def matching_arch(shape: dict, image_size: tuple[int, int]) -> str | None:
+    """The timm architecture with this shape and input size (vit_* before deit_*), for its preprocessing."""
+    size = list(image_size)
+    keys = ("embed_dim", "depth", "patch_size", "mlp_dim")
+    matches = [
+        name
+        for name, a in timm_table()["architectures"].items()
+        if all(a[k] == shape[k] for k in keys) and a["image_size"] == size
+    ]
+    return min(matches, key=lambda n: (not n.startswith("vit_"), n), default=None)
+
+
+def pretrained_cfg(name: str | None, tag: str | None, source: str) -> dict:
+    """The pretrained cfg of `name.tag` (the family default without a tag; timm's generic one without a name)."""
+    table = timm_table()
+    if name is None:
+        return table["generic"]
+    key = f"{name}.{tag or table['architectures'][name]['default_tag']}"
+    if key not in table["pretrained"]:
+        tags = sorted(k.partition(".")[2] for k in table["pretrained"] if k.startswith(f"{name}."))
+        raise CheckpointError(f"{source}: timm has no pretrained tag {tag!r} for {name}; known tags: {', '.join(tags)}")
+    return table["pretrained"][key]
+
+
+def preprocess_config(cfg: dict, source: str) -> PreprocessConfig:
+    """timm's eval transform (`transforms_imagenet_eval`) as a PreprocessConfig.
+
+    center: resize the shortest edge to floor(size / crop_pct), centre-crop size; squash: resize both edges
+    to floor(size / crop_pct), centre-crop size.
+    """
+    h, w = (int(x) for x in cfg["input_size"][-2:])
+    crop_pct = float(cfg.get("crop_pct") or DEFAULT_CROP_PCT)
+    mode = cfg.get("crop_mode") or "center"
+    scale = (math.floor(h / crop_pct), math.floor(w / crop_pct))
+    if mode == "squash":
+        resize: int | tuple[int, int] = scale
+    elif mode == "center" and scale[0] == scale[1]:
+        resize = scale[0]
+    else:
+        raise CheckpointError(f"{source}: timm crop_mode {mode!r} at input size {h}x{w} is not supported")
+    interpolation = cfg.get("interpolation") or "bilinear"
+    if interpolation not in RESAMPLE:
+        raise CheckpointError(f"{source}: timm interpolation {interpolation!r} is not supported")
+    return PreprocessConfig(
+        resize=resize,
+        crop=(h, w),
+        interpolation=interpolation,
+        mean=tuple(float(x) for x in cfg["mean"]),
+        std=tuple(float(x) for x in cfg["std"]),
+        crop_pct=crop_pct,
+    )
