@@ -54,6 +54,7 @@ class Entry:
     key: Hashable
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
+    dropped: bool = False  # set on the event loop when its request has gone; read by the forward thread
 
 
 class Admission:
@@ -184,10 +185,12 @@ class Batcher:
     def _drop(self, entries: list[Entry]) -> None:
         """Forget entries whose request has gone (answered, failed, timed out or disconnected)."""
         for entry in entries:
-            if not entry.future.done():
-                entry.future.cancel()
-                with contextlib.suppress(ValueError):  # else already running: its result is discarded
-                    self._queue.remove(entry)
+            if entry.future.done() and not entry.future.cancelled():
+                continue  # answered
+            entry.dropped = True  # a sealed batch that has not started skips it
+            entry.future.cancel()
+            with contextlib.suppress(ValueError):  # not queued any more: sealed or running
+                self._queue.remove(entry)
 
     async def _loop(self) -> None:
         assert self._wake is not None
@@ -195,7 +198,7 @@ class Batcher:
         while True:
             batch = await self._next_batch()
             self._running += 1
-            future = loop.run_in_executor(self._thread, self._timed_forward, [e.item for e in batch])
+            future = loop.run_in_executor(self._thread, self._timed_forward, batch)
             future.add_done_callback(lambda f, b=batch: self._finish(b, f))
 
     async def _next_batch(self) -> list[Entry]:
@@ -218,9 +221,14 @@ class Batcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
-    def _timed_forward(self, items: list[Any]) -> tuple[list[Any], float]:
+    def _timed_forward(self, batch: list[Entry]) -> tuple[list[Any], float]:
+        """On the forward thread: skip entries dropped while the batch waited its turn, run the rest."""
         started = time.monotonic()
-        results = self._forward(items)
+        live = [i for i, e in enumerate(batch) if not e.dropped]
+        results: list[Any] = [Stopped("the request has gone")] * len(batch)
+        if live:
+            for i, result in zip(live, self._forward([batch[i].item for i in live]), strict=True):
+                results[i] = result
         return results, time.monotonic() - started
 
     def _forward(self, items: list[Any]) -> list[Any]:
@@ -250,8 +258,10 @@ class Batcher:
             results = [ForwardFailed(repr(future.exception()))] * len(batch)
         else:
             results, elapsed = future.result()
-            rate = len(batch) / max(elapsed, 1e-6)
-            self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
+            ran = sum(not isinstance(r, Stopped) for r in results)
+            rate = ran / max(elapsed, 1e-6)
+            if ran:
+                self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
         for entry, result in zip(batch, results, strict=True):
             if entry.future.done():
                 continue  # its request has gone

@@ -1,0 +1,206 @@
+"""The Batcher on its own: batch formation, admission, cancellation, keys, pipelining, split-on-failure.
+
+`run_batch` here is a plain function that records what it was given (the batcher's contract is just
+"a callable from items to results"); the real model path is exercised in tests/http.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from app.batching import Batcher, ForwardFailed, Overloaded
+
+
+class Recorder:
+    """A run_batch that doubles numbers, records batches and threads, and can be slow or poisoned."""
+
+    def __init__(self, delay: float = 0.0, poison: object = None):
+        self.batches: list[list] = []
+        self.threads: set[int] = set()
+        self.delay = delay
+        self.poison = poison
+        self.gate: threading.Event | None = None
+
+    def __call__(self, items: list) -> list:
+        if self.gate is not None:
+            self.gate.wait(5)
+        self.threads.add(threading.get_ident())
+        self.batches.append(list(items))
+        if self.delay:
+            time.sleep(self.delay)
+        if self.poison is not None and self.poison in items:
+            raise RuntimeError("poisoned batch")
+        return [x * 2 for x in items]
+
+
+def make(run, **kw) -> Batcher:
+    kw.setdefault("max_batch_size", 4)
+    kw.setdefault("max_wait_s", 0.02)
+    kw.setdefault("max_queue", 64)
+    return Batcher(run, name="t", **kw)
+
+
+def run_async(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_share_a_forward_and_results_come_back_in_order():
+    rec = Recorder()
+    sizes: list[int] = []
+
+    async def main():
+        b = make(rec, on_batch=sizes.append)
+        b.start()
+        out = await asyncio.gather(*(b.run([i]) for i in range(4)))
+        await b.stop()
+        return out
+
+    assert run_async(main()) == [[0], [2], [4], [6]]
+    assert sizes == [4]  # all four requests in one forward
+    assert rec.batches == [[0, 1, 2, 3]]
+
+
+def test_a_request_larger_than_the_batch_spans_batches_in_order():
+    rec = Recorder()
+
+    async def main():
+        b = make(rec, max_batch_size=3)
+        b.start()
+        out = await b.run(list(range(8)))
+        await b.stop()
+        return out
+
+    assert run_async(main()) == [2 * i for i in range(8)]
+    assert [len(x) for x in rec.batches] == [3, 3, 2]
+
+
+def test_a_lone_item_waits_at_most_max_wait_then_runs_alone():
+    rec = Recorder()
+
+    async def main():
+        b = make(rec, max_batch_size=8, max_wait_s=0.05)
+        b.start()
+        out = await b.run([5])
+        await b.stop()
+        return out
+
+    assert run_async(main()) == [10]
+    assert rec.batches == [[5]]
+
+
+def test_items_of_different_keys_never_share_a_forward():
+    rec = Recorder()
+
+    async def main():
+        b = make(rec, max_batch_size=8)
+        b.start()
+        out = await asyncio.gather(b.run([1, 2], key="fast"), b.run([3], key="attention"), b.run([4], key="fast"))
+        await b.stop()
+        return out
+
+    assert run_async(main()) == [[2, 4], [6], [8]]
+    assert sorted(map(sorted, rec.batches)) == [[1, 2, 4], [3]]
+
+
+def test_admission_refuses_the_whole_request_at_once_with_retry_after():
+    async def main():
+        b = make(Recorder(), max_queue=5)
+        first = b.admit(3)
+        assert b.depth == 3
+        with pytest.raises(Overloaded) as refused:
+            b.admit(3)  # 3 + 3 > 5: refused whole, nothing reserved
+        assert refused.value.retry_after >= 1
+        assert b.depth == 3
+        second = b.admit(2)
+        first.release()
+        first.release()  # idempotent
+        assert b.depth == 2
+        with second:
+            pass
+        assert b.depth == 0
+
+    run_async(main())
+
+
+def test_retry_after_follows_the_measured_throughput():
+    rec = Recorder(delay=0.05)
+
+    async def main():
+        b = make(rec, max_batch_size=2, max_queue=4)
+        b.start()
+        await b.run([1, 2])  # measures about 40 images/s
+        rate = b.throughput
+        with b.admit(4):
+            with pytest.raises(Overloaded) as refused:
+                b.admit(4)
+        await b.stop()
+        return rate, refused.value.retry_after
+
+    rate, retry_after = run_async(main())
+    assert rate > 0
+    assert retry_after == max(1, -(-4 // rate))  # ceil(excess / rate), at least one second
+
+
+def test_cancelled_requests_are_dropped_from_the_queue():
+    rec = Recorder()
+    rec.gate = threading.Event()
+
+    async def main():
+        b = make(rec, max_batch_size=1, max_wait_s=0)
+        b.start()
+        first = asyncio.create_task(b.run([1]))
+        await asyncio.sleep(0.05)  # [1] is running (held at the gate)
+        doomed = asyncio.create_task(b.run([2, 3]))
+        kept = asyncio.create_task(b.run([4]))
+        await asyncio.sleep(0.05)
+        doomed.cancel()  # a timeout or a disconnect
+        await asyncio.gather(doomed, return_exceptions=True)
+        rec.gate.set()
+        out = await asyncio.gather(first, kept)
+        await b.stop()
+        return out
+
+    assert run_async(main()) == [[2], [8]]
+    assert [2] not in rec.batches and [3] not in rec.batches  # never ran
+
+
+def test_a_failing_item_is_isolated_by_splitting_the_batch():
+    rec = Recorder(poison=3)
+    sizes: list[int] = []
+
+    async def main():
+        b = make(rec, max_batch_size=4, on_batch=sizes.append)
+        b.start()
+        out = await asyncio.gather(*(b.run([i]) for i in range(4)), return_exceptions=True)
+        await b.stop()
+        return out
+
+    out = run_async(main())
+    assert out[:3] == [[0], [2], [4]]
+    assert isinstance(out[3], ForwardFailed) and "poisoned" in str(out[3])
+    # [0 1 2 3] failed -> [0 1] ok, [2 3] failed -> [2] ok, [3] fails alone
+    assert rec.batches == [[0, 1, 2, 3], [0, 1], [2, 3], [2], [3]]
+    assert sizes == [2, 1]  # only successful forwards are counted
+
+
+def test_forwards_run_on_one_dedicated_thread_and_the_next_batch_is_sealed_while_one_runs():
+    rec = Recorder(delay=0.05)
+
+    async def main():
+        b = make(rec, max_batch_size=2, max_wait_s=0.5)
+        b.start()
+        started = time.monotonic()
+        out = await asyncio.gather(*(b.run([i]) for i in range(6)))
+        elapsed = time.monotonic() - started
+        await b.stop()
+        return out, elapsed
+
+    out, _ = run_async(main())
+    assert out == [[2 * i] for i in range(6)]
+    assert len(rec.threads) == 1 and threading.get_ident() not in rec.threads
+    # full batches never waited for max_wait (0.5 s): each was sealed as soon as it was full
+    assert [len(x) for x in rec.batches] == [2, 2, 2]

@@ -1,0 +1,209 @@
+"""app.decode: every format, EXIF, every colour mode, corrupt and hostile inputs, draft mode, the pools."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.decode import Decoder, ImageTooLarge, InvalidImage, decode_image, decode_preview, decode_to_pixels, sniff
+from app.preprocess import PreprocessConfig, to_model_pixels
+
+LIMIT = 40_000_000
+CFG = PreprocessConfig(resize=36, crop=(32, 32), interpolation="bicubic")
+
+
+@pytest.fixture(scope="module")
+def cat() -> Image.Image:
+    from skimage import data
+
+    return Image.fromarray(data.chelsea())  # 451 x 300 RGB photograph
+
+
+def encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "WEBP"])
+def test_lossless_formats_decode_to_the_exact_pixels(cat, fmt):
+    kw = {"lossless": True} if fmt == "WEBP" else {}
+    data = encode(cat, fmt, **kw)
+    assert sniff(data) == fmt
+    image, size = decode_image(data, LIMIT)
+    assert size == cat.size and image.mode == "RGB"
+    assert np.array_equal(np.asarray(image), np.asarray(cat))
+
+
+def test_jpeg_decodes_like_pillow(cat):
+    data = encode(cat, "JPEG", quality=90)
+    image, _ = decode_image(data, LIMIT)
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+def test_gif_gives_its_first_frame(cat):
+    frames = [cat.quantize(64), Image.new("RGB", cat.size, (0, 0, 255)).quantize(4)]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    image, _ = decode_image(data, LIMIT)
+    assert np.array_equal(np.asarray(image), np.asarray(frames[0].convert("RGB")))
+
+
+def test_exif_orientation_is_applied(cat):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = encode(cat, "JPEG", exif=exif, quality=95)
+    image, size = decode_image(data, LIMIT)
+    assert size == (cat.height, cat.width) == image.size
+    upright = Image.open(io.BytesIO(data)).convert("RGB").transpose(Image.Transpose.ROTATE_270)
+    assert np.array_equal(np.asarray(image), np.asarray(upright))
+
+
+def test_grey_palette_and_cmyk_become_rgb(cat):
+    for mode in ("L", "P", "CMYK", "1"):
+        src = cat.convert(mode) if mode != "P" else cat.quantize(32)
+        fmt = "JPEG" if mode == "CMYK" else "PNG"
+        image, _ = decode_image(encode(src, fmt), LIMIT)
+        assert image.mode == "RGB" and image.size == cat.size
+        if fmt == "PNG":
+            assert np.array_equal(np.asarray(image), np.asarray(src.convert("RGB")))
+
+
+def test_sixteen_bit_grey_keeps_its_top_byte():
+    levels = (np.arange(64 * 64, dtype=np.int64).reshape(64, 64) * 16 % 65536).astype(np.uint16)
+    src = Image.fromarray(levels.astype(np.uint16))
+    image, _ = decode_image(encode(src, "PNG"), LIMIT)
+    expected = (levels >> 8).astype(np.uint8)
+    assert np.array_equal(np.asarray(image)[..., 0], expected)
+    assert np.array_equal(np.asarray(image)[..., 1], expected)
+
+
+def test_alpha_is_composited_on_white():
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, :4, 3] = 255  # left half opaque red-ish, right half fully transparent
+    rgba[:, 4:6, 3] = 128  # half transparent
+    image, _ = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"), LIMIT)
+    px = np.asarray(image).astype(int)
+    assert tuple(px[0, 0]) == (200, 0, 0)
+    assert tuple(px[0, 7]) == (255, 255, 255)
+    assert abs(px[0, 4, 1] - 127) <= 1  # 0 * a + 255 * (1 - a)
+    la, _ = decode_image(encode(Image.fromarray(rgba[..., [0, 3]], "LA"), "PNG"), LIMIT)
+    assert tuple(np.asarray(la)[0, 7]) == (255, 255, 255)
+    palette = Image.fromarray(rgba, "RGBA").quantize(8)  # palette with a transparent entry
+    assert palette.has_transparency_data
+    p, _ = decode_image(encode(palette, "PNG"), LIMIT)
+    assert tuple(np.asarray(p)[0, 7]) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"hello world, not an image",
+        b"%!PS-Adobe-3.0 EPSF-3.0\n",  # a format Pillow knows but we never hand it
+        b"\x00\x00\x01\x00\x01\x00",  # ICO
+        b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,  # a PNG signature and garbage
+    ],
+)
+def test_unsupported_or_corrupt_bytes_are_invalid(data):
+    with pytest.raises(InvalidImage):
+        decode_image(data, LIMIT)
+
+
+def test_truncated_jpeg_is_invalid(cat):
+    data = encode(cat, "JPEG")
+    with pytest.raises(InvalidImage, match="truncated"):
+        decode_image(data[: len(data) // 2], LIMIT)
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of width x height zeros: a few kilobytes that decode to width * height pixels."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    row = b"\x00" * (1 + (width + 7) // 8)
+    z = zlib.compressobj(9)
+    payload = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", payload) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_from_its_header():
+    data = bomb_png(10_000, 5_000)  # 50 M pixels in about 60 kB
+    assert len(data) < 200_000
+    with pytest.raises(ImageTooLarge, match="50,000,000 pixels"):
+        decode_image(data, LIMIT)
+    with pytest.raises(ImageTooLarge):
+        decode_to_pixels(data, CFG, LIMIT)
+    with pytest.raises(ImageTooLarge):  # the limit is ours, not Pillow's
+        decode_image(bomb_png(200, 100), 19_999)
+
+
+def test_zero_sized_images_are_refused():
+    with pytest.raises(InvalidImage):
+        decode_image(bomb_png(0, 10), LIMIT)
+
+
+def test_pixels_are_the_model_pixels_of_the_decoded_image(cat):
+    data = encode(cat, "PNG")
+    out = decode_to_pixels(data, CFG, LIMIT)
+    assert out.size == cat.size and out.pixels.dtype == np.uint8 and out.pixels.shape == (32, 32, 3)
+    assert np.array_equal(out.pixels, to_model_pixels(cat, CFG))
+
+
+def test_jpeg_draft_only_while_the_image_stays_twice_the_target(cat):
+    big = cat.resize((cat.width * 4, cat.height * 4), Image.Resampling.BICUBIC)  # 1804 x 1200
+    data = encode(big, "JPEG", quality=95)
+    full = decode_to_pixels(data, CFG, LIMIT, draft=False)
+    drafted = decode_to_pixels(data, CFG, LIMIT, draft=True)
+    assert full.size == drafted.size == big.size
+    diff = np.abs(full.pixels.astype(int) - drafted.pixels.astype(int))
+    assert 0 < diff.mean() < 2.0  # drafted, yet close to the full decode
+    # the DCT scale stops while the image is at least twice the resize target on each side
+    from app.decode import apply_draft, draft_target
+
+    image = Image.open(io.BytesIO(data))
+    target = draft_target(*big.size, CFG)
+    apply_draft(image, target)
+    image.load()
+    assert image.width >= target[0] and image.height >= target[1] and image.width < big.width
+    # a JPEG under twice the target is never drafted: identical with and without
+    small, cfg = encode(cat, "JPEG"), PreprocessConfig(resize=224, crop=(224, 224))
+    assert np.array_equal(
+        decode_to_pixels(small, cfg, LIMIT, True).pixels, decode_to_pixels(small, cfg, LIMIT, False).pixels
+    )
+
+
+def test_preview_is_the_upright_image_shrunk(cat):
+    data = encode(cat.resize((2400, 1600)), "JPEG")
+    preview = decode_preview(data, LIMIT, max_side=600)
+    assert preview.size == (2400, 1600)
+    assert max(preview.pixels.shape[:2]) <= 600 and preview.pixels.shape[2] == 3
+
+
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_pools_give_the_same_pixels_and_typed_errors(cat, kind):
+    data = encode(cat, "JPEG")
+
+    async def main():
+        decoder = Decoder(LIMIT, workers=1, kind=kind)
+        try:
+            await decoder.start()
+            good = await decoder.pixels(data, CFG)
+            with pytest.raises(InvalidImage):
+                await decoder.pixels(data[:500], CFG)
+            with pytest.raises(ImageTooLarge):
+                await decoder.pixels(bomb_png(10_000, 5_000), CFG)
+            return good
+        finally:
+            decoder.close()
+
+    good = asyncio.run(main())
+    assert np.array_equal(good.pixels, decode_to_pixels(data, CFG, LIMIT).pixels)

@@ -1,0 +1,118 @@
+"""Settings and the command line: defaults, VIT_* variables, flag precedence, repeatable option pairing."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from app.__main__ import parse_settings
+from app.settings import ModelSpec, Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("VIT_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults_are_the_contracts():
+    s = Settings()
+    assert s.model == [] and s.arch == [] and s.image_size == []
+    assert (s.host, s.port, s.device, s.dtype) == ("127.0.0.1", 8000, "auto", "auto")
+    assert s.batch_size_for("cuda") == 32 and s.batch_size_for("cpu") == 8
+    assert s.max_wait_ms == 5 and s.max_queue == 256 and s.request_timeout_s == 30
+    assert s.max_upload_bytes == 20 * 1024 * 1024 and s.max_images_per_request == 64
+    assert s.max_image_pixels == 40_000_000 and s.api_key is None and s.log_level == "info"
+
+
+def test_every_option_is_a_variable_and_the_flag_wins(monkeypatch):
+    monkeypatch.setenv("VIT_PORT", "9001")
+    monkeypatch.setenv("VIT_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("VIT_API_KEY", "from-env")
+    monkeypatch.setenv("VIT_LOG_LEVEL", "DEBUG")
+    s = parse_settings([])
+    assert (s.port, s.max_batch_size, s.api_key, s.log_level) == (9001, 4, "from-env", "debug")
+    s = parse_settings(["--port", "9002", "--api-key", "from-flag", "--max-wait-ms", "2.5"])
+    assert (s.port, s.max_batch_size, s.api_key, s.max_wait_ms) == (9002, 4, "from-flag", 2.5)
+
+
+def test_model_variable_holds_one_value_or_a_json_list(monkeypatch):
+    monkeypatch.setenv("VIT_MODEL", "a=/x/a.safetensors")
+    assert Settings().model_specs() == [ModelSpec("/x/a.safetensors", "a")]
+    monkeypatch.setenv("VIT_MODEL", '["a=/x/a.pth", "hf-hub:google/vit-base-patch16-224"]')
+    monkeypatch.setenv("VIT_ARCH", '["vit_b_16", null]')
+    monkeypatch.setenv("VIT_IMAGE_SIZE", "384")
+    assert Settings().model_specs() == [
+        ModelSpec("/x/a.pth", "a", "vit_b_16", 384),
+        ModelSpec("hf-hub:google/vit-base-patch16-224", None, None, 384),
+    ]
+
+
+def test_flags_replace_the_variables_list(monkeypatch):
+    monkeypatch.setenv("VIT_MODEL", '["a", "b"]')
+    monkeypatch.setenv("VIT_ARCH", '["vit_b_16", "vit_l_16"]')
+    s = parse_settings(["--model", "c"])
+    assert s.model_specs() == [ModelSpec("c")]
+
+
+def test_arch_and_image_size_pair_with_the_model_they_follow():
+    s = parse_settings(
+        ["--image-size", "256", "--model", "a", "--arch", "vit_b_16", "--model", "b=./b.pth", "--image-size", "384"]
+        + ["--model", "c"]
+    )
+    assert s.model_specs() == [
+        ModelSpec("a", None, "vit_b_16", 256),
+        ModelSpec("./b.pth", "b", None, 384),
+        ModelSpec("c", None, None, 256),
+    ]
+
+
+def test_image_size_alone_applies_to_the_repository_models():
+    s = parse_settings(["--image-size", "64"])
+    assert s.model == [] and s.global_image_size == 64
+
+
+def test_names_split_only_off_a_plain_name():
+    s = Settings(model=["hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k", "dir/a=b.pth", "x=hf-hub:o/n"])
+    assert [(m.name, m.spec) for m in s.model_specs()] == [
+        (None, "hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"),
+        (None, "dir/a=b.pth"),
+        ("x", "hf-hub:o/n"),
+    ]
+
+
+def test_max_queue_below_max_images_per_request_is_a_start_up_error(capsys):
+    with pytest.raises(ValidationError, match="max_queue"):
+        Settings(max_queue=10, max_images_per_request=64)
+    with pytest.raises(SystemExit) as stop:
+        parse_settings(["--max-queue", "10"])
+    assert stop.value.code == 2
+    assert "max_queue (10) is smaller than max_images_per_request (64)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--arch", "vit_b_16"],  # before any --model
+        ["--device", "tpu"],
+        ["--dtype", "float8"],
+        ["--max-batch-size", "0"],
+        ["--log-level", "loud"],
+        ["--port", "-1"],
+        ["--image-size", "0"],
+    ],
+)
+def test_bad_options_stop_with_status_2(argv):
+    with pytest.raises(SystemExit) as stop:
+        parse_settings(argv)
+    assert stop.value.code == 2
+
+
+def test_mismatched_variable_lists_are_refused(monkeypatch):
+    monkeypatch.setenv("VIT_MODEL", '["a", "b"]')
+    monkeypatch.setenv("VIT_ARCH", "vit_b_16")
+    with pytest.raises(ValidationError, match="arch"):
+        Settings()
