@@ -134,9 +134,8 @@ def test_retry_after_follows_the_measured_throughput():
         b.start()
         await b.run([1, 2])  # measures about 40 images/s
         rate = b.throughput
-        with b.admit(4):
-            with pytest.raises(Overloaded) as refused:
-                b.admit(4)
+        with b.admit(4), pytest.raises(Overloaded) as refused:
+            b.admit(4)
         await b.stop()
         return rate, refused.value.retry_after
 

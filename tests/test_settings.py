@@ -60,8 +60,20 @@ def test_flags_replace_the_variables_list(monkeypatch):
 
 def test_arch_and_image_size_pair_with_the_model_they_follow():
     s = parse_settings(
-        ["--image-size", "256", "--model", "a", "--arch", "vit_b_16", "--model", "b=./b.pth", "--image-size", "384"]
-        + ["--model", "c"]
+        [
+            "--image-size",
+            "256",
+            "--model",
+            "a",
+            "--arch",
+            "vit_b_16",
+            "--model",
+            "b=./b.pth",
+            "--image-size",
+            "384",
+            "--model",
+            "c",
+        ]
     )
     assert s.model_specs() == [
         ModelSpec("a", None, "vit_b_16", 256),
