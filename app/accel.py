@@ -1,0 +1,294 @@
+"""Optional speed-ups for the engine's fast path (classify / embed: no attention weights).
+
+`accelerate(net, device, dtype, batch_sizes, mode)` returns an `Accelerated` forward: pixels (B, 3, H, W) in the
+model's dtype on its device -> (tokens, logits or None), the same function as
+`net.forward_features(x).tokens` and `net.forward_head(tokens)`, made faster by one of these strategies:
+
+- `eager`: the module as it is (what `mode="off"` gives; also the fallback when a speed-up cannot be built).
+- `compile` (CPU): `torch.compile` with inductor and freezing (weights become constants, so oneDNN / MKL can
+  pre-pack them and constant folding removes the layout shuffles around every linear layer). One graph per
+  batch-size bucket, `dynamic=False`: shapes are fixed, so the generated C++ has no symbolic sizes.
+- `cudagraph` (CUDA): one CUDA graph per bucket, captured at warm-up over the eager module: a static input
+  buffer, copy in, replay, copy the rows out. Removes the kernel-launch cost that dominates small batches.
+- `compile+cudagraph` (CUDA): the same graphs captured over the inductor-compiled module (fused LayerNorm,
+  GELU and residual kernels), for the highest throughput at large batches.
+
+A batch whose size is not a bucket is padded up to the next bucket on CUDA (a GPU's cost is nearly flat in the
+batch size) and split into bucket-sized chunks on the CPU (where every padded row costs its full share). Rows
+of a ViT never mix (LayerNorm, attention and the MLP all act within one image), so padding rows change no
+other row's result.
+
+Nothing here runs at import: thread counts and dynamo's cache limit are only touched when asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["off", "auto", "on"]
+MODES: tuple[str, ...] = ("off", "auto", "on")
+STRATEGIES: tuple[str, ...] = ("eager", "compile", "cudagraph", "compile+cudagraph")
+Result = tuple[torch.Tensor, torch.Tensor | None]
+
+
+class FastPath(nn.Module):
+    """The classify / embed forward as one module: pixels -> (final-normed tokens, logits or None)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> Result:
+        tokens = self.net.forward_features(x).tokens
+        return tokens, self.net.forward_head(tokens)
+
+
+# -- choosing --------------------------------------------------------------------------------------
+
+
+def has_cpp_compiler() -> bool:
+    """Whether inductor's CPU backend can build its kernels here (it needs a C++ compiler)."""
+    try:
+        from torch._inductor import cpp_builder
+
+        return shutil.which(cpp_builder.get_cpp_compiler()) is not None
+    except Exception:  # no compiler found, or an inductor without this helper
+        return any(shutil.which(c) for c in ("g++", "clang++", "c++"))
+
+
+def resolve_strategy(mode: str, device: torch.device) -> str:
+    """`off` / `auto` / `on` (or a strategy name, for benchmarks) -> the strategy for this device.
+
+    auto: compile on a CPU with a C++ compiler, CUDA graphs on a GPU (no compile time at start-up).
+    on: compile on a CPU, compile + CUDA graphs on a GPU.
+    """
+    if mode in STRATEGIES:
+        strategy = mode
+    elif mode == "off":
+        strategy = "eager"
+    elif mode == "auto":
+        strategy = "cudagraph" if device.type == "cuda" else ("compile" if has_cpp_compiler() else "eager")
+    elif mode == "on":
+        strategy = "compile+cudagraph" if device.type == "cuda" else "compile"
+    else:
+        raise ValueError(f"unknown compile mode {mode!r}; use one of {[*MODES, *STRATEGIES]}")
+    if "cudagraph" in strategy and device.type != "cuda":
+        raise ValueError(f"strategy {strategy!r} needs a CUDA device, not {device}")
+    if strategy == "compile" and device.type == "cpu" and not has_cpp_compiler():
+        if mode == "auto":
+            return "eager"
+        raise ValueError("torch.compile on the CPU needs a C++ compiler (g++ or clang++); none was found")
+    return strategy
+
+
+def default_buckets(max_batch_size: int) -> list[int]:
+    """Powers of two up to `max_batch_size`, and `max_batch_size` itself: 8 -> [1, 2, 4, 8]."""
+    if max_batch_size < 1:
+        raise ValueError(f"max batch size must be at least 1, not {max_batch_size}")
+    sizes = {1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size}
+    return sorted(sizes | {max_batch_size})
+
+
+def plan_chunks(n: int, buckets: Sequence[int], pad: bool) -> list[tuple[int, int]]:
+    """Cut a batch of `n` rows into runs of (rows, bucket) with rows <= bucket and every bucket in `buckets`.
+
+    pad=True: as few runs as possible, the last one padded up to the smallest bucket that holds it.
+    pad=False: no padding; greedy largest bucket that fits (buckets always include 1 when pad is False).
+    """
+    buckets = sorted(buckets)
+    largest = buckets[-1]
+    runs: list[tuple[int, int]] = []
+    while n > 0:
+        if n >= largest:
+            runs.append((largest, largest))
+            n -= largest
+        elif pad:
+            runs.append((n, next(b for b in buckets if b >= n)))
+            n = 0
+        else:
+            b = max(b for b in buckets if b <= n)
+            runs.append((b, b))
+            n -= b
+    return runs
+
+
+# -- the accelerated forward -----------------------------------------------------------------------
+
+
+class Accelerated:
+    """A fast forward over fixed batch-size buckets; call it like `FastPath` (under inference mode).
+
+    `warmup()` builds every bucket (compiles or captures) and records how long each took in `build_seconds`.
+    Buckets not built at warm-up are built on first use. Not thread-safe: one batcher worker calls it.
+    """
+
+    def __init__(
+        self,
+        fast: FastPath,
+        strategy: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        buckets: Sequence[int],
+        image_size: tuple[int, int],
+        in_chans: int = 3,
+    ):
+        self.fast = fast
+        self.strategy = strategy
+        self.device = device
+        self.dtype = dtype
+        self.buckets = sorted(set(buckets)) if strategy != "eager" else []
+        self.input_shape = (in_chans, *image_size)
+        self.pad = device.type == "cuda"
+        if not self.pad and self.buckets and self.buckets[0] != 1:
+            self.buckets = [1, *self.buckets]  # splitting without padding needs a bucket of 1
+        self.build_seconds: dict[int, float] = {}
+        self._fn: Callable[[torch.Tensor], Result] = fast
+        self._graphs: dict[int, _GraphBucket] = {}
+        self._pool = None
+        if "compile" in strategy:
+            self._fn = compile_fast_path(fast, device)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> Result:
+        if self.strategy == "eager" or x.shape[0] == 0:
+            return self.fast(x)
+        if "compile" in self.strategy and not x.is_inference():
+            # dynamo guards on the tensor's kind: the graphs were built on inference tensors (warm-up), and a
+            # normal tensor would trigger a second compile at serving time. A copy costs far less than that.
+            x = x.clone()
+        runs = plan_chunks(x.shape[0], self.buckets, self.pad)
+        if len(runs) == 1 and runs[0][0] == runs[0][1]:
+            return self._run_bucket(x, runs[0][1])
+        parts, start = [], 0
+        for rows, bucket in runs:
+            parts.append(self._run_bucket(x[start : start + rows], bucket))
+            start += rows
+        tokens = torch.cat([p[0] for p in parts])
+        logits = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+        return tokens, logits
+
+    def warmup(self) -> dict[int, float]:
+        """Build every bucket, largest first (CUDA graphs then share one memory pool); seconds per bucket."""
+        for b in sorted(self.buckets, reverse=True):
+            self._ensure(b)
+        return dict(self.build_seconds)
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _ensure(self, bucket: int) -> None:
+        if bucket in self.build_seconds:
+            return
+        start = time.perf_counter()
+        if "cudagraph" in self.strategy:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            self._graphs[bucket] = _GraphBucket(
+                self._fn, (bucket, *self.input_shape), self.dtype, self.device, self._pool
+            )
+        else:
+            with torch.inference_mode():  # an inference tensor, as __call__ always passes (see there)
+                example = torch.randn(bucket, *self.input_shape, device=self.device).to(self.dtype)
+                self._fn(example)  # compiles this shape (fixed shapes: dynamic=False)
+        self.build_seconds[bucket] = time.perf_counter() - start
+        log.info("accel: %s bucket %d built in %.1f s", self.strategy, bucket, self.build_seconds[bucket])
+
+    def _run_bucket(self, x: torch.Tensor, bucket: int) -> Result:
+        self._ensure(bucket)
+        if "cudagraph" in self.strategy:
+            return self._graphs[bucket].run(x)
+        if x.shape[0] < bucket:  # only reached with pad=True outside CUDA graphs (not by default)
+            padded = x.new_zeros((bucket, *x.shape[1:]))
+            padded[: x.shape[0]] = x
+            tokens, logits = self._fn(padded)
+            n = x.shape[0]
+            return tokens[:n], None if logits is None else logits[:n]
+        return self._fn(x)
+
+
+class _GraphBucket:
+    """One CUDA graph over `fn` at a fixed input shape: copy in, replay, copy out."""
+
+    def __init__(
+        self,
+        fn: Callable[[torch.Tensor], Result],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        pool: object,
+    ):
+        # Random (not zero) contents: warm-up runs and capture see realistic values; rows beyond a short
+        # batch keep whatever the previous batch left there, which is finite and never read back.
+        self.static_in = torch.randn(shape, device=device).to(dtype)
+        with torch.inference_mode():
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # cuBLAS handles, autotuning and (for compile) code generation happen here
+                    fn(self.static_in)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.static_out = fn(self.static_in)
+
+    def run(self, x: torch.Tensor) -> Result:
+        n = x.shape[0]
+        self.static_in[:n].copy_(x, non_blocking=True)
+        self.graph.replay()
+        tokens, logits = self.static_out
+        # Copies: the next replay overwrites the static outputs while the caller may still hold these.
+        return tokens[:n].clone(), None if logits is None else logits[:n].clone()
+
+
+def compile_fast_path(fast: FastPath, device: torch.device) -> Callable[[torch.Tensor], Result]:
+    """`torch.compile` of the fast path with inductor, fixed shapes, and (on the CPU) freezing."""
+    import torch._dynamo
+
+    # Every bucket of every model is one more entry in the cache of FastPath.forward's code: raise dynamo's
+    # limit so that none silently falls back to eager (8 entries by default).
+    limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), 256)
+    torch._dynamo.config.recompile_limit = limit
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, limit * 4)
+    options = {"freezing": True}
+    if device.type == "cpu":
+        # A C++ wrapper calls the kernels without a Python frame per op: it matters at batch 1.
+        options["cpp_wrapper"] = False
+    return torch.compile(fast, dynamic=False, fullgraph=True, options=options)
+
+
+def accelerate(
+    net: nn.Module,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    batch_sizes: Sequence[int] | int,
+    mode: str = "auto",
+) -> Accelerated:
+    """An accelerated fast path for `net` (already on `device` in `dtype`, in eval mode).
+
+    batch_sizes: the buckets, or the largest batch size (its powers of two become the buckets).
+    mode: `off`, `auto`, `on`, or a strategy name (`eager`, `compile`, `cudagraph`, `compile+cudagraph`).
+    Call `.warmup()` on the result to build every bucket before serving.
+    """
+    device = torch.device(device)
+    buckets = default_buckets(batch_sizes) if isinstance(batch_sizes, int) else sorted(set(batch_sizes))
+    strategy = resolve_strategy(mode, device)
+    cfg = net.cfg
+    return Accelerated(FastPath(net), strategy, device, dtype, buckets, tuple(cfg.image_size), cfg.in_chans)
+
+
+def set_threads(intra_op: int | None = None, inter_op: int | None = None) -> None:
+    """Set torch's thread pools deliberately (call once at start-up, before the first forward)."""
+    if intra_op:
+        torch.set_num_threads(intra_op)
+    if inter_op:
+        try:
+            torch.set_num_interop_threads(inter_op)
+        except RuntimeError:  # already started: it can only be set before the first parallel work
+            log.warning("inter-op threads already started; keeping %d", torch.get_num_interop_threads())

@@ -1,0 +1,206 @@
+"""app.accel: the engine's optional speed-ups compute the same function as the eager model.
+
+Compiling tests use a tiny ViT (32x32 images, patch 8, width 32, depth 2), which inductor builds in seconds; they
+skip when no C++ compiler is installed. CUDA-graph tests skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app import accel
+from app.accel import Accelerated, FastPath, accelerate, default_buckets, plan_chunks, resolve_strategy
+from app.model import VisionTransformer, ViTConfig
+
+ATOL, RTOL = 1e-4, 1e-3
+needs_cxx = pytest.mark.skipif(not accel.has_cpp_compiler(), reason="torch.compile on the CPU needs a C++ compiler")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def tiny_vit(num_classes: int = 10, seed: int = 0) -> VisionTransformer:
+    torch.manual_seed(seed)
+    cfg = ViTConfig(
+        image_size=(32, 32), patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64, num_classes=num_classes
+    )
+    net = VisionTransformer(cfg)
+    if net.head is not None:  # a zero head (the training init) would hide a wrong class token
+        torch.nn.init.normal_(net.head.weight, std=0.5)
+    return net.eval()
+
+
+def eager(net: VisionTransformer, x: torch.Tensor):
+    with torch.inference_mode():
+        tokens = net.forward_features(x).tokens
+        return tokens, net.forward_head(tokens)
+
+
+def assert_same(got, want) -> None:
+    torch.testing.assert_close(got[0], want[0], atol=ATOL, rtol=RTOL)
+    if want[1] is None:
+        assert got[1] is None
+    else:
+        torch.testing.assert_close(got[1], want[1], atol=ATOL, rtol=RTOL)
+
+
+# -- planning (pure) ------------------------------------------------------------------------------------
+
+
+def test_default_buckets_are_powers_of_two_and_the_maximum():
+    assert default_buckets(1) == [1]
+    assert default_buckets(8) == [1, 2, 4, 8]
+    assert default_buckets(12) == [1, 2, 4, 8, 12]
+    with pytest.raises(ValueError):
+        default_buckets(0)
+
+
+@pytest.mark.parametrize("n", range(1, 40))
+@pytest.mark.parametrize("pad", [True, False])
+def test_plan_chunks_covers_every_row_once(n, pad):
+    buckets = [1, 2, 4, 8, 16]
+    runs = plan_chunks(n, buckets, pad)
+    assert sum(rows for rows, _ in runs) == n
+    assert all(rows <= bucket and bucket in buckets for rows, bucket in runs)
+    if not pad:
+        assert all(rows == bucket for rows, bucket in runs)
+    else:  # padding: full largest buckets, then at most one padded run
+        assert sum(1 for rows, bucket in runs if rows < bucket) <= 1
+        assert len(runs) == -(-n // 16)
+
+
+def test_resolve_strategy():
+    cpu = torch.device("cpu")
+    assert resolve_strategy("off", cpu) == "eager"
+    assert resolve_strategy("eager", cpu) == "eager"
+    assert resolve_strategy("auto", cpu) == ("compile" if accel.has_cpp_compiler() else "eager")
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve_strategy("cudagraph", cpu)
+    with pytest.raises(ValueError, match="unknown compile mode"):
+        resolve_strategy("fastest", cpu)
+
+
+def test_eager_strategy_is_the_module_itself():
+    net = tiny_vit()
+    fast = accelerate(net, "cpu", torch.float32, 4, mode="off")
+    assert fast.strategy == "eager"
+    assert fast.warmup() == {}
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        assert_same(fast(x), eager(net, x))
+
+
+# -- compiled, on the CPU ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """One tiny model compiled at buckets 1 and 2 (the tests below share its two compiled graphs)."""
+    if not accel.has_cpp_compiler():
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    net = tiny_vit()
+    fast = accelerate(net, "cpu", torch.float32, [1, 2], mode="compile")
+    return net, fast, fast.warmup()
+
+
+def test_compiled_matches_eager_at_buckets_and_between_them(compiled):
+    net, fast, built = compiled
+    assert fast.strategy == "compile" and not fast.pad
+    assert sorted(built) == [1, 2] and all(s > 0 for s in built.values())
+    # after warm-up nothing compiles again: not for other batch sizes, not for normal (non-inference) tensors
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for n in (1, 2, 3, 5):  # 3 = 2 + 1 and 5 = 2 + 2 + 1: chunks without padding on the CPU
+            x = torch.randn(n, 3, 32, 32)
+            assert_same(fast(x), eager(net, x))
+            with torch.inference_mode():
+                assert_same(fast(x.clone()), eager(net, x))
+
+
+def test_padding_rows_do_not_change_real_rows(compiled):
+    # On a GPU short batches are padded up to a bucket; rows of a ViT never mix, so padding is invisible.
+    net, fast, _ = compiled
+    fast.pad, fast.buckets = True, [2]
+    try:
+        with torch.inference_mode():
+            for n in (1, 3):  # 1 -> padded to 2; 3 -> 2 + (1 padded to 2)
+                x = torch.randn(n, 3, 32, 32)
+                got = fast(x)
+                assert got[0].shape == (n, 17, 32) and got[1].shape == (n, 10)
+                assert_same(got, eager(net, x))
+    finally:
+        fast.pad, fast.buckets = False, [1, 2]
+
+
+@needs_cxx
+def test_engine_warmup_uses_the_compiled_path_and_keeps_attentions(tmp_path):
+    from app.checkpoints import native
+    from app.engine import load_model
+    from app.preprocess import PreprocessConfig
+
+    net = tiny_vit(num_classes=5, seed=1)
+    pre = PreprocessConfig.from_dict({"resize": [32, 32], "crop": None, "mean": [0.5] * 3, "std": [0.5] * 3})
+    path = tmp_path / "tiny.safetensors"
+    native.save(path, net.cfg, net.state_dict(), pre, [f"c{i}" for i in range(5)])
+
+    plain = load_model(str(path), device="cpu", dtype="float32")
+    fast = load_model(str(path), device="cpu", dtype="float32", compile="on")
+    assert fast.accel_strategy == "eager"
+    seconds = fast.warmup([1, 2])
+    assert sorted(seconds) == [1, 2]
+    assert fast.accel_strategy == "compile"
+
+    x = torch.randn(3, 3, 32, 32)
+    want = plain(x)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        got = fast(x)
+    torch.testing.assert_close(got.logits, want.logits, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got.tokens, want.tokens, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got.embedding, want.embedding, atol=ATOL, rtol=RTOL)
+    assert got.attentions is None
+    # the attention path is the eager one, compiled or not
+    with_maps = fast(x, attentions=True)
+    assert len(with_maps.attentions) == 2 and with_maps.attentions[0].shape == (3, 2, 17, 17)
+    torch.testing.assert_close(with_maps.logits, want.logits, atol=ATOL, rtol=RTOL)
+
+
+# -- CUDA graphs --------------------------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("strategy", ["cudagraph", "compile+cudagraph"])
+def test_cuda_graphs_match_eager_and_pad_short_batches(strategy):
+    net = tiny_vit().cuda()
+    fast = accelerate(net, "cuda", torch.float32, [1, 4], mode=strategy)
+    assert fast.pad
+    fast.warmup()
+    with torch.inference_mode():
+        outs = []
+        for n in (1, 3, 4, 6):  # 3 pads to 4; 6 = 4 + 2 (padded)
+            x = torch.randn(n, 3, 32, 32, device="cuda")
+            got = fast(x)
+            outs.append(got)
+            assert_same(got, eager(net, x))
+        # results are copies: a later replay must not change an earlier answer
+        before = outs[0][0].clone()
+        fast(torch.randn(1, 3, 32, 32, device="cuda"))
+        torch.testing.assert_close(outs[0][0], before)
+
+
+@needs_cuda
+def test_cuda_graph_bfloat16_close_to_float32():
+    net = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    want = eager(net, x)
+    fast = accelerate(net.to("cuda", torch.bfloat16), "cuda", torch.bfloat16, [2], mode="cudagraph")
+    fast.warmup()
+    with torch.inference_mode():
+        got = fast(x.to("cuda", torch.bfloat16))
+    torch.testing.assert_close(got[1].float().cpu(), want[1], atol=0.1, rtol=0.05)
+
+
+def test_fast_path_module_is_what_gets_accelerated():
+    net = tiny_vit(num_classes=0)
+    fast = FastPath(net)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert_same(fast(x), eager(net, x))
+    assert isinstance(accelerate(net, "cpu", torch.float32, 2, mode="off"), Accelerated)
