@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -45,12 +47,15 @@ class ModelSpec:
     image_size: int | None = None
 
 
+NAMED_SPEC = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.\-]*)=(.+)$")
+
+
 def split_name(text: str) -> tuple[str | None, str]:
-    """`NAME=SPEC` -> (NAME, SPEC); a bare SPEC -> (None, SPEC). A NAME never holds a path separator."""
-    name, sep, spec = text.partition("=")
-    if sep and name and spec and "/" not in name and "\\" not in name and ":" not in name:
-        return name, spec
-    return None, text
+    """`NAME=SPEC` -> (NAME, SPEC); a bare SPEC (a hub id, or an existing path holding "=") -> (None, SPEC)."""
+    m = NAMED_SPEC.match(text)
+    if m is None or text.startswith("hf-hub:") or Path(text).exists():
+        return None, text
+    return m.group(1), m.group(2)
 
 
 class Settings(BaseSettings):
@@ -82,6 +87,7 @@ class Settings(BaseSettings):
     jpeg_draft: bool = True  # JPEG DCT scaling while the image stays >= 2x the resize target
     warmup: bool = True  # run each batch size once before /readyz says ready
     drain_timeout_s: float = Field(60.0, ge=0)  # after SIGTERM, longest wait for accepted requests
+    compile: str = "off"  # the engine's fast-path speed-up (app.accel): off, auto, on or a strategy name
 
     @field_validator("model", "arch", "image_size", mode="before")
     @classmethod

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from app.batching import Batcher
+from app.checkpoints.detect import default_models_dir, list_repository, model_name
 from app.http.state import ServedModel, ServerState
 from app.settings import ModelSpec, Settings
 from app.tasks import ATTENTION, FAST, run_batch, warmup_items
@@ -24,7 +25,6 @@ from app.tasks import ATTENTION, FAST, run_batch, warmup_items
 log = logging.getLogger("vitserve")
 
 Loader = Callable[[ModelSpec, Settings, "Path | None"], Any]
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 class StartupError(Exception):
@@ -37,56 +37,6 @@ class Planned:
     spec: ModelSpec
 
 
-def default_models_dir() -> Path:
-    """./models where it exists, else the repository shipped inside the package (or the source tree's)."""
-    try:
-        from app.checkpoints.detect import default_models_dir as engine_default
-
-        return Path(engine_default())
-    except ImportError:
-        pass
-    here = Path.cwd() / "models"
-    if here.is_dir():
-        return here
-    package = Path(__file__).resolve().parents[1]
-    for candidate in (package / "_models", package.parent / "models"):
-        if candidate.is_dir():
-            return candidate
-    return here
-
-
-def list_repository(models_dir: Path) -> list[str]:
-    """Folder paths of the repository's models, the bundled default first."""
-    try:
-        from app.checkpoints.detect import list_repository as engine_list
-
-        return [str(p) for p in engine_list(models_dir)]
-    except ImportError:
-        pass
-    if not models_dir.is_dir():
-        return []
-    folders = [
-        p
-        for p in sorted(models_dir.iterdir())
-        if p.is_dir() and any(f.suffix in CHECKPOINT_SUFFIXES for f in p.iterdir() if f.is_file())
-    ]
-    return [str(p) for p in folders]
-
-
-def model_name(spec: str) -> str:
-    """The name a SPEC is served under without NAME=: folder name, file stem, or last part of a hub id."""
-    try:
-        from app.checkpoints.detect import model_name as engine_name
-
-        return engine_name(spec)
-    except ImportError:
-        pass
-    if spec.startswith("hf-hub:"):
-        return spec.removeprefix("hf-hub:").rstrip("/").rsplit("/", 1)[-1]
-    path = Path(spec)
-    return path.name if path.is_dir() or path.suffix not in CHECKPOINT_SUFFIXES else path.stem
-
-
 def models_dir_of(settings: Settings) -> Path:
     return Path(settings.models_dir) if settings.models_dir else default_models_dir()
 
@@ -96,10 +46,10 @@ def plan(settings: Settings) -> list[Planned]:
     specs = settings.model_specs()
     if not specs:
         repo = models_dir_of(settings)
-        folders = list_repository(repo)
-        if not folders:
+        found = list_repository(repo)
+        if not found:
             raise StartupError(f"no models to serve: the model repository {repo} holds none; pass --model SPEC")
-        specs = [ModelSpec(spec=f, image_size=settings.global_image_size) for f in folders]
+        specs = [ModelSpec(str(folder), name, None, settings.global_image_size) for name, folder in found]
     planned = [Planned(s.name or model_name(s.spec), s) for s in specs]
     seen: dict[str, str] = {}
     for p in planned:
@@ -122,6 +72,7 @@ def engine_loader(spec: ModelSpec, settings: Settings, models_dir: Path | None) 
         device=settings.device,
         dtype=settings.dtype,
         models_dir=models_dir,
+        compile=settings.compile,
     )
 
 
