@@ -8,6 +8,7 @@ const state = {
   model: null, // the selected ModelInfo
   image: null, // {blob, name}: what the analyses run on
   attention: null, // {grid, heatmap, region?} of the image on screen
+  noPreview: false, // the browser cannot show the file: the heatmap comes as the server's PNG overlay
   lut: null, // Uint8Array(256 * 3): the colour map, the same table the server's PNGs use
   seq: 0, // bumped per image / per attention request, so late answers never overwrite newer ones
   attentionSeq: 0,
@@ -196,7 +197,9 @@ async function loadMosaic() {
 function setImage(blob, name) {
   state.image = { blob, name };
   state.attention = null;
+  state.noPreview = false;
   const img = $("input-image");
+  delete img.dataset.overlay;
   img.src = swapObjectURL("input", blob);
   const current = $("current");
   current.replaceChildren("Showing ", Object.assign(document.createElement("strong"), { textContent: name }));
@@ -280,25 +283,62 @@ async function loadAttention() {
   if (!state.image || !state.model) return;
   const seq = ++state.attentionSeq;
   const method = $("method-select").value;
-  const params = { method, format: "json" };
+  // a file this browser cannot show (TIFF, say): ask the server to draw the overlay instead
+  const format = state.noPreview ? "png" : "json";
+  const params = { method, format };
   if (method === "cls") {
     params.layer = $("layer-select").value;
     params.head = $("head-select").value;
   }
   setStatus("att-status", "computing…", true);
   try {
-    const data = await api(`/v1/attention?${modelQuery(params)}`, { method: "POST", body: imageForm() });
+    const request = { method: "POST", body: imageForm(), as: format === "png" ? "blob" : "json" };
+    const data = await api(`/v1/attention?${modelQuery(params)}`, request);
     if (seq !== state.attentionSeq) return;
+    const where = method === "rollout" ? "rollout over all layers" : describeLayerHead();
+    if (format === "png") {
+      showServerOverlay(data);
+      setStatus("att-status", `${where} (drawn by the server)`);
+      return;
+    }
     const result = data.results[0];
     state.attention = { grid: result.grid, heatmap: result.heatmap, region: result.region || null, method };
     drawHeatmap();
-    setStatus("att-status", method === "rollout" ? "rollout over all layers" : describeLayerHead());
+    setStatus("att-status", where);
   } catch (err) {
     if (seq !== state.attentionSeq) return;
     clearHeatmap();
+    if (state.noPreview) showNoPreview();
     setStatus("att-status", "failed");
     showError(err);
   }
+}
+
+function showServerOverlay(blob) {
+  const img = $("input-image");
+  img.dataset.overlay = "1";
+  img.src = swapObjectURL("input", blob);
+  $("stage").hidden = false;
+  $("viewer-empty").hidden = true;
+}
+
+function showNoPreview() {
+  $("stage").hidden = true;
+  $("viewer-empty").textContent = "This file cannot be shown as an image.";
+  $("viewer-empty").hidden = false;
+}
+
+// The browser could not decode the file: the server may still (TIFF), or may refuse it (a broken file).
+function onPreviewError() {
+  if (!state.image) return;
+  if ($("input-image").dataset.overlay) {
+    showNoPreview();
+    return;
+  }
+  state.noPreview = true;
+  state.attention = null;
+  clearHeatmap();
+  loadAttention();
 }
 
 function describeLayerHead() {
@@ -364,34 +404,92 @@ function clearHeatmap() {
   delete canvas.dataset.drawn;
 }
 
-function heatmapTile(grid, heatmap) {
+// Keys' cubic convolution (a = -0.5), the kernel of Pillow's BICUBIC, which the server's overlays use.
+function cubic(x) {
+  const a = -0.5;
+  x = Math.abs(x);
+  if (x < 1) return ((a + 2) * x - (a + 3)) * x * x + 1;
+  if (x < 2) return (((x - 5) * x + 8) * x - 4) * a;
+  return 0;
+}
+
+// Per output pixel: the first input index and the normalised weights, as Pillow's precompute_coeffs
+// computes them when enlarging (so page and PNG overlays agree to a rounding).
+function resampleWeights(inSize, outSize) {
+  const scale = inSize / outSize;
+  const filterScale = Math.max(scale, 1);
+  const support = 2 * filterScale;
+  const table = [];
+  for (let o = 0; o < outSize; o++) {
+    const centre = (o + 0.5) * scale;
+    const lo = Math.max(0, Math.trunc(centre - support + 0.5));
+    const hi = Math.min(inSize, Math.trunc(centre + support + 0.5));
+    const weights = [];
+    let sum = 0;
+    for (let i = lo; i < hi; i++) {
+      const w = cubic((i - centre + 0.5) / filterScale);
+      weights.push(w);
+      sum += w;
+    }
+    table.push({ lo, weights: weights.map((w) => (sum ? w / sum : 0)) });
+  }
+  return table;
+}
+
+// (gh, gw) map -> Float32Array(height * width): bicubic, rows first then columns, clipped to [0, 1].
+function upsample(heatmap, grid, width, height) {
   const [gh, gw] = grid;
-  const tile = document.createElement("canvas");
-  tile.width = gw;
-  tile.height = gh;
-  const ctx = tile.getContext("2d");
-  const pixels = ctx.createImageData(gw, gh);
+  const across = resampleWeights(gw, width);
+  const down = resampleWeights(gh, height);
+  const rows = new Float32Array(gh * width);
   for (let i = 0; i < gh; i++) {
-    for (let j = 0; j < gw; j++) {
-      const v = Math.min(1, Math.max(0, heatmap[i][j] || 0));
-      const k = Math.min(255, Math.floor(v * 256)); // matplotlib's indexing of a 256-entry table
-      const o = (i * gw + j) * 4;
-      pixels.data[o] = state.lut[k * 3];
-      pixels.data[o + 1] = state.lut[k * 3 + 1];
-      pixels.data[o + 2] = state.lut[k * 3 + 2];
-      pixels.data[o + 3] = 255;
+    for (let x = 0; x < width; x++) {
+      const { lo, weights } = across[x];
+      let v = 0;
+      for (let k = 0; k < weights.length; k++) v += weights[k] * heatmap[i][lo + k];
+      rows[i * width + x] = v;
     }
   }
-  ctx.putImageData(pixels, 0, 0);
-  return tile;
+  const out = new Float32Array(width * height);
+  for (let y = 0; y < height; y++) {
+    const { lo, weights } = down[y];
+    for (let x = 0; x < width; x++) {
+      let v = 0;
+      for (let k = 0; k < weights.length; k++) v += weights[k] * rows[(lo + k) * width + x];
+      out[y * width + x] = Math.min(1, Math.max(0, v));
+    }
+  }
+  return out;
+}
+
+// The region rounded to whole pixels inside the canvas, as app/visuals.py does (_pixel_box).
+function pixelBox(region, width, height) {
+  let [left, top, right, bottom] = region.map(roundHalfEven);
+  left = Math.min(Math.max(left, 0), width - 1);
+  top = Math.min(Math.max(top, 0), height - 1);
+  right = Math.min(Math.max(right, left + 1), width);
+  bottom = Math.min(Math.max(bottom, top + 1), height);
+  return [left, top, right, bottom];
+}
+
+function colourise(values, width, height, ctx) {
+  const pixels = ctx.createImageData(width, height);
+  for (let p = 0; p < values.length; p++) {
+    const k = Math.min(255, Math.floor(values[p] * 256)); // matplotlib's indexing of a 256-entry table
+    pixels.data[p * 4] = state.lut[k * 3];
+    pixels.data[p * 4 + 1] = state.lut[k * 3 + 1];
+    pixels.data[p * 4 + 2] = state.lut[k * 3 + 2];
+    pixels.data[p * 4 + 3] = 255;
+  }
+  return pixels;
 }
 
 function describeImage() {
   const img = $("input-image");
-  if (img.naturalWidth) $("stage").style.setProperty("--aspect", String(img.naturalWidth / img.naturalHeight));
-  if (state.image && img.naturalWidth) {
-    const current = $("current");
-    current.replaceChildren(
+  if (!img.naturalWidth) return;
+  $("stage").style.setProperty("--aspect", String(img.naturalWidth / img.naturalHeight));
+  if (state.image && !img.dataset.overlay) {
+    $("current").replaceChildren(
       "Showing ",
       Object.assign(document.createElement("strong"), { textContent: state.image.name }),
       ` (${img.naturalWidth}×${img.naturalHeight} pixels)`,
@@ -410,16 +508,15 @@ function drawHeatmap() {
   const region = (att.region || seenRegion(img.naturalWidth, img.naturalHeight, state.model.preprocess)).map(
     (v) => v * scale,
   );
-  const [left, top, right, bottom] = region;
+  const [left, top, right, bottom] = pixelBox(region, canvas.width, canvas.height);
   const ctx = canvas.getContext("2d");
-  ctx.clearRect(0, 0, canvas.width, canvas.height);
   // dim what the model never saw (outside the crop), then paint the smooth heatmap onto what it saw
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
   ctx.fillStyle = "rgba(0, 0, 0, 0.6)";
   ctx.fillRect(0, 0, canvas.width, canvas.height);
-  ctx.clearRect(left, top, right - left, bottom - top);
-  ctx.imageSmoothingEnabled = true;
-  ctx.imageSmoothingQuality = "high";
-  ctx.drawImage(heatmapTile(att.grid, att.heatmap), left, top, right - left, bottom - top);
+  const width = right - left;
+  const height = bottom - top;
+  ctx.putImageData(colourise(upsample(att.heatmap, att.grid, width, height), width, height, ctx), left, top);
   canvas.dataset.drawn = "1";
 }
 
@@ -543,6 +640,7 @@ function wireControls() {
     describeImage();
     drawHeatmap();
   });
+  $("input-image").addEventListener("error", onPreviewError);
   $("error-close").addEventListener("click", hideError);
 
   const key = $("api-key");

@@ -1,0 +1,456 @@
+"""The web page (GET /) in a real browser against the real server.
+
+The server is `python -m app` (real uvicorn on loopback) with two small random native checkpoints and an
+API key; the browser is Debian's chromium driven by Playwright (no browser download). The browser tests
+skip when /usr/bin/chromium or the playwright package is missing; CI installs both:
+
+    apt-get install -y chromium
+    pip install -e '.[test]'        # brings playwright; never run `playwright install`
+
+The page's Content-Security-Policy forbids eval, so the waits poll `page.evaluate` (which CSP does not
+govern) rather than `wait_for_function` (which would need 'unsafe-eval').
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app import visuals
+from app.checkpoints import native
+from app.model import VisionTransformer, ViTConfig
+from app.preprocess import PreprocessConfig, seen_region
+
+CHROMIUM = Path(os.environ.get("VIT_TEST_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+API_KEY = "page-test-key"
+DIGITS = [f"digit {d}" for d in range(10)]
+WIDE = [f"thing {k}" for k in range(5)]
+
+
+# ---------------------------------------------------------------------------------------------- the server
+
+
+def write_checkpoint(path: Path, config: ViTConfig, preprocess: PreprocessConfig, labels: list[str], seed: int) -> None:
+    """A seeded random ViT whose attention is not flat (scaled qkv), so heatmaps have a clear peak."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = VisionTransformer(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            if name.endswith("attn.qkv.weight"):
+                p.mul_(3.0)
+    native.save(path, config, net.state_dict(), preprocess, labels)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`python -m app` on two models: "digits" (64x64, patch 8, centre crop) and "wide" (48x48, patch 16, no crop)."""
+    root = tmp_path_factory.mktemp("page-models")
+    base = {"embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64}
+    write_checkpoint(
+        root / "digits.safetensors",
+        ViTConfig.from_dict({**base, "image_size": [64, 64], "patch_size": 8, "num_classes": 10}),
+        PreprocessConfig(resize=72, crop=(64, 64), interpolation="bicubic"),
+        DIGITS,
+        seed=3,
+    )
+    write_checkpoint(
+        root / "wide.safetensors",
+        ViTConfig.from_dict({**base, "image_size": [48, 48], "patch_size": 16, "num_classes": 5}),
+        PreprocessConfig(resize=(48, 48), interpolation="bilinear"),
+        WIDE,
+        seed=4,
+    )
+    port = free_port()
+    command = [
+        sys.executable, "-m", "app",
+        "--model", f"digits={root / 'digits.safetensors'}",
+        "--model", f"wide={root / 'wide.safetensors'}",
+        "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
+        "--api-key", API_KEY, "--decode-workers", "1", "--decode-pool", "thread", "--log-level", "warning",
+    ]  # fmt: skip
+    log = root / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server was not ready within 120 s:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def api(server: str, method: str, path: str, key: str | None = API_KEY, **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.request(method, f"{server}{path}", headers=headers, timeout=60, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def chelsea_jpeg(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("photos") / "chelsea.jpg"
+    Image.fromarray(data.chelsea()).save(path, "JPEG", quality=92)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- the browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is missing: pip install playwright")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Page:
+    """A Playwright page on the app, with the console and CSP violations recorded."""
+
+    def __init__(self, browser, url: str):
+        self.context = browser.new_context(viewport={"width": 1440, "height": 1000})
+        self.page = self.context.new_page()
+        self.problems: list[str] = []
+        self.page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
+        self.page.on("console", self._console)
+        self.page.goto(url)
+
+    def _console(self, message) -> None:
+        text = message.text
+        # failed API calls that the page reports in its banner also appear as console errors; keep the rest
+        if message.type == "error" and "Failed to load resource" not in text:
+            self.problems.append(f"console: {text}")
+        if "Content Security Policy" in text:
+            self.problems.append(f"CSP: {text}")
+
+    def js(self, expression: str):
+        return self.page.evaluate(expression)
+
+    def wait(self, expression: str, timeout: float = 60.0, what: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while not self.js(expression):
+            if time.monotonic() > deadline:
+                banner = self.js(
+                    "document.querySelector('#error').hidden ? '' : document.querySelector('#error').innerText"
+                )
+                raise AssertionError(f"timed out waiting for {what or expression}; banner: {banner!r}")
+            time.sleep(0.05)
+
+    def enter_key(self, key: str) -> None:
+        field = self.page.locator("#api-key")
+        field.fill(key)
+        field.press("Tab")  # leaving the field commits it (a change event), as for a person
+
+    def wait_models(self) -> None:
+        self.wait("window.vitserve.model !== null && !document.querySelector('#model-select').disabled", what="models")
+
+    def error_text(self) -> str:
+        return self.js(
+            "document.querySelector('#error').hidden ? '' : document.querySelector('#error-message').textContent"
+        )
+
+    def wait_results(self, name: str) -> None:
+        """Predictions, heatmap and distance plot of the image called `name` are all on screen."""
+        self.wait(
+            f"""(() => {{
+              const s = window.vitserve;
+              return s.image && s.image.name === {name!r}
+                && document.querySelectorAll('#predictions .bar-item').length > 0
+                && document.querySelector('#heatmap').dataset.drawn === '1'
+                && !document.querySelector('#distance-plot').hidden
+                && document.querySelector('#distance-plot').naturalWidth > 0
+                && !document.querySelector('#pred-status').classList.contains('busy')
+                && !document.querySelector('#att-status').classList.contains('busy')
+                && !document.querySelector('#dist-status').classList.contains('busy');
+            }})()""",
+            what=f"results for {name}",
+        )
+
+    def bars(self) -> list[tuple[str, str]]:
+        return self.js(
+            "[...document.querySelectorAll('#predictions .bar-item')]"
+            ".map(li => [li.querySelector('.bar-label').textContent, li.querySelector('.bar-value').textContent])"
+        )
+
+    def canvas_png(self, selector: str) -> np.ndarray:
+        url = self.js(f"document.querySelector({selector!r}).toDataURL('image/png')")
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGBA"))
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def page(browser, server) -> Iterator[Page]:
+    p = Page(browser, server + "/")
+    yield p
+    p.close()
+
+
+def lut_values(rgb: np.ndarray) -> np.ndarray:
+    """Each RGB pixel -> the [0, 1] position of the nearest viridis entry (inverting the colour map)."""
+    lut = visuals.colormap_lut().astype(np.int32)
+    d = ((rgb[..., None, :3].astype(np.int32) - lut) ** 2).sum(-1)
+    return d.argmin(-1) / 255.0
+
+
+# ---------------------------------------------------------------------------------------------- page files (no browser)
+
+
+def test_the_page_and_its_files_are_served_without_a_key(server):
+    page = api(server, "GET", "/", key=None)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    for src in re.findall(r'(?:src|href)="(/static/[^"]+)"', page.text):
+        asset = api(server, "GET", src, key=None)
+        assert asset.status_code == 200, src
+    assert api(server, "GET", "/static/app.js", key=None).headers["content-type"].startswith("text/javascript")
+    colormaps = api(server, "GET", "/static/colormaps.json", key=None).json()
+    assert np.array_equal(np.asarray(colormaps["colormaps"]["viridis"]), visuals.colormap_table("viridis"))
+    missing = api(server, "GET", "/static/..%2Fvisuals.py", key=None)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+# ---------------------------------------------------------------------------------------------- browser tests
+
+
+def test_missing_and_wrong_api_key_are_readable_then_the_right_one_works(page, server):
+    expected = api(server, "GET", "/v1/models", key=None).json()["error"]
+    page.wait("!document.querySelector('#error').hidden", what="the 401 banner")
+    assert page.error_text() == expected["message"]
+    assert expected["code"] in page.js("document.querySelector('#error-code').textContent")
+
+    page.page.click("#error-close")
+    assert page.error_text() == ""
+    page.enter_key("not-the-key")
+    page.wait("!document.querySelector('#error').hidden", what="the banner again")
+    assert "unauthorized" in page.js("document.querySelector('#error-code').textContent")
+    assert page.error_text() == api(server, "GET", "/v1/models", key="not-the-key").json()["error"]["message"]
+
+    page.enter_key(API_KEY)
+    page.wait_models()
+    assert page.js("document.querySelector('#error').hidden")
+    names = page.js("[...document.querySelectorAll('#model-select option')].map(o => o.value)")
+    assert names == [m["name"] for m in api(server, "GET", "/v1/models").json()["models"]]
+    assert not page.problems, page.problems
+
+
+def test_a_photo_shows_top5_heatmap_mosaic_and_distance(page, server, chelsea_jpeg):
+    page.enter_key(API_KEY)
+    page.wait_models()
+    page.page.set_input_files("#file-input", str(chelsea_jpeg))
+    page.wait_results("chelsea.jpg")
+    page.wait("document.querySelector('#mosaic').naturalWidth > 0", what="the mosaic")
+
+    # five bars: the labels and percentages the API gives for the same file, highest first
+    upload = {"images": ("chelsea.jpg", chelsea_jpeg.read_bytes(), "image/jpeg")}
+    predictions = api(server, "POST", "/v1/classify?model=digits&top_k=5", files=upload).json()["results"][0]
+    bars = page.bars()
+    assert [label for label, _ in bars] == [p["label"] for p in predictions["predictions"]]
+    for (_, shown), p in zip(bars, predictions["predictions"], strict=True):
+        assert re.fullmatch(r"<?\d+\.\d%", shown)
+        if not shown.startswith("<"):
+            assert abs(float(shown[:-1]) - 100 * p["score"]) <= 0.051
+    widths = page.js("[...document.querySelectorAll('.bar-fill')].map(b => parseFloat(b.style.width))")
+    assert widths == sorted(widths, reverse=True) and widths[0] > 0
+
+    # the heatmap: the API's map, coloured with viridis, smoothly over the crop the model saw, dimmed outside
+    attention = api(server, "POST", "/v1/attention?model=digits", files=upload).json()["results"][0]
+    heatmap = np.asarray(attention["heatmap"])
+    gh, gw = attention["grid"]
+    assert np.allclose(np.asarray(page.js("window.vitserve.attention.heatmap")), heatmap, atol=1e-4)
+    canvas = page.canvas_png("#heatmap")
+    photo = Image.open(chelsea_jpeg)
+    assert canvas.shape[:2] == (photo.height, photo.width)
+    box = seen_region(photo.width, photo.height, PreprocessConfig(resize=72, crop=(64, 64)))
+    assert np.allclose(page.js(f"seenRegion({photo.width}, {photo.height}, window.vitserve.model.preprocess)"), box)
+    left, top, right, bottom = visuals._pixel_box(box, photo.width, photo.height)
+    inside = canvas[top:bottom, left:right]
+    assert (inside[..., 3] == 255).all()
+    shown = lut_values(inside)
+    # the page upsamples as the server's overlay does (Pillow's bicubic): equal up to the colour table's steps
+    # (a value v shows as entry floor(256 v), read back as entry / 255: about one step apart already)
+    expected = visuals.upsample_heatmap(heatmap, (right - left, bottom - top))
+    assert np.abs(shown - expected).max() <= 3 / 255, "the canvas does not show the API's heatmap"
+    y, x = np.unravel_index(shown.argmax(), shown.shape)
+    ch, cw = (bottom - top) / gh, (right - left) / gw
+    peak = np.unravel_index(heatmap.argmax(), heatmap.shape)
+    assert (int((y + 0.5) // ch), int((x + 0.5) // cw)) == peak, "the hottest spot is not where the argmax maps"
+    assert canvas[2, 2, 3] > 0 and canvas[2, 2, :3].max() == 0  # outside the crop: dimmed, not painted
+    assert float(page.js("getComputedStyle(document.querySelector('#heatmap')).opacity")) == pytest.approx(0.6)
+
+    # the opacity slider changes how strongly the heatmap covers the photo
+    page.page.locator("#opacity").fill("25")
+    assert float(page.js("getComputedStyle(document.querySelector('#heatmap')).opacity")) == pytest.approx(0.25)
+    assert page.js("document.querySelector('#opacity-value').textContent") == "25%"
+
+    # the mosaic and distance plot are the API's PNGs, decoded by the browser
+    grid = api(server, "GET", "/v1/models/digits").json()["grid"]
+    mosaic = Image.open(io.BytesIO(api(server, "GET", "/v1/models/digits/position-similarity?format=png").content))
+    assert page.js(
+        "[document.querySelector('#mosaic').naturalWidth, document.querySelector('#mosaic').naturalHeight]"
+    ) == [
+        mosaic.width,
+        mosaic.height,
+    ]
+    assert (
+        page.js("document.querySelector('#mosaic-status').textContent")
+        == f"{grid[0]}\N{MULTIPLICATION SIGN}{grid[1]} positions"
+    )
+    assert page.js("document.querySelector('#distance-plot').naturalWidth") > 300
+    assert page.error_text() == ""
+    assert not page.problems, page.problems
+
+    # class-token attention of one layer and head: the page asks for exactly that
+    page.page.select_option("#method-select", "cls")
+    assert page.js("document.querySelector('#layer-select').disabled") is False
+    page.page.select_option("#layer-select", "0")
+    page.page.select_option("#head-select", "1")
+    page.wait(
+        "window.vitserve.attention && window.vitserve.attention.method === 'cls'"
+        " && !document.querySelector('#att-status').classList.contains('busy')",
+        what="class-token attention",
+    )
+    cls = api(server, "POST", "/v1/attention?model=digits&method=cls&layer=0&head=1", files=upload).json()
+    shown_cls = np.asarray(page.js("window.vitserve.attention.heatmap"))
+    assert np.allclose(shown_cls, np.asarray(cls["results"][0]["heatmap"]), atol=1e-4)
+    assert not np.allclose(shown_cls, heatmap, atol=1e-3)
+    assert "Layer 1" in page.js("document.querySelector('#att-status').textContent")
+
+
+def test_drawing_a_digit_classifies_it(page, server):
+    page.enter_key(API_KEY)
+    page.wait_models()
+    page.page.click("#tab-draw")
+    assert page.js("document.querySelector('#panel-draw').hidden") is False
+    box = page.page.locator("#draw-canvas").bounding_box()
+    scale = box["width"] / 280
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return box["x"] + x * scale, box["y"] + y * scale
+
+    page.page.mouse.move(*at(70, 60))  # a "7": the top bar, then the diagonal
+    page.page.mouse.down()
+    page.page.mouse.move(*at(210, 60), steps=12)
+    page.page.mouse.move(*at(120, 230), steps=16)
+    page.page.mouse.up()
+    drawn = page.canvas_png("#draw-canvas")
+    ink = (drawn[..., :3] < 60).all(-1)
+    assert 0.03 < ink.mean() < 0.4  # a thick black stroke on white
+    assert (drawn[5, 5, :3] == 255).all()
+
+    page.page.click("#draw-classify")
+    page.wait_results("drawing.png")
+    bars = page.bars()
+    assert len(bars) == 5 and all(label in DIGITS for label, _ in bars)
+    png = base64.b64decode(page.js("document.querySelector('#draw-canvas').toDataURL('image/png')").split(",", 1)[1])
+    answer = api(server, "POST", "/v1/classify?model=digits&top_k=5", files={"images": ("d.png", png, "image/png")})
+    assert bars[0][0] == answer.json()["results"][0]["predictions"][0]["label"]
+    assert page.error_text() == ""
+    assert not page.problems, page.problems
+
+    page.page.click("#draw-clear")
+    assert (page.canvas_png("#draw-canvas")[..., :3] == 255).all()
+
+
+def test_a_corrupt_upload_shows_the_api_message(page, server):
+    page.enter_key(API_KEY)
+    page.wait_models()
+    junk = b"this is not a JPEG at all, just some text"
+    page.page.set_input_files("#file-input", files=[{"name": "broken.jpg", "mimeType": "image/jpeg", "buffer": junk}])
+    page.wait("!document.querySelector('#error').hidden", what="the error banner")
+    expected = api(server, "POST", "/v1/classify?model=digits", files={"images": ("broken.jpg", junk, "image/jpeg")})
+    assert expected.status_code == 400
+    page.wait(f"document.querySelector('#error-message').textContent === {expected.json()['error']['message']!r}")
+    assert "invalid_image" in page.js("document.querySelector('#error-code').textContent")
+    page.wait("document.querySelector('#stage').hidden", what="the broken preview to go")
+    assert page.bars() == []
+    assert page.js("document.querySelector('#heatmap').dataset.drawn") is None
+
+
+def test_the_model_selector_switches_every_view(page, server, chelsea_jpeg):
+    page.enter_key(API_KEY)
+    page.wait_models()
+    page.page.set_input_files("#file-input", str(chelsea_jpeg))
+    page.wait_results("chelsea.jpg")
+    page.page.select_option("#model-select", "wide")
+    page.wait(
+        "window.vitserve.model.name === 'wide'"
+        " && document.querySelector('#mosaic-status').textContent === '3\u00d73 positions'"
+        " && [...document.querySelectorAll('.bar-label')].every(b => b.textContent.startsWith('thing'))",
+        what="the wide model's views",
+    )
+    page.wait_results("chelsea.jpg")
+    assert len(page.bars()) == 5
+    assert page.js("document.querySelectorAll('#layer-select option').length") == 2
+    assert page.js("document.querySelectorAll('#head-select option').length") == 3  # mean + 2 heads
+    # "wide" resizes without cropping: the heatmap covers the whole photo, nothing is dimmed
+    page.wait("window.vitserve.attention && window.vitserve.attention.grid[0] === 3", what="the 3x3 heatmap")
+    canvas = page.canvas_png("#heatmap")
+    assert (canvas[..., 3] == 255).all()
+    assert page.error_text() == ""
+    assert not page.problems, page.problems
+
+
+def test_screenshot_for_people(page, chelsea_jpeg, tmp_path_factory):
+    """Not an assertion about looks: a screenshot of the full page, kept for a person to look at."""
+    page.enter_key(API_KEY)
+    page.wait_models()
+    page.page.set_input_files("#file-input", str(chelsea_jpeg))
+    page.wait_results("chelsea.jpg")
+    page.wait("document.querySelector('#mosaic').naturalWidth > 0")
+    target = Path(os.environ.get("VIT_PAGE_SCREENSHOT", tmp_path_factory.mktemp("screens") / "page.png"))
+    page.page.screenshot(path=str(target), full_page=True)
+    assert Image.open(target).size[0] == 1440
