@@ -147,3 +147,57 @@ def metric(client_text: str, name: str, **labels) -> float:
 
 def white(size=(64, 48)) -> bytes:
     return encode(Image.new("RGB", size, (255, 255, 255)), "PNG")
+
+
+async def asgi_call(app, method: str, path: str, headers: dict[str, str], chunks, disconnect=None) -> dict:
+    """Call the ASGI app directly, feeding the body chunk by chunk (as a server streams it).
+
+    Returns status, headers, body and how many body chunks the app pulled. With `disconnect` (an
+    asyncio.Event), the client "goes away" when it is set, after the body has been sent.
+    """
+    path, _, query = path.partition("?")
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 1234),
+        "server": ("vitserve", 80),
+    }
+    chunks = iter(chunks)
+    pulled = 0
+    done = False
+    out: dict = {"status": None, "headers": {}, "body": b""}
+
+    async def receive():
+        nonlocal pulled, done
+        if not done:
+            chunk = next(chunks, None)
+            if chunk is not None:
+                pulled += 1
+                return {"type": "http.request", "body": chunk, "more_body": True}
+            done = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        if disconnect is not None:
+            await disconnect.wait()
+            return {"type": "http.disconnect"}
+        import asyncio
+
+        await asyncio.Event().wait()  # a client that stays (never returns)
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            out["status"] = message["status"]
+            out["headers"] = {k.decode(): v.decode() for k, v in message["headers"]}
+        elif message["type"] == "http.response.body":
+            out["body"] += message.get("body", b"")
+
+    await app(scope, receive, send)
+    out["pulled"] = pulled
+    return out

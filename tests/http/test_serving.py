@@ -1,0 +1,285 @@
+"""The serving behaviour of the real app under load and faults: batching, backpressure, isolation, deadlines,
+disconnects, readiness while loading, load failures, draining, metrics, the model repository.
+
+Models are real tiny checkpoints; `Wrapped` only adds a delay (so requests pile up) or a fault for white
+images (a server-side failure tied to one item). Requests are concurrent on one event loop via httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from http_support import asgi_call, encode, metric, serve, settings_for, white, wrapping_loader
+from PIL import Image
+
+from app.http import create_app
+from app.http.loading import engine_loader
+from app.settings import Settings
+
+RAW = {"content-type": "image/png"}
+
+
+@pytest.fixture(scope="module")
+def pngs(real_photos) -> list[bytes]:
+    return [encode(real_photos[n], "PNG") for n in ("chelsea", "astronaut", "coffee", "china")]
+
+
+def classify(client, data: bytes, url: str = "/v1/classify", **headers):
+    return client.post(url, content=data, headers={**RAW, **headers})
+
+
+def test_concurrent_requests_share_a_forward(checkpoints, pngs):
+    created = []
+    app = create_app(settings_for(checkpoints, "tiny", max_wait_ms=50), loader=wrapping_loader(created, delay=0.2))
+
+    async def main():
+        async with serve(app) as client:
+            created[0].batch_sizes.clear()  # forget the warm-up
+            first = asyncio.create_task(classify(client, pngs[0]))  # occupies the forward for 0.2 s
+            await asyncio.sleep(0.05)
+            rest = await asyncio.gather(*(classify(client, pngs[i % 4]) for i in range(6)))
+            answers = [await first, *rest]
+            return answers, (await client.get("/metrics")).text
+
+    answers, text = asyncio.run(main())
+    assert [r.status_code for r in answers] == [200] * 7
+    sizes = created[0].batch_sizes
+    assert sum(sizes) == 7 and max(sizes) > 1  # the six waiting requests shared forwards
+    assert metric(text, "vit_batch_size_count", model="tiny") == len(sizes)
+    assert metric(text, "vit_batch_size_sum", model="tiny") == 7
+    assert metric(text, "vit_batch_size_bucket", model="tiny", le="1.0") < len(sizes)
+    assert metric(text, "vit_images_total", model="tiny", endpoint="/v1/classify") == 7
+
+
+def test_a_burst_beyond_max_queue_gets_503_with_retry_after_and_nothing_else_fails(checkpoints, pngs):
+    settings = settings_for(checkpoints, "tiny", max_queue=4, max_images_per_request=2, max_batch_size=2)
+    app = create_app(settings, loader=wrapping_loader(delay=0.1))
+
+    async def main():
+        async with serve(app) as client:
+            answers = await asyncio.gather(*(classify(client, pngs[i % 4]) for i in range(16)))
+            after = await classify(client, pngs[0])  # once the burst is over, room again
+            return answers, after
+
+    answers, after = asyncio.run(main())
+    statuses = [r.status_code for r in answers]
+    assert set(statuses) == {200, 503}, statuses
+    assert statuses.count(200) >= 4
+    for r in answers:
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "overloaded"
+            assert int(r.headers["retry-after"]) >= 1
+    assert after.status_code == 200
+
+
+def test_a_truncated_jpeg_fails_alone_beside_good_requests(checkpoints, real_photos, pngs):
+    app = create_app(settings_for(checkpoints, "tiny", max_wait_ms=100), loader=wrapping_loader(delay=0.05))
+    jpeg = encode(real_photos["coffee"], "JPEG")
+
+    async def main():
+        async with serve(app) as client:
+            good = [classify(client, p) for p in pngs]
+            bad = classify(client, jpeg[: len(jpeg) // 2], **{"content-type": "image/jpeg"})
+            return await asyncio.gather(good[0], good[1], bad, good[2], good[3])
+
+    answers = asyncio.run(main())
+    assert [r.status_code for r in answers] == [200, 200, 400, 200, 200]
+    assert answers[2].json()["error"]["code"] == "invalid_image"
+
+
+def test_a_forward_fault_is_split_off_and_fails_alone_with_500(checkpoints, pngs):
+    created = []
+    app = create_app(
+        settings_for(checkpoints, "tiny", max_wait_ms=200, max_batch_size=8),
+        loader=wrapping_loader(created, poison=True),
+    )
+
+    async def main():
+        async with serve(app) as client:
+            created[0].batch_sizes.clear()
+            jobs = [classify(client, p) for p in pngs]
+            jobs.insert(2, classify(client, white(), **{"X-Request-ID": "poisoned-1"}))
+            return await asyncio.gather(*jobs), (await client.get("/metrics")).text
+
+    answers, text = asyncio.run(main())
+    assert [r.status_code for r in answers] == [200, 200, 500, 200, 200]
+    err = answers[2].json()["error"]
+    assert err["code"] == "internal_error" and "poisoned-1" in err["message"]  # the request id, for a report
+    assert "injected" not in err["message"]  # no internals leak to the client
+    sizes = created[0].batch_sizes
+    assert sizes[0] == 5 and sizes.count(1) >= 1  # one forward for all five, then halves down to the culprit
+    assert metric(text, "vit_requests_total", endpoint="/v1/classify", status="500") == 1
+    assert metric(text, "vit_requests_total", endpoint="/v1/classify", status="200") == 4
+
+
+def test_504_timeout_drops_the_work(checkpoints, pngs):
+    created = []
+    settings = settings_for(checkpoints, "tiny", request_timeout_s=0.3, max_batch_size=1, max_wait_ms=0)
+    app = create_app(settings, loader=wrapping_loader(created, delay=0.5))
+
+    async def main():
+        async with serve(app) as client:
+            created[0].batch_sizes.clear()
+            answers = await asyncio.gather(*(classify(client, p) for p in pngs))
+            await asyncio.sleep(0.6)  # let the forward that was running end
+            return answers, (await client.get("/metrics")).text
+
+    answers, text = asyncio.run(main())
+    for r in answers:
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    assert len(created[0].batch_sizes) < 4  # the queued ones were dropped, never run
+    assert metric(text, "vit_queue_depth", model="tiny") == 0
+
+
+def test_a_client_that_disconnects_has_its_queued_work_dropped(checkpoints, pngs):
+    created = []
+    settings = settings_for(checkpoints, "tiny", max_batch_size=1, max_wait_ms=0)
+    app = create_app(settings, loader=wrapping_loader(created, delay=0.4))
+
+    async def main():
+        async with serve(app) as client:
+            created[0].batch_sizes.clear()
+            busy = asyncio.create_task(classify(client, pngs[0]))  # holds the forward
+            await asyncio.sleep(0.1)
+            gone = asyncio.Event()
+            leaving = asyncio.create_task(asgi_call(app, "POST", "/v1/classify", RAW, [pngs[1]], disconnect=gone))
+            await asyncio.sleep(0.1)
+            depth_while_queued = metric((await client.get("/metrics")).text, "vit_queue_depth", model="tiny")
+            gone.set()
+            out = await leaving
+            await busy
+            await asyncio.sleep(0.5)
+            return depth_while_queued, out, (await client.get("/metrics")).text
+
+    depth, out, text = asyncio.run(main())
+    assert depth == 2
+    assert out["status"] is None  # nobody to answer
+    assert created[0].batch_sizes == [1]  # only the first request ever ran
+    assert metric(text, "vit_queue_depth", model="tiny") == 0
+    assert metric(text, "vit_requests_total", endpoint="/v1/classify", status="499") == 1
+
+
+def test_not_ready_while_a_slow_model_loads(checkpoints, pngs):
+    release = threading.Event()
+
+    def slow(spec, settings, models_dir):
+        release.wait(30)
+        return engine_loader(spec, settings, models_dir)
+
+    app = create_app(settings_for(checkpoints, "tiny", "other"), loader=slow)
+
+    async def main():
+        async with serve(app, wait=False) as client:
+            seen = {
+                "healthz": await client.get("/healthz"),
+                "readyz": await client.get("/readyz"),
+                "classify": await classify(client, pngs[0]),
+                "models": await client.get("/v1/models"),
+            }
+            release.set()
+            for _ in range(500):
+                ready = await client.get("/readyz")
+                if ready.status_code == 200:
+                    break
+                await asyncio.sleep(0.02)
+            return seen, ready, await classify(client, pngs[0])
+
+    seen, ready, after = asyncio.run(main())
+    assert seen["healthz"].status_code == 200
+    for key in ("readyz", "classify", "models"):
+        assert seen[key].status_code == 503 and seen[key].json()["error"]["code"] == "not_ready"
+    assert "loading" in seen["readyz"].json()["error"]["message"]
+    assert ready.json() == {"status": "ready", "models": ["tiny", "other"]}
+    assert after.status_code == 200
+
+
+def test_a_model_that_cannot_load_is_fatal_with_one_message(checkpoints, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"this is not a checkpoint")
+    fatal: list[str] = []
+    settings = settings_for(checkpoints, "tiny")
+    settings = settings.model_copy(update={"model": [*settings.model, f"broken={bad}"]})
+    app = create_app(settings, on_fatal=fatal.append)
+
+    async def main():
+        async with serve(app, wait=False) as client:
+            for _ in range(500):
+                if fatal:
+                    break
+                await asyncio.sleep(0.02)
+            return await client.get("/readyz")
+
+    readyz = asyncio.run(main())
+    assert len(fatal) == 1 and "\n" not in fatal[0]
+    assert str(bad) in fatal[0] and "'broken'" in fatal[0]
+    assert readyz.status_code == 503 and str(bad) in readyz.json()["error"]["message"]
+
+
+def test_two_models_with_one_name_are_a_start_up_error(checkpoints):
+    fatal: list[str] = []
+    s = settings_for(checkpoints, "tiny")
+    s = s.model_copy(update={"model": [f"same={checkpoints['tiny']}", f"same={checkpoints['other']}"]})
+    app = create_app(s, on_fatal=fatal.append)
+
+    async def main():
+        async with serve(app, wait=False):
+            for _ in range(500):
+                if fatal:
+                    return
+                await asyncio.sleep(0.02)
+
+    asyncio.run(main())
+    assert len(fatal) == 1 and "two models are named 'same'" in fatal[0]
+
+
+def test_draining_turns_readiness_off_and_refuses_new_work(checkpoints, pngs):
+    app = create_app(settings_for(checkpoints, "tiny"))
+
+    async def main():
+        async with serve(app) as client:
+            before = await classify(client, pngs[0])
+            app.state.vit.begin_drain()  # what SIGTERM does (see tests/test_main.py for the real signal)
+            return before, await client.get("/readyz"), await classify(client, pngs[0]), await client.get("/healthz")
+
+    before, readyz, refused, healthz = asyncio.run(main())
+    assert before.status_code == 200 and healthz.status_code == 200
+    assert readyz.status_code == 503 and "shutting down" in readyz.json()["error"]["message"]
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
+
+
+def test_metrics_names_and_labels(client, pngs):
+    client.get("/v1/models/tiny")
+    client.post("/v1/embed?model=headless", content=pngs[0], headers=RAW)
+    client.get("/nowhere")
+    text = client.get("/metrics").text
+    assert metric(text, "vit_requests_total", endpoint="/v1/models/{name}", status="200") >= 1
+    assert metric(text, "vit_requests_total", endpoint="unmatched", status="404") >= 1
+    assert metric(text, "vit_request_duration_seconds_count", endpoint="/v1/embed") >= 1
+    assert metric(text, "vit_images_total", model="headless", endpoint="/v1/embed") >= 1
+    assert metric(text, "vit_batch_size_count", model="headless") >= 1
+    assert "vit_queue_depth" in text
+    for name in ("tiny", "other", "headless"):
+        assert metric(text, "vit_model_load_seconds", model=name) > 0
+
+
+def test_the_model_repository_is_served_default_first(tiny_models_dir, real_photos):
+    settings = Settings(models_dir=str(tiny_models_dir), device="cpu", dtype="float32", decode_workers=0)
+    app = create_app(settings)
+
+    async def main():
+        async with serve(app) as client:
+            return await client.get("/readyz"), await client.post(
+                "/v1/embed", content=encode(real_photos["chelsea"]), headers=RAW
+            )
+
+    readyz, embedded = asyncio.run(main())
+    assert readyz.json()["models"] == ["beta", "alpha"]  # DEFAULT names beta
+    assert embedded.json()["model"] == "beta"
+
+
+def test_image_sizes_beyond_the_input_are_resampled(client):
+    tall = encode(Image.new("RGB", (3, 900), (10, 200, 30)))
+    r = client.post("/v1/classify", content=tall, headers=RAW)
+    assert r.status_code == 200
