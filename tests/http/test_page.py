@@ -101,9 +101,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
         "--api-key", API_KEY, "--decode-workers", "1", "--decode-pool", "thread", "--log-level", "warning",
     ]  # fmt: skip
-    log = root / "server.log"
+    yield from run_server(command, root / "server.log", port)
+
+
+def run_server(command: list[str], log: Path, port: int) -> Iterator[str]:
+    """Start `command`, wait for /readyz, yield the base URL, stop it (SIGTERM, then SIGKILL) afterwards."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=root)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -370,22 +374,24 @@ def test_a_photo_shows_top5_heatmap_mosaic_and_distance(page, server, chelsea_jp
     assert "Layer 1" in page.js("document.querySelector('#att-status').textContent")
 
 
+def draw(page: Page, points: list[tuple[float, float]]) -> None:
+    """One mouse stroke through `points`, given in the drawing canvas's own 280 x 280 pixels."""
+    box = page.page.locator("#draw-canvas").bounding_box()
+    scale = box["width"] / 280
+    at = [(box["x"] + x * scale, box["y"] + y * scale) for x, y in points]
+    page.page.mouse.move(*at[0])
+    page.page.mouse.down()
+    for x, y in at[1:]:
+        page.page.mouse.move(x, y, steps=15)
+    page.page.mouse.up()
+
+
 def test_drawing_a_digit_classifies_it(page, server):
     page.enter_key(API_KEY)
     page.wait_models()
     page.page.click("#tab-draw")
     assert page.js("document.querySelector('#panel-draw').hidden") is False
-    box = page.page.locator("#draw-canvas").bounding_box()
-    scale = box["width"] / 280
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return box["x"] + x * scale, box["y"] + y * scale
-
-    page.page.mouse.move(*at(70, 60))  # a "7": the top bar, then the diagonal
-    page.page.mouse.down()
-    page.page.mouse.move(*at(210, 60), steps=12)
-    page.page.mouse.move(*at(120, 230), steps=16)
-    page.page.mouse.up()
+    draw(page, [(70, 60), (210, 60), (120, 230)])  # a "7": the top bar, then the diagonal
     drawn = page.canvas_png("#draw-canvas")
     ink = (drawn[..., :3] < 60).all(-1)
     assert 0.03 < ink.mean() < 0.4  # a thick black stroke on white
@@ -454,3 +460,68 @@ def test_screenshot_for_people(page, chelsea_jpeg, tmp_path_factory):
     target = Path(os.environ.get("VIT_PAGE_SCREENSHOT", tmp_path_factory.mktemp("screens") / "page.png"))
     page.page.screenshot(path=str(target), full_page=True)
     assert Image.open(target).size[0] == 1440
+
+
+def test_a_file_the_browser_cannot_show_gets_the_servers_overlay(page, server, chelsea_jpeg, tmp_path):
+    """Chromium does not decode TIFF; the server does, so the page shows the server's PNG overlay instead."""
+    tiff = tmp_path / "chelsea.tiff"
+    Image.open(chelsea_jpeg).save(tiff, "TIFF")
+    page.enter_key(API_KEY)
+    page.wait_models()
+    page.page.set_input_files("#file-input", str(tiff))
+    page.wait(
+        "document.querySelectorAll('#predictions .bar-item').length === 5"
+        " && document.querySelector('#input-image').dataset.overlay === '1'"
+        " && document.querySelector('#input-image').naturalWidth > 0"
+        " && !document.querySelector('#stage').hidden",
+        what="predictions and the server-drawn overlay",
+    )
+    overlay = api(
+        server, "POST", "/v1/attention?model=digits&format=png", files={"images": ("c.tiff", tiff.read_bytes())}
+    )
+    size = page.js(
+        "[document.querySelector('#input-image').naturalWidth, document.querySelector('#input-image').naturalHeight]"
+    )
+    assert size == list(Image.open(io.BytesIO(overlay.content)).size)
+    assert "drawn by the server" in page.js("document.querySelector('#att-status').textContent")
+    assert page.error_text() == ""
+
+
+def bundled_model_folder() -> Path | None:
+    """The bundled default's folder in the repository's models/, once the training helper has put one there."""
+    models = Path(__file__).resolve().parents[2] / "models"
+    for folder in sorted(p for p in models.glob("*") if p.is_dir()):
+        if any(folder.glob("*.safetensors")) or any(folder.glob("*.pt*")):
+            return folder
+    return None
+
+
+@pytest.fixture(scope="module")
+def bundled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    folder = bundled_model_folder()
+    if folder is None:
+        pytest.skip("no bundled model in models/ yet")
+    port = free_port()
+    command = [
+        sys.executable, "-m", "app", "--models-dir", str(folder.parent), "--model", folder.name,
+        "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
+        "--decode-workers", "1", "--decode-pool", "thread", "--log-level", "warning",
+    ]  # fmt: skip
+    yield from run_server(command, tmp_path_factory.mktemp("bundled") / "server.log", port)
+
+
+def test_the_bundled_model_reads_a_drawn_one(browser, bundled_server):
+    """The bundled digits model, served as shipped, reads a "1" drawn with the mouse."""
+    page = Page(browser, bundled_server + "/")
+    try:
+        page.wait("window.vitserve.model !== null", what="the bundled model")
+        page.page.click("#tab-draw")
+        draw(page, [(140, 45), (140, 235)])
+        page.page.click("#draw-classify")
+        page.wait_results("drawing.png")
+        top = page.bars()[0][0]
+        assert re.search(r"(^|\D)1(\D|$)|\bone\b", top), f"a drawn 1 read as {top!r}: {page.bars()}"
+        assert page.error_text() == ""
+        assert not page.problems, page.problems
+    finally:
+        page.close()
