@@ -141,9 +141,18 @@ async def attention(
     if png:
         assert out.previews is not None
         return await _overlay(served, out.previews[0], out.results[0])  # type: ignore[arg-type]
+    cfg = served.model.preprocess_config
+    # "region" (beyond the contract): the box (left, top, right, bottom) of the uploaded image, in its pixels,
+    # that the heatmap covers (the model's crop), so a client can lay the map over the photo; the page uses it.
     results = [
-        {"filename": u.filename, "method": method, "grid": grid, "heatmap": heat}
-        for u, heat in zip(out.uploads, out.results, strict=True)
+        {
+            "filename": u.filename,
+            "method": method,
+            "grid": grid,
+            "heatmap": heat,
+            "region": [float(v) for v in seen_region(*d.size, cfg)],
+        }
+        for u, d, heat in zip(out.uploads, out.decoded, out.results, strict=True)
     ]
     return FastJSON({"model": served.name, "results": results})
 

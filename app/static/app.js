@@ -378,7 +378,8 @@ function roundHalfEven(x) {
   return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
 }
 
-// The box of the original image the model sees after resize + centre crop (app/preprocess.py seen_region).
+// The box of the original image the model sees after resize + centre crop (app/preprocess.py seen_region);
+// used only when the server's attention JSON does not carry its own "region".
 function seenRegion(width, height, pre) {
   if (!pre || pre.resize == null) return [0, 0, width, height];
   let rw;
@@ -389,8 +390,9 @@ function seenRegion(width, height, pre) {
   let box = [0, 0, rw, rh];
   if (pre.crop) {
     const [ch, cw] = pre.crop;
-    const top = roundHalfEven((rh - ch) / 2);
-    const left = roundHalfEven((rw - cw) / 2);
+    const round = pre.crop_rounding === "floor" ? Math.floor : roundHalfEven; // transformers floors
+    const top = round((rh - ch) / 2);
+    const left = round((rw - cw) / 2);
     box = [left, top, left + cw, top + ch];
   }
   const sx = width / rw;

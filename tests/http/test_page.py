@@ -319,6 +319,9 @@ def test_a_photo_shows_top5_heatmap_mosaic_and_distance(page, server, chelsea_jp
     photo = Image.open(chelsea_jpeg)
     assert canvas.shape[:2] == (photo.height, photo.width)
     box = seen_region(photo.width, photo.height, PreprocessConfig(resize=72, crop=(64, 64)))
+    assert np.allclose(attention["region"], box)  # the crop box, which the JSON names beside the map
+    assert np.allclose(page.js("window.vitserve.attention.region"), box)
+    # and the page's own fallback, for a server without "region", computes the same box from ModelInfo
     assert np.allclose(page.js(f"seenRegion({photo.width}, {photo.height}, window.vitserve.model.preprocess)"), box)
     left, top, right, bottom = visuals._pixel_box(box, photo.width, photo.height)
     inside = canvas[top:bottom, left:right]
