@@ -1,13 +1,18 @@
-"""What a forward is for: the per-image tasks of the /v1 endpoints, computed for a whole batch on the device.
+"""What a forward is for: the per-image tasks of the /v1 and /v2 endpoints, computed for a whole batch on the device.
 
 `run_batch(model, items)` is the callable a `Batcher` runs on its forward thread: it stacks the uint8
 pixels, normalises them on the model's device, runs the fast path (no attention maps) or the attention
 path, and returns one small CPU result per item (top-k predictions, an embedding, a heatmap, distances).
+
+Items normally carry uint8 pixels that are normalised here; the Open Inference Protocol's FP32 input
+brings float32 (3, H, W) pixels that are already preprocessed. Such items travel under their own batch
+key (`batch_key`), so one forward never mixes the two.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,13 +52,44 @@ class AttentionDistance:
     key = ATTENTION
 
 
-Task = Classify | Embed | AttentionMap | AttentionDistance
+TENSOR_OUTPUTS = ("probabilities", "logits", "embedding", "attention_rollout")
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """The Open Inference Protocol's outputs: each item gets {name: float32 array} for the names asked."""
+
+    outputs: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return ATTENTION if "attention_rollout" in self.outputs else FAST
+
+
+Task = Classify | Embed | AttentionMap | AttentionDistance | Tensors
+PREPROCESSED = "preprocessed"
 
 
 @dataclass(frozen=True)
 class Item:
-    pixels: np.ndarray  # uint8 (h, w, 3) at the model's input size
+    pixels: np.ndarray  # uint8 (h, w, 3) at the model's input size, or float32 (3, H, W) already preprocessed
     task: Task
+
+
+def batch_key(item: Item) -> Hashable:
+    """The batcher key: the task's path, kept apart for already-preprocessed float pixels."""
+    return item.task.key if item.pixels.dtype == np.uint8 else (item.task.key, PREPROCESSED)
+
+
+def model_input(model, items: list[Item]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The batch as the model's float input: uint8 pixels normalised on the device, float ones as they are."""
+    kinds = {item.pixels.dtype for item in items}
+    if len(kinds) != 1:
+        raise ValueError(f"one batch mixes pixel types {sorted(map(str, kinds))}; batch them apart (batch_key)")
+    stacked = torch.from_numpy(np.stack([item.pixels for item in items]))
+    if stacked.dtype == torch.uint8:
+        return model.normalize(stacked)
+    return stacked.to(model.device, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -65,9 +101,8 @@ class Predictions:
 def run_batch(model, items: list[Item]) -> list[object]:  # type: ignore[no-untyped-def]
     """One forward for `items` (all of one path) -> one CPU result per item, in order."""
     attentions = any(item.task.key == ATTENTION for item in items)
-    pixels = torch.from_numpy(np.stack([item.pixels for item in items]))
     with torch.inference_mode():
-        out = model(model.normalize(pixels), attentions=attentions)
+        out = model(model_input(model, items), attentions=attentions)
         results: list[object] = [None] * len(items)
         groups: dict[type, list[int]] = defaultdict(list)
         for i, item in enumerate(items):
@@ -120,11 +155,32 @@ def _attention_distance(model, out, index: list[int], tasks: list[AttentionDista
     return list(dist.float().cpu().numpy())
 
 
+def _tensors(model, out, index: list[int], tasks: list[Tensors]) -> list[dict[str, np.ndarray]]:  # type: ignore[no-untyped-def]
+    wanted = {name for t in tasks for name in t.outputs}
+    computed: dict[str, np.ndarray] = {}
+    if wanted & {"logits", "probabilities"}:
+        if out.logits is None:
+            raise ValueError("this model has no classification head")
+        logits = out.logits[index].float()
+        computed["logits"] = logits.cpu().numpy()
+        computed["probabilities"] = logits.softmax(dim=-1).cpu().numpy()
+    if "embedding" in wanted:
+        computed["embedding"] = out.embedding[index].float().cpu().numpy()
+    rows = [j for j, t in enumerate(tasks) if "attention_rollout" in t.outputs]
+    if rows:  # as /v1/attention?method=rollout: only the rows that asked for it
+        attns = [a[index][rows] for a in out.attentions]
+        heat = analysis.rollout(attns).reshape(len(rows), *model.config.grid).float().cpu().numpy()
+        computed["attention_rollout"] = np.zeros((len(tasks), *heat.shape[1:]), np.float32)
+        computed["attention_rollout"][rows] = heat
+    return [{name: computed[name][j] for name in t.outputs} for j, t in enumerate(tasks)]
+
+
 HANDLERS = {
     Classify: _classify,
     Embed: _embed,
     AttentionMap: _attention_map,
     AttentionDistance: _attention_distance,
+    Tensors: _tensors,
 }
 
 
