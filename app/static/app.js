@@ -224,6 +224,7 @@ async function classify(seq) {
   if (!model.num_classes) {
     renderPredictions([]);
     $("pred-empty").textContent = `${model.name} has no classification head: it only embeds images.`;
+    setStatus("pred-status", "");
     return;
   }
   setStatus("pred-status", "classifying…", true);

@@ -76,7 +76,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`python -m app` on two models: "digits" (64x64, patch 8, centre crop) and "wide" (48x48, patch 16, no crop)."""
+    """`python -m app` on three models: "digits" (64x64, patch 8, centre crop), "wide" (48x48, patch 16,
+    no crop) and "plain" (32x32, no classification head)."""
     root = tmp_path_factory.mktemp("page-models")
     base = {"embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64}
     write_checkpoint(
@@ -93,11 +94,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         WIDE,
         seed=4,
     )
+    write_checkpoint(
+        root / "plain.safetensors",
+        ViTConfig.from_dict({**base, "image_size": [32, 32], "patch_size": 8, "num_classes": 0}),
+        PreprocessConfig(resize=(32, 32)),
+        [],
+        seed=5,
+    )
     port = free_port()
     command = [
         sys.executable, "-m", "app",
         "--model", f"digits={root / 'digits.safetensors'}",
         "--model", f"wide={root / 'wide.safetensors'}",
+        "--model", f"plain={root / 'plain.safetensors'}",
         "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
         "--api-key", API_KEY, "--decode-workers", "1", "--decode-pool", "thread", "--log-level", "warning",
     ]  # fmt: skip
@@ -449,6 +458,24 @@ def test_the_model_selector_switches_every_view(page, server, chelsea_jpeg):
     page.wait("window.vitserve.attention && window.vitserve.attention.grid[0] === 3", what="the 3x3 heatmap")
     canvas = page.canvas_png("#heatmap")
     assert (canvas[..., 3] == 255).all()
+    assert page.error_text() == ""
+    assert not page.problems, page.problems
+
+
+def test_a_model_without_a_head_says_so_and_still_shows_attention(page, chelsea_jpeg):
+    page.enter_key(API_KEY)
+    page.wait_models()
+    page.page.select_option("#model-select", "plain")
+    page.wait("window.vitserve.model.name === 'plain'")
+    page.page.set_input_files("#file-input", str(chelsea_jpeg))
+    page.wait(
+        "document.querySelector('#heatmap').dataset.drawn === '1'"
+        " && document.querySelector('#distance-plot').naturalWidth > 0",
+        what="attention of the headless model",
+    )
+    assert page.bars() == []
+    assert "no classification head" in page.js("document.querySelector('#pred-empty').textContent")
+    assert page.js("document.querySelector('#pred-empty').hidden") is False
     assert page.error_text() == ""
     assert not page.problems, page.problems
 
