@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 
 from app.decode import Decoder
-from app.http import errors, health, v1
+from app.http import errors, health, v1, v2
 from app.http.loading import Loader, engine_loader, load_all
 from app.http.middleware import RequestContext
 from app.http.responses import FastJSON
@@ -58,8 +58,10 @@ def create_app(
     )
     app.state.vit = state
     errors.install(app)
+    v2.install(app)  # /v2 paths answer errors in the protocol's shape
     app.include_router(health.router)
     app.include_router(v1.router)
+    app.include_router(v2.router)
     with contextlib.suppress(ImportError):
         from app.http.page import router as page_router  # GET / and its assets (the page helper's)
 
