@@ -1,0 +1,352 @@
+"""The Open Inference Protocol (KServe v2 / Triton REST) on the same models, batchers and limits as /v1.
+
+Routes: `GET /v2`, `/v2/health/live`, `/v2/health/ready`, `GET /v2/models/{name}`, `GET /v2/models/{name}/ready`,
+`POST /v2/models/{name}/infer` (each model route also under `/versions/1`, the only version a model has).
+
+One input tensor per request, told apart by its datatype (the names in the metadata are suggestions):
+- `BYTES [N]` (or `[N, 1]`): encoded images, decoded and preprocessed exactly as /v1 does;
+- `UINT8 [N, H, W, 3]`: RGB pixels of any size, run through the model's preprocessing like a decoded image;
+- `FP32 [N, 3, H, W]`: already preprocessed, H x W the model's input size; goes straight to the forward.
+Outputs as the request's `outputs` asks (default `probabilities`, or `embedding` for a model without a
+head): `probabilities`, `logits`, `embedding`, `attention_rollout`, each FP32; Triton's classification
+extension (`parameters.classification = k`) turns probabilities or logits into the top k as BYTES
+`"<value>:<index>:<label>"`.
+
+Limits and status codes are /v1's (API.md's table): 401 without the API key on `/v2/models/...` (health
+and server metadata stay open, like /healthz), 404 unknown model, 413 body or image count over the caps,
+503 overloaded (with Retry-After) or not ready, 504 past the request timeout; 400 for image data that
+cannot be used (undecodable bytes, zero-sized or oversized pixels, an FP32 tensor not at the model's size
+or not finite); 422 for a malformed request (JSON, datatypes, shapes, unknown outputs). Every error is the
+protocol's `{"error": "<message>"}`: `install(app)` gives every /v2 path that shape, whoever raised it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+
+from app.batching import ForwardFailed, Overloaded, Stopped
+from app.decode import ImageError
+from app.http.errors import ApiError, internal_error, invalid
+from app.http.inputs import read_body, too_many
+from app.http.middleware import note, request_id_of
+from app.http.pipeline import _guarded as guarded  # the deadline and disconnect guard that /v1 uses
+from app.http.pipeline import state_of
+from app.http.responses import FastJSON
+from app.http.state import ServedModel, ServerState
+from app.http.v1 import require_api_key, require_ready
+from app.http.v2_codec import HEADER_LENGTH, InputTensor, OutputTensor, RequestedOutput, decompress, parse_request
+from app.http.v2_codec import encode_response as encode
+from app.preprocess import to_model_pixels
+from app.tasks import Item, Tensors, batch_key
+
+log = logging.getLogger("vitserve")
+
+VERSION = "1"  # a served model has one version
+EXTENSIONS = ["binary_tensor_data", "classification"]
+HEAD_OUTPUTS = ("probabilities", "logits")
+
+
+def is_v2(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def v2_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return FastJSON({"error": message}, status_code=status, headers=headers)
+
+
+class V2Route(APIRoute):
+    """A /v2 route whose unexpected faults answer 500 in the protocol's shape (with the request id), not /v1's."""
+
+    def get_route_handler(self):  # type: ignore[no-untyped-def]
+        handler = super().get_route_handler()
+
+        async def run(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (ApiError, StarletteHTTPException, RequestValidationError, ClientDisconnect):
+                raise  # answered by the exception handlers (in v2 shape, see install)
+            except Exception:
+                request_id = request_id_of(request.scope)
+                log.exception("request %s: unhandled error", request_id)
+                return v2_error(500, internal_error(request_id).message)
+
+        return run
+
+
+def install(app: FastAPI) -> None:
+    """Make the error shape depend on the path: /v2/... answers `{"error": message}`, everything else keeps
+    the /v1 envelope. Wraps the handlers `app.http.errors.install` registered (call it after that), so the
+    status, message and headers (Retry-After, WWW-Authenticate, Allow) are the same on both."""
+    for kind in (ApiError, RequestValidationError, StarletteHTTPException):
+        app.add_exception_handler(kind, _path_shaped(app.exception_handlers[kind]))  # type: ignore[arg-type]
+
+
+def _path_shaped(v1_handler):  # type: ignore[no-untyped-def]
+    async def handler(request: Request, exc: Exception) -> Response:
+        response = await v1_handler(request, exc)
+        if not is_v2(request.url.path):
+            return response
+        error = orjson.loads(response.body).get("error", {})
+        message = error.get("message", "error") if isinstance(error, dict) else str(error)
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return v2_error(response.status_code, message, headers)
+
+    return handler
+
+
+router = APIRouter(prefix="/v2", route_class=V2Route, tags=["v2"])
+Name = Annotated[str, Path(description="a loaded model's name")]
+Version = Annotated[str, Path(description="the model's version (always 1)")]
+protected = [Depends(require_api_key), Depends(require_ready)]
+
+
+# -- server ----------------------------------------------------------------------------------------------
+
+
+@router.get("", response_model=None)
+async def server_metadata(request: Request) -> Response:
+    return FastJSON({"name": "vitserve", "version": request.app.version, "extensions": EXTENSIONS})
+
+
+@router.get("/health/live", response_model=None)
+async def live() -> Response:
+    return FastJSON({"live": True})
+
+
+@router.get("/health/ready", response_model=None)
+async def ready(request: Request) -> Response:
+    """200 once every model is loaded and warm (as /readyz); 503 while loading or draining."""
+    state = state_of(request)
+    if not state.accepting:
+        raise ApiError(503, "not_ready", state.not_ready_reason(), headers={"Retry-After": "1"})
+    return FastJSON({"ready": True})
+
+
+# -- models ----------------------------------------------------------------------------------------------
+
+
+def find_model(state: ServerState, name: str, version: str | None = None) -> ServedModel:
+    served = state.models.get(name)
+    if served is None:
+        raise ApiError(404, "model_not_found", f"no model named {name!r}; loaded models: {', '.join(state.models)}")
+    if version is not None and version != VERSION:
+        raise ApiError(404, "model_not_found", f"model {name!r} has no version {version!r}; its only version is 1")
+    return served
+
+
+def model_metadata(served: ServedModel) -> dict:
+    cfg = served.config
+    h, w = (int(x) for x in cfg.image_size)
+    gh, gw = (int(x) for x in cfg.grid)
+    outputs = [{"name": n, "datatype": "FP32", "shape": [-1, served.num_classes]} for n in HEAD_OUTPUTS]
+    outputs = outputs if served.num_classes else []
+    outputs += [
+        {"name": "embedding", "datatype": "FP32", "shape": [-1, int(cfg.embed_dim)]},
+        {"name": "attention_rollout", "datatype": "FP32", "shape": [-1, gh, gw]},
+    ]
+    return {
+        "name": served.name,
+        "versions": [VERSION],
+        "platform": "pytorch",
+        # one of these per request (told apart by datatype): encoded images, RGB pixels, preprocessed pixels
+        "inputs": [
+            {"name": "images", "datatype": "BYTES", "shape": [-1]},
+            {"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, -1, 3]},
+            {"name": "pixel_values", "datatype": "FP32", "shape": [-1, 3, h, w]},
+        ],
+        "outputs": outputs,
+    }
+
+
+@router.get("/models/{name}", response_model=None, dependencies=protected)
+async def get_model(request: Request, name: Name) -> Response:
+    return FastJSON(model_metadata(find_model(state_of(request), name)))
+
+
+@router.get("/models/{name}/versions/{version}", response_model=None, dependencies=protected)
+async def get_model_version(request: Request, name: Name, version: Version) -> Response:
+    return FastJSON(model_metadata(find_model(state_of(request), name, version)))
+
+
+@router.get("/models/{name}/ready", response_model=None, dependencies=protected)
+async def model_ready(request: Request, name: Name) -> Response:
+    find_model(state_of(request), name)
+    return FastJSON({"name": name, "ready": True})
+
+
+@router.get("/models/{name}/versions/{version}/ready", response_model=None, dependencies=protected)
+async def model_version_ready(request: Request, name: Name, version: Version) -> Response:
+    find_model(state_of(request), name, version)
+    return FastJSON({"name": name, "ready": True})
+
+
+@router.post("/models/{name}/infer", response_model=None, dependencies=protected)
+async def infer(request: Request, name: Name) -> Response:
+    return await _infer(request, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/infer", response_model=None, dependencies=protected)
+async def infer_version(request: Request, name: Name, version: Version) -> Response:
+    return await _infer(request, name, version)
+
+
+# -- inference -------------------------------------------------------------------------------------------
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    state = state_of(request)
+    settings = state.settings
+    served = find_model(state, name, version)
+    note(request.scope, model=served.name)
+    body = await read_body(request, settings.max_upload_bytes)
+    body = decompress(body, request.headers.get("content-encoding"), settings.max_upload_bytes)
+    req = parse_request(body, request.headers.get(HEADER_LENGTH))
+    tensor = the_images(req.inputs, served, state)
+    outputs = requested_outputs(req.outputs, served)
+    n = tensor.shape[0]
+    note(request.scope, images=n)
+    task = Tensors(tuple(dict.fromkeys(o.name for o in outputs)))
+    try:
+        admission = served.batcher.admit(n)
+    except Overloaded as e:
+        raise ApiError(503, "overloaded", str(e), headers={"Retry-After": str(e.retry_after)}) from None
+    with admission:
+        results = await guarded(request, _run(request, state, served, tensor, task), settings.request_timeout_s)
+    header = {"model_name": served.name, "model_version": VERSION}
+    if req.id is not None:
+        header["id"] = req.id
+    tensors = [_output_tensor(o, results, served, req.binary_output) for o in outputs]
+    content, json_length = encode(header, tensors)
+    if json_length is None:
+        return Response(content, media_type="application/json")
+    return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)})
+
+
+def the_images(inputs: list[InputTensor], served: ServedModel, state: ServerState) -> InputTensor:
+    """The request's one input, checked against the three accepted forms and the limits."""
+    if len(inputs) != 1:
+        raise invalid(f"send exactly one input tensor (BYTES, UINT8 or FP32); this request has {len(inputs)}")
+    t = inputs[0]
+    shape, where = t.shape, f"input {t.name!r}"
+    h, w = (int(x) for x in served.config.image_size)
+    if t.datatype == "BYTES" and (len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1)):
+        raise invalid(f"{where}: a BYTES input holds one encoded image per row: shape [N] or [N, 1], not {list(shape)}")
+    if t.datatype == "UINT8" and (len(shape) != 4 or shape[3] != 3):
+        raise invalid(f"{where}: a UINT8 input is RGB pixels of shape [N, H, W, 3], not {list(shape)}")
+    if t.datatype == "FP32" and (len(shape) != 4 or shape[1] != 3):
+        raise invalid(f"{where}: an FP32 input is preprocessed pixels of shape [N, 3, {h}, {w}], not {list(shape)}")
+    n, limit = shape[0], state.settings.max_images_per_request
+    if n == 0:
+        raise invalid("no images in the request: send at least one")
+    if n > limit:
+        raise too_many(n, limit)
+    if t.datatype == "UINT8":
+        _check_pixels(shape[1], shape[2], state.settings.max_image_pixels, where)
+    if t.datatype == "FP32":
+        if tuple(shape[2:]) != (h, w):
+            message = (
+                f"{where}: preprocessed pixels must be {h} x {w} (the model's input size), not {shape[2]} x {shape[3]}"
+            )
+            raise ApiError(400, "invalid_image", message)
+        if not np.isfinite(t.data).all():  # type: ignore[arg-type]
+            raise ApiError(400, "invalid_image", f"{where}: the preprocessed pixels hold NaN or infinite values")
+    return t
+
+
+def _check_pixels(height: int, width: int, max_pixels: int, where: str) -> None:
+    if height == 0 or width == 0:
+        raise ApiError(400, "invalid_image", f"{where}: the images are zero-sized ({width} x {height})")
+    if height * width > max_pixels:
+        pixels = width * height
+        message = (
+            f"{where}: the images have {width} x {height} = {pixels:,} pixels, more than the limit of {max_pixels:,}"
+        )
+        raise ApiError(400, "image_too_large", message)
+
+
+def requested_outputs(outputs: list[RequestedOutput] | None, served: ServedModel) -> list[RequestedOutput]:
+    """The outputs asked for (checked against the model), or the default one."""
+    if not outputs:
+        return [RequestedOutput("probabilities" if served.num_classes else "embedding", None, 0)]
+    available = [o["name"] for o in model_metadata(served)["outputs"]]
+    seen = set()
+    for o in outputs:
+        if o.name in HEAD_OUTPUTS and not served.num_classes:
+            raise invalid(f"model {served.name!r} has no classification head, so no {o.name!r}; ask for 'embedding'")
+        if o.name not in available:
+            raise invalid(f"unknown output {o.name!r}; model {served.name!r} has {', '.join(available)}")
+        if o.name in seen:
+            raise invalid(f"output {o.name!r} is asked for twice")
+        seen.add(o.name)
+        if o.classification and o.name not in HEAD_OUTPUTS:
+            raise invalid(f"classification applies to probabilities or logits, not {o.name!r}")
+        if o.classification > served.num_classes:
+            raise invalid(f"classification must be between 1 and {served.num_classes}, not {o.classification}")
+    return outputs
+
+
+async def _run(request: Request, state: ServerState, served: ServedModel, t: InputTensor, task: Tensors) -> list[dict]:
+    items = await _items(state, served, t, task)
+    try:
+        return await served.batcher.run(items, batch_key(items[0]))
+    except ForwardFailed:
+        raise internal_error(request_id_of(request.scope)) from None
+    except Stopped:
+        raise ApiError(503, "not_ready", "the server is shutting down; retry on another instance") from None
+
+
+async def _items(state: ServerState, served: ServedModel, t: InputTensor, task: Tensors) -> list[Item]:
+    """The input tensor -> batcher items: uint8 pixels at the model's input size, or float32 as sent."""
+    cfg = served.model.preprocess_config
+    if t.datatype == "FP32":
+        return [Item(np.ascontiguousarray(x, dtype=np.float32), task) for x in t.data]  # type: ignore[union-attr]
+    if t.datatype == "UINT8":
+        pixels = await asyncio.to_thread(_resize_all, t.data, cfg)
+        return [Item(p, task) for p in pixels]
+    decoder = state.decoder
+    assert decoder is not None
+    done = await asyncio.gather(*(decoder.pixels(data, cfg) for data in t.data), return_exceptions=True)  # type: ignore[union-attr]
+    for i, d in enumerate(done):
+        if isinstance(d, ImageError):
+            raise ApiError(400, d.code, f"image {i}: {d}", index=i)
+        if isinstance(d, BaseException):
+            raise d  # the pool itself failed: a server fault
+    return [Item(d.pixels, task) for d in done]  # type: ignore[union-attr]
+
+
+def _resize_all(pixels: np.ndarray, cfg) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    """UINT8 images -> the model's input size, by the same PIL steps as a decoded image."""
+    out = []
+    for i, a in enumerate(pixels):
+        try:
+            out.append(np.ascontiguousarray(to_model_pixels(Image.fromarray(np.ascontiguousarray(a)), cfg)))
+        except Exception as e:  # e.g. an image too thin to resize to the target
+            raise ApiError(
+                400, "invalid_image", f"image {i} cannot be resized to the model's input: {e}", index=i
+            ) from None
+    return out
+
+
+def _output_tensor(o: RequestedOutput, results: list[dict], served: ServedModel, binary: bool) -> OutputTensor:
+    stacked = np.stack([r[o.name] for r in results]).astype(np.float32, copy=False)
+    binary = o.binary if o.binary is not None else binary
+    if not o.classification:
+        return OutputTensor(o.name, "FP32", stacked.shape, stacked, binary)
+    labels = served.model.labels
+    rows = []
+    for row in stacked:
+        top = np.argsort(-row, kind="stable")[: o.classification]
+        rows += [f"{row[i]:f}:{i}:{labels[i]}".encode() for i in top]
+    return OutputTensor(o.name, "BYTES", (len(stacked), o.classification), rows, binary)
