@@ -648,9 +648,14 @@ function wireControls() {
 
   const key = $("api-key");
   key.value = sessionStorage.getItem("vitserve-api-key") || "";
-  key.addEventListener("change", () => {
+  const commitKey = () => {
     sessionStorage.setItem("vitserve-api-key", key.value.trim());
     loadModels();
+  };
+  key.addEventListener("change", commitKey);
+  $("settings").addEventListener("submit", (e) => {
+    e.preventDefault(); // Enter in the key field: use the key now, stay on the page
+    commitKey();
   });
 }
 

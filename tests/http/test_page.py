@@ -201,10 +201,10 @@ class Page:
                 raise AssertionError(f"timed out waiting for {what or expression}; banner: {banner!r}")
             time.sleep(0.05)
 
-    def enter_key(self, key: str) -> None:
+    def enter_key(self, key: str, press: str = "Tab") -> None:
         field = self.page.locator("#api-key")
         field.fill(key)
-        field.press("Tab")  # leaving the field commits it (a change event), as for a person
+        field.press(press)  # leaving the field (a change event) or Enter (the form's submit) commits it
 
     def wait_models(self) -> None:
         self.wait("window.vitserve.model !== null && !document.querySelector('#model-select').disabled", what="models")
@@ -292,7 +292,7 @@ def test_missing_and_wrong_api_key_are_readable_then_the_right_one_works(page, s
     assert "unauthorized" in page.js("document.querySelector('#error-code').textContent")
     assert page.error_text() == api(server, "GET", "/v1/models", key="not-the-key").json()["error"]["message"]
 
-    page.enter_key(API_KEY)
+    page.enter_key(API_KEY, press="Enter")
     page.wait_models()
     assert page.js("document.querySelector('#error').hidden")
     names = page.js("[...document.querySelectorAll('#model-select option')].map(o => o.value)")
@@ -520,8 +520,10 @@ def test_a_file_the_browser_cannot_show_gets_the_servers_overlay(page, server, c
 def bundled_model_folder() -> Path | None:
     """The bundled default's folder in the repository's models/, once the training helper has put one there."""
     models = Path(__file__).resolve().parents[2] / "models"
-    for folder in sorted(p for p in models.glob("*") if p.is_dir()):
-        if any(folder.glob("*.safetensors")) or any(folder.glob("*.pt*")):
+    default = models / "DEFAULT"
+    names = [default.read_text().strip()] if default.is_file() else sorted(p.name for p in models.glob("*"))
+    for folder in (models / name for name in names):
+        if folder.is_dir() and (any(folder.glob("*.safetensors")) or any(folder.glob("*.pt*"))):
             return folder
     return None
 
