@@ -43,7 +43,7 @@ def tiny_vit(config: ViTConfig = TINY, seed: int = 0) -> VisionTransformer:
         return perturb_(VisionTransformer(config), seed).eval()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def perturb():
     return perturb_
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -23,6 +24,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 # Prefixes that wrappers add to every parameter name: DataParallel / DDP, and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")
 
 
 def load_tensors(path: Path, source: str) -> dict[str, torch.Tensor]:
@@ -47,13 +50,21 @@ def _load_pickle(path: Path, source: str) -> object:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as e:
+        found = UNSAFE_GLOBAL.search(str(e))
+        if found is None:  # not a torch.save file: a pickle the safe unpickler cannot read, or garbage
+            detail = UNPICKLER_ERROR.search(str(e))
+            raise CheckpointError(
+                f"{source}: {path.name} is not a PyTorch checkpoint that torch.load(weights_only=True) can read, "
+                f"so vitserve refuses it ({detail.group(1).strip() if detail else 'corrupt?'}); "
+                f"re-save the state dict with torch.save or as .safetensors"
+            ) from None
         # weights_only refuses every global it does not know: code, but also e.g. an argparse Namespace
         raise CheckpointError(
-            f"{source}: {path.name} holds pickled objects other than tensors, which vitserve refuses to load "
-            f"(torch.load weights_only=True: {_first_line(e)}); re-save only the state dict, "
-            f"or convert it to .safetensors"
+            f"{source}: {path.name} holds pickled objects other than tensors ({found.group(1)}), which vitserve "
+            f"refuses to load (torch.load weights_only=True); re-save only the state dict, or convert to .safetensors"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as e:
+        # UnicodeDecodeError is a ValueError
         raise CheckpointError(
             f"{source}: {path.name} is not a readable PyTorch checkpoint (truncated or corrupt? {_first_line(e)})"
         ) from None

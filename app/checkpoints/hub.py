@@ -28,7 +28,7 @@ def parse(spec: str) -> tuple[str, str | None]:
 
 def download(spec: str) -> Path:
     """The local snapshot folder holding the repository's config, preprocessing config and weights."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
     repo, revision = parse(spec)
@@ -46,6 +46,10 @@ def download(spec: str) -> Path:
         fetch("preprocessor_config.json", required=False)
         weights = next((w for w in WEIGHTS if fetch(w, required=False) is not None), None)  # the first that exists
     except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        if constants.is_offline_mode():
+            raise CheckpointError(
+                f"{spec}: the Hugging Face Hub is off (HF_HUB_OFFLINE is set) and {repo} is not in the local cache"
+            ) from None
         raise CheckpointError(
             f"{spec}: cannot fetch {repo} from the Hugging Face Hub (offline, unknown repository or no access?): "
             f"{_first_line(e)}"

@@ -75,6 +75,9 @@ def read(
     image_size = (grid[0] * patch, grid[1] * patch)
     name, tag = parse_arch(arch) if arch else _arch_from_side(side)
     entry = lookup_arch(name, source) if name else None
+    tagged = pretrained_cfg(name, tag, source) if arch and tag else None  # an unknown tag fails early
+    if entry is not None and not arch:  # named by timm's config.json: its model_args override the defaults
+        entry = with_model_args(entry, side.get("model_args") or {}, source)
     if entry is not None:
         check_arch(shape, entry, name, source)
         num_heads, eps, qkv_bias = entry["num_heads"], entry["layer_norm_eps"], entry["qkv_bias"]
@@ -94,14 +97,57 @@ def read(
         qkv_bias=qkv_bias,
         layer_norm_eps=eps,
     )
-    if side.get("pretrained_cfg"):  # timm's Hub config carries the weights' own pretrained cfg
-        preprocess = preprocess_config(side["pretrained_cfg"], source)
+    own_cfg = _side_pretrained_cfg(side)
+    if tagged is not None:
+        preprocess = preprocess_config(tagged, source)
+    elif own_cfg is not None:  # timm's config.json describes these very weights
+        preprocess = preprocess_config(own_cfg, source)
     else:
         preprocess = preprocess_config(pretrained_cfg(name, tag, source), source)
-    labels = side.get("label_names") or (side.get("pretrained_cfg") or {}).get("label_names") or []
+    labels = side.get("label_names") or (own_cfg or {}).get("label_names") or []
+    if isinstance(labels, dict):  # {index: name} when the indices have gaps
+        labels = [labels.get(str(i), labels.get(i, f"class_{i}")) for i in range(config.num_classes)]
     if len(labels) != config.num_classes:
         labels = labels_for(config.num_classes)
     return Checkpoint(config, state_dict, preprocess, "timm", source, path, [str(x) for x in labels])
+
+
+def _side_pretrained_cfg(side: dict) -> dict | None:
+    """The pretrained cfg in a timm config.json: nested (current timm) or at the top level (older exports)."""
+    if isinstance(side.get("pretrained_cfg"), dict):
+        return side["pretrained_cfg"]
+    return side if "architecture" in side and "input_size" in side else None
+
+
+# timm model_args that give a model our ViT does not have, and what they mean
+REFUSED_ARGS = {
+    "reg_tokens": "register tokens",
+    "init_values": "layer scale",
+    "no_embed_class": "a position embedding without a class-token slot",
+    "pre_norm": "a pre-norm before the blocks",
+    "fc_norm": "average pooling (fc_norm)",
+    "qk_norm": "qk norm",
+}
+
+
+def with_model_args(entry: dict, model_args: dict, source: str) -> dict:
+    """An architecture's shape after the model_args a timm config.json records (depth=2, patch_size=8, ...)."""
+    for arg, what in REFUSED_ARGS.items():
+        if model_args.get(arg):
+            raise CheckpointError(
+                f"{source}: the timm model_args ask for {what} ({arg}), which vitserve does not support"
+            )
+    if model_args.get("class_token") is False or model_args.get("global_pool", "token") != "token":
+        raise CheckpointError(f"{source}: the timm model_args ask for pooling other than the class token")
+    if model_args.get("act_layer") not in (None, "gelu"):
+        raise CheckpointError(f"{source}: the timm model_args ask for activation {model_args['act_layer']!r}")
+    out = dict(entry)
+    for key in ("embed_dim", "depth", "num_heads", "patch_size", "qkv_bias"):
+        if key in model_args:
+            out[key] = model_args[key]
+    ratio = model_args.get("mlp_ratio", entry["mlp_dim"] / entry["embed_dim"])
+    out["mlp_dim"] = int(out["embed_dim"] * ratio)
+    return out
 
 
 def _arch_from_side(side: dict) -> tuple[str | None, str | None]:

@@ -107,9 +107,8 @@ def weight_set(name: str | None, tag: str | None, image_size: int, source: str) 
     weights = torchvision_table()["weights"]
     sets = {k.partition(".")[2]: v for k, v in weights.items() if name and k.startswith(f"{name}.")}
     if tag is not None:
-        chosen = next(
-            (v for k, v in sets.items() if tag in (k, f"imagenet1k_{tag}", f"imagenet1k_{tag}_v1", f"{tag}_v1")), None
-        )
+        aliases = (tag, f"imagenet1k_{tag}", f"imagenet1k_{tag}_v1", f"{tag}_v1")  # swag_linear, v1, full name
+        chosen = next((v for k, v in sets.items() if k in aliases), None)
         if chosen is None:
             raise CheckpointError(
                 f"{source}: torchvision has no weight set {tag!r} for {name}; known: {', '.join(sets)}"
