@@ -133,7 +133,7 @@ def test_404_model_not_found(client, png):
 
 
 def test_404_not_found_and_405_method_not_allowed(client):
-    error(client.get("/v2/nothing/here"), 404, "not_found")
+    error(client.get("/v3/nothing/here"), 404, "not_found")  # under /v2 errors take the v2 protocol's shape
     error(client.post("/v1/unknown"), 404, "not_found")
     r = client.get("/v1/classify")
     err = error(r, 405, "method_not_allowed")
