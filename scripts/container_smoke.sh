@@ -29,8 +29,12 @@ server_pid=""
 cleanup() {
   if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
     kill -TERM "$server_pid" 2>/dev/null || true
-    sleep 2
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+      kill -0 "$server_pid" 2>/dev/null || break
+      sleep 1
+    done
     kill -KILL "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
   fi
   if [ "${VITSERVE_SMOKE_KEEP:-0}" = 1 ]; then
     echo "kept $work"
@@ -137,7 +141,8 @@ top = predictions[0]
 print(f"model {body['model']}: top-1 {top['label']!r} (index {top['index']}, score {top['score']:.3f})")
 EOF
 grep -qi '^x-request-id:' "$work/classify.headers" || fail "the answer carries no X-Request-ID"
-curl -s "$base/metrics" | grep -q '^vit_requests_total' || fail "/metrics has no vit_requests_total"
+curl -s -o "$work/metrics.txt" "$base/metrics"
+grep -q '^vit_requests_total{' "$work/metrics.txt" || fail "/metrics has no vit_requests_total: $(head -c 600 "$work/metrics.txt")"
 
 step "stop: SIGTERM, exit within ${stop_timeout_s}s (compose stop_grace_period)"
 kill -TERM "$server_pid"
