@@ -9,7 +9,8 @@ Detection, for a folder: config.json with model_type "vit" -> transformers; conf
 pytorch_model.bin among several, or the one native file). For a file: our native format (vitserve
 metadata), else by its keys: transformers (`embeddings.patch_embeddings...`), torchvision (`conv_proj`,
 `encoder.layers.encoder_layer_N`), timm (`patch_embed`, `blocks.N`), with a config.json beside it used
-for what the keys cannot tell.
+for what the keys cannot tell. `arch` only matters where the files leave something open (bare timm or
+torchvision state dicts, transformers weights without a config.json); native files describe themselves.
 
 The model repository (`--models-dir`, default `default_models_dir()`) is a folder of model folders: every
 sub-folder holding a checkpoint (a config.json or a .safetensors/.pth/.pt/.bin file) is a model named after

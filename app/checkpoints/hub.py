@@ -1,20 +1,22 @@
 """`hf-hub:ORG/NAME[@REVISION]` -> a local folder, through huggingface_hub (its cache, its offline mode).
 
 Only the files a reader needs are fetched: config.json, preprocessor_config.json when there is one, and the
-weights (model.safetensors, else pytorch_model.bin). A transformers repository (config.json with model_type
-"vit") then reads as an HF folder; a timm repository (config.json naming an "architecture") as a timm
-state dict with that config beside it. Without a network, files already in the cache are used; otherwise
-the error names the spec and says the Hub could not be reached.
+weights (model.safetensors, else pytorch_model.bin, else the shards that model.safetensors.index.json lists).
+A transformers repository (config.json with model_type "vit") then reads as an HF folder; a timm repository
+(config.json naming an "architecture") as a timm state dict with that config beside it. Without a network,
+files already in the cache are used; otherwise the error names the spec and says the Hub could not be reached.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from app.checkpoints.base import CheckpointError
 
 PREFIX = "hf-hub:"
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+SHARD_INDEX = "model.safetensors.index.json"
 
 
 def parse(spec: str) -> tuple[str, str | None]:
@@ -45,7 +47,13 @@ def download(spec: str) -> Path:
         config = fetch("config.json", required=True)
         fetch("preprocessor_config.json", required=False)
         weights = next((w for w in WEIGHTS if fetch(w, required=False) is not None), None)  # the first that exists
-    except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        if weights is None:  # a sharded checkpoint: the index, then every shard it lists
+            index = fetch(SHARD_INDEX, required=False)
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values())) if index else []
+            for shard in shards:
+                fetch(shard, required=True)
+            weights = SHARD_INDEX if shards else None
+    except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:  # JSONDecodeError is a ValueError
         if constants.is_offline_mode():
             raise CheckpointError(
                 f"{spec}: the Hugging Face Hub is off (HF_HUB_OFFLINE is set) and {repo} is not in the local cache"
@@ -55,7 +63,7 @@ def download(spec: str) -> Path:
             f"{_first_line(e)}"
         ) from None
     if not weights:
-        raise CheckpointError(f"{spec}: the repository {repo} has none of {', '.join(WEIGHTS)}")
+        raise CheckpointError(f"{spec}: the repository {repo} has none of {', '.join((*WEIGHTS, SHARD_INDEX))}")
     return config.parent
 
 

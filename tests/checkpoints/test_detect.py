@@ -150,7 +150,17 @@ def test_hub_repositories_from_the_cache(offline_hub, perturb, tmp_path):
     save_for_hf(tm, tmp_path / "timm", safe_serialization=True)
     cache_repo(offline_hub, "timm/tiny", [tmp_path / "timm" / "config.json", tmp_path / "timm" / "model.safetensors"])
 
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    cache_repo(
+        offline_hub, "org/sharded", [p for p in (tmp_path / "sharded").iterdir() if p.name != "model.safetensors"]
+    )
+
     assert read_checkpoint("hf-hub:org/tiny-vit").format == "hf"
+    assert (
+        read_checkpoint("hf-hub:org/sharded").state_dict.keys()
+        == read_checkpoint("hf-hub:org/tiny-vit").state_dict.keys()
+    )
     timm_ckpt = read_checkpoint("hf-hub:timm/tiny")
     assert timm_ckpt.format == "timm" and timm_ckpt.preprocess.interpolation == "bicubic"
     assert timm_ckpt.source == "hf-hub:timm/tiny"
