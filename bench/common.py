@@ -244,6 +244,8 @@ def environment(device: str) -> dict:
         "loadavg_start": os.getloadavg(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "git": git_head(),
+        # OpenMP's waiting policy decides how torch's threads behave when other processes share the cores
+        "omp_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
     }
     for mod in ("timm", "transformers", "onnxruntime", "litserve", "fastapi", "uvicorn"):
         try:

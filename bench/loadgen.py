@@ -1,0 +1,344 @@
+"""A closed-loop HTTP load generator for loopback servers, and the server-side watchers it reports with.
+
+Closed loop: `concurrency` workers each send a request, wait for the answer, and send the next, until the time
+or the request budget runs out. Workers are spread over `procs` client processes (one Python process cannot
+keep hundreds of requests a second in flight with httpx; aiohttp is used where installed). Only 127.0.0.1,
+localhost and ::1 are accepted as targets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from bench.common import percentile
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def check_loopback(url: str) -> None:
+    host = urlsplit(url).hostname
+    if host not in LOOPBACK:
+        raise SystemExit(f"refusing to load {url}: the benchmarks only target loopback ({', '.join(sorted(LOOPBACK))})")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- images ------------------------------------------------------------------------------------------------
+
+
+def photo_jpeg(width: int, height: int, which: str = "astronaut", quality: int = 90) -> bytes:
+    """A real photograph (scikit-image's astronaut or chelsea), resized to width x height, as JPEG bytes."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        from skimage import data
+
+        pixels = getattr(data, which)()
+    except Exception:  # no scikit-image: a smooth synthetic picture with edges (still compresses like a photo)
+        y, x = np.mgrid[0:512, 0:512]
+        pixels = np.stack([(x + y) % 256, (x * 2) % 256, (y * 3 + (x // 64) * 40) % 256], axis=-1).astype(np.uint8)
+    img = Image.fromarray(pixels).convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    w, h = text.lower().split("x")
+    return int(w), int(h)
+
+
+# -- the load ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    url: str  # full URL of the endpoint, e.g. http://127.0.0.1:8000/v1/classify?top_k=5
+    jpeg: bytes
+    images_per_request: int = 1
+    concurrency: int = 1
+    seconds: float = 10.0
+    max_requests: int = 0  # 0: no limit besides the time
+    field_name: str = "images"
+    procs: int = 1
+    timeout_s: float = 120.0
+    headers: dict = field(default_factory=dict)
+
+
+@dataclass
+class Sample:
+    latency_s: float
+    status: int  # HTTP status, or 0 for a transport error
+    images: int
+
+
+def _worker_counts(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+async def _run_aiohttp(load: Load, workers: int, budget: int, deadline: float) -> list[Sample]:
+    import aiohttp
+
+    samples: list[Sample] = []
+    sent = 0
+    conn = aiohttp.TCPConnector(limit=max(workers, 1), force_close=False)
+    timeout = aiohttp.ClientTimeout(total=load.timeout_s)
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+
+        async def one():
+            nonlocal sent
+            while time.perf_counter() < deadline and (budget <= 0 or sent < budget):
+                sent += 1
+                form = aiohttp.FormData()
+                for i in range(load.images_per_request):
+                    form.add_field(load.field_name, load.jpeg, filename=f"img{i}.jpg", content_type="image/jpeg")
+                t0 = time.perf_counter()
+                try:
+                    async with session.post(load.url, data=form, headers=load.headers) as resp:
+                        await resp.read()
+                        status = resp.status
+                except Exception:
+                    status = 0
+                samples.append(Sample(time.perf_counter() - t0, status, load.images_per_request))
+
+        await asyncio.gather(*(one() for _ in range(workers)))
+    return samples
+
+
+async def _run_httpx(load: Load, workers: int, budget: int, deadline: float) -> list[Sample]:
+    import httpx
+
+    samples: list[Sample] = []
+    sent = 0
+    limits = httpx.Limits(max_connections=max(workers, 1), max_keepalive_connections=max(workers, 1))
+    async with httpx.AsyncClient(limits=limits, timeout=load.timeout_s) as client:
+
+        async def one():
+            nonlocal sent
+            files = [
+                (load.field_name, (f"img{i}.jpg", load.jpeg, "image/jpeg")) for i in range(load.images_per_request)
+            ]
+            while time.perf_counter() < deadline and (budget <= 0 or sent < budget):
+                sent += 1
+                t0 = time.perf_counter()
+                try:
+                    resp = await client.post(load.url, files=files, headers=load.headers)
+                    status = resp.status_code
+                except Exception:
+                    status = 0
+                samples.append(Sample(time.perf_counter() - t0, status, load.images_per_request))
+
+        await asyncio.gather(*(one() for _ in range(workers)))
+    return samples
+
+
+def _client_main(load: Load, workers: int, budget: int, start_at: float, out) -> None:
+    # wall-clock start shared by all client processes, so their windows line up
+    delay = start_at - time.time()
+    if delay > 0:
+        time.sleep(delay)
+    try:
+        import aiohttp  # noqa: F401
+
+        runner = _run_aiohttp
+    except ImportError:
+        runner = _run_httpx
+    began = time.time()
+    samples = asyncio.run(runner(load, workers, budget, time.perf_counter() + load.seconds))
+    out.put((began, time.time(), [(s.latency_s, s.status, s.images) for s in samples]))
+
+
+def run_load(load: Load) -> dict:
+    """Run one closed-loop load and summarise it: images/s, requests/s, latency percentiles, statuses."""
+    check_loopback(load.url)
+    procs = max(1, min(load.procs, load.concurrency))
+    workers = _worker_counts(load.concurrency, procs)
+    budgets = _worker_counts(load.max_requests, procs) if load.max_requests else [0] * procs
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    start_at = time.time() + (3.0 if procs > 1 else 0.0)  # lets every client process start first
+    children = [
+        ctx.Process(target=_client_main, args=(load, w, b, start_at, out))
+        for w, b in zip(workers, budgets, strict=True)
+    ]
+    for c in children:
+        c.start()
+    samples: list[Sample] = []
+    began, ended = [], []
+    for _ in children:
+        b, e, got = out.get(timeout=load.seconds + load.timeout_s + 120)
+        began.append(b)
+        ended.append(e)
+        samples += [Sample(*s) for s in got]
+    for c in children:
+        c.join(timeout=10)
+    # the window in which the clients were sending (process start-up is not part of it)
+    elapsed = max(max(ended) - min(began), 1e-9)
+    return summarise(samples, elapsed, load)
+
+
+def summarise(samples: list[Sample], elapsed: float, load: Load) -> dict:
+    ok = [s for s in samples if s.status == 200]
+    lat = [s.latency_s * 1e3 for s in ok]
+    statuses = Counter(str(s.status) for s in samples)
+    return {
+        "concurrency": load.concurrency,
+        "images_per_request": load.images_per_request,
+        "requests": len(samples),
+        "ok": len(ok),
+        "errors": {k: v for k, v in sorted(statuses.items()) if k != "200"},
+        "seconds": round(elapsed, 2),
+        "images_per_s": round(sum(s.images for s in ok) / elapsed, 2),
+        "requests_per_s": round(len(ok) / elapsed, 2),
+        "latency_ms": {q: round(percentile(lat, p), 1) for q, p in (("p50", 50), ("p90", 90), ("p99", 99))},
+    }
+
+
+# -- watching the server -------------------------------------------------------------------------------------
+
+
+class Watcher:
+    """Samples the server's memory and the GPU's used memory while a load runs.
+
+    peak_rss_mib: the server process itself; peak_tree_pss_mib: its process tree (decode pools, LitServe's
+    workers) by proportional set size, so pages shared between the processes are not counted twice.
+    """
+
+    def __init__(self, pid: int | None, gpu: bool, interval_s: float = 0.25):
+        self.pid, self.gpu, self.interval_s = pid, gpu and shutil.which("nvidia-smi") is not None, interval_s
+        self.peak_rss = self.peak_pss = self.peak_gpu_mib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> Watcher:
+        self.peak_rss = self.peak_pss = self.peak_gpu_mib = 0
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def report(self) -> dict:
+        out = {}
+        if self.pid:
+            out["peak_rss_mib"] = round(self.peak_rss / 2**20, 1)
+            out["peak_tree_pss_mib"] = round(self.peak_pss / 2**20, 1)
+        if self.gpu:
+            out["peak_gpu_used_mib"] = self.peak_gpu_mib
+        return out
+
+    def _loop(self) -> None:
+        last_gpu = 0.0
+        while not self._stop.is_set():
+            if self.pid:
+                rss, pss = memory_of(self.pid)
+                self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            if self.gpu and time.time() - last_gpu > 1.0:
+                self.peak_gpu_mib = max(self.peak_gpu_mib, gpu_used_mib())
+                last_gpu = time.time()
+            self._stop.wait(self.interval_s)
+
+
+def memory_of(pid: int) -> tuple[int, int]:
+    """(RSS of the process, PSS of it and all its descendants) in bytes; zeros when it is gone."""
+    try:
+        import psutil
+    except ImportError:
+        rss = _proc_rss(pid)
+        return rss, rss
+    try:
+        proc = psutil.Process(pid)
+        rss = proc.memory_info().rss
+        pss = 0
+        for p in [proc, *proc.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error, AttributeError):
+                pss += p.memory_full_info().pss
+        return rss, pss
+    except psutil.Error:
+        return 0, 0
+
+
+def _proc_rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def gpu_used_mib() -> int:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return int(out.stdout.split()[0])
+    except Exception:
+        return 0
+
+
+# -- starting servers -------------------------------------------------------------------------------------------
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float) -> float:
+    """Poll `url` until it answers 200; seconds waited. Raises if the process exits or time runs out."""
+    import httpx
+
+    check_loopback(url)
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout_s:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with status {proc.returncode} before it was ready ({url})")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.perf_counter() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s")
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    """SIGTERM, then SIGKILL after `grace_s` (only the process we started, and its process group)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, 15)
+    except (ProcessLookupError, PermissionError):
+        proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        proc.wait(timeout=10)
+
+
+def spawn(cmd: list[str], env: dict | None, log_path: str) -> subprocess.Popen:
+    """Start a server in its own process group (so stopping it also stops its worker processes)."""
+    log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
+    return subprocess.Popen(
+        cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )

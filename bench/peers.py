@@ -1,0 +1,160 @@
+"""vitserve beside its peers, under the same load, on the same weights and precision, in one run.
+
+    python -m bench.peers                     # CPU: 640x480 single images at c=1 and c=16
+    python -m bench.peers --quick             # c=1 and c=4, 4 s each
+    python -m bench.peers --device cuda       # GPU: c=1, 64, 256; LitServe batches 64 with a 5 ms timeout
+
+Peers (bench/peer_apps.py), each started here on loopback, one at a time (so none competes with another for
+cores): a plain FastAPI endpoint around transformers' ViTForImageClassification, and LitServe with its batching.
+Ratios are vitserve over each peer: images/s (higher is better for us) and p50 latency (lower is better for us).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+from bench import common
+from bench.loadgen import free_port, spawn, stop, wait_ready
+from bench.server import VitServe, run_matrix, table_rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--shape", default="s16")
+    p.add_argument("--compile", default="auto", help="vitserve's --compile")
+    p.add_argument("--max-batch-size", type=int, default=None, help="vitserve's and LitServe's (8 CPU, 64 GPU)")
+    p.add_argument("--batch-timeout", type=float, default=None, help="LitServe's (0.01 CPU, 0.005 GPU)")
+    p.add_argument("--peers", default="fastapi,litserve")
+    p.add_argument("--concurrency", default=None, help="default 1,16 on CPU; 1,64,256 on CUDA")
+    p.add_argument("--images-per-request", default="1")
+    p.add_argument("--sizes", default="640x480")
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--max-requests", type=int, default=0)
+    p.add_argument("--procs", type=int, default=None)
+    p.add_argument("--server-arg", action="append", default=[], help="extra flag for vitserve (repeat)")
+    p.add_argument("--raw", action="store_true", help="also time our forward alone at the batch size")
+    p.add_argument("--ready-timeout", type=float, default=900.0)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if args.quick:
+        args.concurrency = args.concurrency or "1,4"
+        args.seconds = min(args.seconds, 4.0)
+    args.concurrency = args.concurrency or ("1,64,256" if cuda else "1,16")
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.max_batch_size = args.max_batch_size or (64 if cuda else 8)
+    args.batch_timeout = args.batch_timeout if args.batch_timeout is not None else (0.005 if cuda else 0.01)
+    args.procs = args.procs or (4 if cuda else 1)
+    args.cuda = cuda
+    args.endpoint = "/v1/classify?top_k=5"
+    return args
+
+
+class Peer:
+    """A peer server (bench/peer_apps.py) in a subprocess on loopback."""
+
+    def __init__(self, kind: str, weights: str, args: argparse.Namespace, folder):
+        self.kind, self.weights, self.args, self.folder = kind, weights, args, folder
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+        self.startup_s = None
+
+    def __enter__(self) -> Peer:
+        a = self.args
+        cmd = [sys.executable, "-m", "bench.peer_apps", self.kind, "--weights", self.weights, "--shape", a.shape]
+        cmd += ["--port", str(self.port), "--device", a.device, "--dtype", a.dtype]
+        cmd += ["--max-batch-size", str(a.max_batch_size), "--batch-timeout", str(a.batch_timeout)]
+        self.log = str(self.folder / f"{self.kind}.log")
+        t0 = time.perf_counter()
+        self.proc = spawn(cmd, {"PYTHONUNBUFFERED": "1"}, self.log)
+        try:
+            wait_ready(self.url + "/health", self.proc, a.ready_timeout)
+        except Exception:
+            stop(self.proc)
+            print(open(self.log).read()[-3000:], file=sys.stderr)
+            raise
+        self.startup_s = round(time.perf_counter() - t0, 1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+
+
+def ratios(ours: list[dict], theirs: list[dict], name: str) -> list[dict]:
+    key = lambda r: (r["image"], r["images_per_request"], r["concurrency"])  # noqa: E731
+    mine = {key(r): r for r in ours}
+    out = []
+    for r in theirs:
+        m = mine.get(key(r))
+        if not m or not r["images_per_s"]:
+            continue
+        out.append(
+            {
+                "peer": name,
+                "image": r["image"],
+                "images_per_request": r["images_per_request"],
+                "concurrency": r["concurrency"],
+                "throughput_ratio": round(m["images_per_s"] / r["images_per_s"], 3),
+                "p50_ratio": round(m["latency_ms"]["p50"] / r["latency_ms"]["p50"], 3)
+                if r["latency_ms"]["p50"]
+                else None,
+            }
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    result = {"bench": "peers", "env": common.environment("cuda" if args.cuda else "cpu"), "args": vars(args)}
+    kinds = [k for k in args.peers.split(",") if k]
+    rows: dict[str, list[dict]] = {"vitserve": [], **{k: [] for k in kinds}}
+    # Every server is up for the whole run, idle while another is loaded; each load runs against all of them in
+    # turn, so a change in the machine's load during the run hits them alike.
+    with contextlib.ExitStack() as stack:
+        ours = stack.enter_context(VitServe(argparse.Namespace(**vars(args))))
+        result["startup_s"] = {"vitserve": ours.startup_s}
+        if args.raw:
+            from bench.server import raw_reference
+
+            result["raw_reference"] = raw_reference(ours.ckpt, args, max(args.seconds, 5))
+        servers = [("vitserve", ours.url, args.endpoint, ours.proc.pid)]
+        for kind in kinds:
+            try:
+                peer = stack.enter_context(Peer(kind, str(ours.ckpt), args, ours.folder))
+            except Exception as e:  # a peer that cannot start is reported, and the others still run
+                result.setdefault("peer_errors", {})[kind] = f"{type(e).__name__}: {e}"[:500]
+                continue
+            result["startup_s"][kind] = peer.startup_s
+            servers.append((kind, peer.url, "/predict", peer.proc.pid))
+        for size in args.sizes.split(","):
+            for ipr in args.images_per_request.split(","):
+                for c in args.concurrency.split(","):
+                    one = argparse.Namespace(
+                        **{**vars(args), "sizes": size, "images_per_request": ipr, "concurrency": c}
+                    )
+                    for name, url, endpoint, pid in servers:
+                        if name != "vitserve" and int(ipr) > 1 and name == "litserve":
+                            continue  # LitServe's API takes one image per request
+                        rows[name] += run_matrix(url, endpoint, pid, one, name)
+    result["vitserve"] = rows["vitserve"]
+    result["peers"] = {k: rows[k] for k in kinds}
+    result["ratios"] = [r for k in kinds for r in ratios(rows["vitserve"], rows[k], k)]
+    result["env"]["loadavg_end"] = os.getloadavg()
+    print(table_rows([r for k in rows for r in rows[k]]))
+    cols = ["peer", "image", "images_per_request", "concurrency", "throughput_ratio", "p50_ratio"]
+    print("\n" + common.table(result["ratios"], cols))
+    common.write_json(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

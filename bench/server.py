@@ -1,0 +1,217 @@
+"""vitserve end to end: a closed-loop load against a running server on loopback.
+
+    python -m bench.server --spawn                          # start vitserve (random-weights S/16) and load it
+    python -m bench.server --spawn --quick                  # c=1 and c=4, 640x480 single images, a few seconds each
+    python -m bench.server --url http://127.0.0.1:8000 --pid 1234   # a server you started (pid: for its RSS)
+
+For each image size (640x480, 4000x3000 JPEGs made from scikit-image's photographs), images per request (1, 32)
+and concurrency (1, 16, 64; 256 on a GPU) it reports images/s, requests/s, p50/p90/p99 latency, errors by
+status, and the server's peak RSS (its process tree) and the GPU's used memory. `--raw` also times our own
+forward alone at the server's batch size in the same run (the ceiling the server is measured against).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from bench import common
+from bench.loadgen import Load, Watcher, free_port, parse_size, photo_jpeg, run_load, spawn, stop, wait_ready
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.server", description=__doc__.split("\n")[0])
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--spawn", action="store_true", help="start vitserve here (the default without --url)")
+    target.add_argument("--url", help="base URL of a running server (loopback only)")
+    p.add_argument("--pid", type=int, default=None, help="with --url: the server's pid, for its memory")
+    p.add_argument("--device", default="cpu", help="for --spawn: cpu, cuda, auto")
+    p.add_argument("--dtype", default=None, help="for --spawn: default float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--shape", default="s16", help="for --spawn: ti16, s16, b16")
+    p.add_argument("--compile", default="auto", help="for --spawn: the server's --compile (off, auto, on)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="for --spawn")
+    p.add_argument("--server-arg", action="append", default=[], help="extra flag for the spawned server (repeat)")
+    p.add_argument("--endpoint", default="/v1/classify?top_k=5")
+    p.add_argument("--concurrency", default=None, help="comma list (default 1,16,64; 1,16,64,256 on CUDA)")
+    p.add_argument("--images-per-request", default="1,32")
+    p.add_argument("--sizes", default="640x480,4000x3000")
+    p.add_argument("--seconds", type=float, default=10.0, help="per load")
+    p.add_argument("--max-requests", type=int, default=0, help="per load; 0: bounded by --seconds only")
+    p.add_argument("--procs", type=int, default=None, help="client processes (default: 1 on CPU, 4 on CUDA)")
+    p.add_argument("--raw", action="store_true", help="also time our forward alone at the server's batch size")
+    p.add_argument("--ready-timeout", type=float, default=900.0)
+    p.add_argument("--quick", action="store_true", help="640x480 single images at c=1 and 4, 4 s each")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and _cuda())
+    if args.quick:
+        args.concurrency = args.concurrency or "1,4"
+        args.images_per_request, args.sizes, args.seconds = "1", "640x480", min(args.seconds, 4.0)
+    args.concurrency = args.concurrency or ("1,16,64,256" if cuda else "1,16,64")
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.max_batch_size = args.max_batch_size or (64 if cuda else 8)
+    args.procs = args.procs or (4 if cuda else 1)
+    args.cuda = cuda
+    return args
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+class VitServe:
+    """vitserve in a subprocess on loopback, with a random-weights native checkpoint in a temp folder."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.folder = common.temp_dir("vitserve-bench-")
+        self.ckpt = common.write_native_checkpoint(args.shape, self.folder, name="bench")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+        self.startup_s = None
+
+    def command(self) -> list[str]:
+        a = self.args
+        return [
+            sys.executable,
+            "-m",
+            "app",
+            "--model",
+            f"bench={self.ckpt}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--device",
+            a.device,
+            "--dtype",
+            a.dtype,
+            "--max-batch-size",
+            str(a.max_batch_size),
+            "--log-level",
+            "warning",
+            *a.server_arg,
+        ]
+
+    def __enter__(self) -> VitServe:
+        env = {"VIT_COMPILE": self.args.compile, "PYTHONUNBUFFERED": "1"}
+        self.log = str(self.folder / "server.log")
+        t0 = time.perf_counter()
+        self.proc = spawn(self.command(), env, self.log)
+        try:
+            wait_ready(self.url + "/readyz", self.proc, self.args.ready_timeout)
+        except Exception:
+            stop(self.proc)
+            print(Path(self.log).read_text()[-3000:], file=sys.stderr)
+            raise
+        self.startup_s = round(time.perf_counter() - t0, 1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+
+
+def raw_reference(ckpt: Path, args: argparse.Namespace, seconds: float) -> dict:
+    """Our forward alone at the server's batch size (same compile mode and dtype), images/s."""
+    import torch
+
+    from app.engine import load_model
+
+    model = load_model(str(ckpt), device=args.device, dtype=args.dtype, compile=args.compile)
+    build = model.warmup([args.max_batch_size])
+    x = torch.randn(args.max_batch_size, 3, 224, 224, device=model.device)
+    timing = common.time_interleaved({"ours": lambda: model(x)}, str(model.device), 3, seconds)["ours"]
+    out = timing.as_dict(args.max_batch_size)
+    out.update({"strategy": model.accel_strategy, "build_s": {str(k): round(v, 1) for k, v in build.items()}})
+    return out
+
+
+def run_matrix(base_url: str, endpoint: str, pid: int | None, args: argparse.Namespace, label: str) -> list[dict]:
+    """Every (size, images per request, concurrency) load against one server."""
+    rows = []
+    for size in args.sizes.split(","):
+        jpeg = photo_jpeg(*parse_size(size))
+        for ipr in (int(n) for n in args.images_per_request.split(",")):
+            for c in (int(n) for n in args.concurrency.split(",")):
+                load = Load(
+                    url=base_url + endpoint,
+                    jpeg=jpeg,
+                    images_per_request=ipr,
+                    concurrency=c,
+                    seconds=args.seconds,
+                    max_requests=args.max_requests,
+                    procs=args.procs,
+                )
+                with Watcher(pid, args.cuda) as w:
+                    row = run_load(load)
+                row.update(w.report())
+                row.update({"server": label, "image": size, "jpeg_bytes": len(jpeg), "loadavg": os.getloadavg()[0]})
+                rows.append(row)
+                print_row(row)
+    return rows
+
+
+def print_row(r: dict) -> None:
+    lat = r["latency_ms"]
+    print(
+        f"# {r['server']:>10} {r['image']:>9} x{r['images_per_request']:<2} c={r['concurrency']:<3} "
+        f"{r['images_per_s']:>9.1f} img/s  p50 {lat['p50']:>8.1f} ms  p99 {lat['p99']:>8.1f} ms  "
+        f"errors {r['errors'] or '-'}  rss {r.get('peak_rss_mib')} MiB  tree pss {r.get('peak_tree_pss_mib')} MiB",
+        flush=True,
+    )
+
+
+def table_rows(rows: list[dict]) -> str:
+    cols = ["server", "image", "x", "c", "img/s", "req/s", "p50", "p90", "p99", "errors", "rss MiB", "pss MiB", "load"]
+    out = [
+        {
+            "server": r["server"],
+            "image": r["image"],
+            "x": r["images_per_request"],
+            "c": r["concurrency"],
+            "img/s": r["images_per_s"],
+            "req/s": r["requests_per_s"],
+            "p50": r["latency_ms"]["p50"],
+            "p90": r["latency_ms"]["p90"],
+            "p99": r["latency_ms"]["p99"],
+            "errors": r["errors"] or "-",
+            "rss MiB": r.get("peak_rss_mib"),
+            "pss MiB": r.get("peak_tree_pss_mib"),
+            "load": round(r["loadavg"], 2),
+        }
+        for r in rows
+    ]
+    return common.table(out, cols)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    result = {"bench": "server", "env": common.environment("cuda" if args.cuda else "cpu"), "args": vars(args)}
+    if args.url:
+        rows = run_matrix(args.url.rstrip("/"), args.endpoint, args.pid, args, "vitserve")
+    else:
+        with VitServe(args) as server:
+            result["startup_s"] = server.startup_s
+            if args.raw:
+                result["raw_reference"] = raw_reference(server.ckpt, args, max(args.seconds, 5))
+                print(f"# raw forward at batch {args.max_batch_size}: {result['raw_reference']['images_per_s']} img/s")
+            rows = run_matrix(server.url, args.endpoint, server.proc.pid, args, "vitserve")
+    result["results"] = rows
+    result["env"]["loadavg_end"] = os.getloadavg()
+    print(table_rows(rows))
+    common.write_json(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
