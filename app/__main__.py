@@ -146,8 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         nonlocal exit_code
         exit_code = 1
         if server is not None:
-            server.should_exit = True
-            server.force_exit = True
+            server.should_exit = True  # uvicorn's own shutdown follows (closes the pool), then exit 1
 
     app = create_app(settings, on_fatal=on_fatal)
     config = uvicorn.Config(
