@@ -37,7 +37,7 @@ NAMED_SPEC = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.\-]*)=(.+)$")
 
 
 def split_named_spec(spec: str) -> tuple[str | None, str]:
-    """ "name=path" -> ("name", "path"); a spec without a name (or an existing path with "=") -> (None, spec)."""
+    """Split "name=path" -> ("name", "path"); a spec without a name (or an existing path with "=") -> (None, spec)."""
     m = NAMED_SPEC.match(spec)
     if m is None or spec.startswith(hub.PREFIX) or Path(spec).exists():
         return None, spec

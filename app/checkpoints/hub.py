@@ -20,7 +20,7 @@ SHARD_INDEX = "model.safetensors.index.json"
 
 
 def parse(spec: str) -> tuple[str, str | None]:
-    """ "hf-hub:org/name@rev" -> ("org/name", "rev")."""
+    """Split a Hub spec: "hf-hub:org/name@rev" -> ("org/name", "rev")."""
     repo = spec.removeprefix(PREFIX).strip()
     repo, _, revision = repo.partition("@")
     if repo.count("/") != 1 or not all(repo.split("/")):

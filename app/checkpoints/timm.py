@@ -41,7 +41,7 @@ def is_timm_config(config: dict) -> bool:
 
 
 def parse_arch(arch: str) -> tuple[str, str | None]:
-    """ "vit_base_patch16_224.augreg_in1k" -> ("vit_base_patch16_224", "augreg_in1k")."""
+    """Split a timm name: "vit_base_patch16_224.augreg_in1k" -> ("vit_base_patch16_224", "augreg_in1k")."""
     name, _, tag = arch.strip().partition(".")
     return name, tag or None
 
