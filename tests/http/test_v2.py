@@ -23,6 +23,7 @@ import pytest
 import torch
 import uvicorn
 from http_support import encode, serve, settings_for, wrapping_loader
+from PIL import Image
 
 from app.engine import load_model
 from app.http import create_app
@@ -430,3 +431,21 @@ def test_not_ready_while_loading_and_while_draining(checkpoints, pngs):
         assert r.status_code == 503 and set(r.json()) == {"error"}, r.text
     assert "loading" in loading[0].json()["error"] and "shutting down" in draining[0].json()["error"]
     assert ok.status_code == 200
+
+
+def test_a_forward_fault_is_500_in_the_protocol_shape_with_the_request_id(checkpoints, pngs):
+    app = create_app(settings_for(checkpoints, "tiny"), loader=wrapping_loader(poison=True))
+    white = encode(Image.new("RGB", (40, 40), (255, 255, 255)), "PNG")
+
+    async def main():
+        async with serve(app) as client:
+            headers = {"X-Request-ID": "fault-1"}
+            return (
+                await client.post("/v2/models/tiny/infer", json=v2_request(white), headers=headers),
+                await client.post("/v2/models/tiny/infer", json=v2_request(pngs[0])),
+            )
+
+    fault, fine = asyncio.run(main())
+    assert fault.status_code == 500 and set(fault.json()) == {"error"}
+    assert "fault-1" in fault.json()["error"] and fault.headers["x-request-id"] == "fault-1"
+    assert fine.status_code == 200
