@@ -265,6 +265,16 @@ def git_head() -> str | None:
         return None
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (a `timeout` running out, say) into SystemExit, so `with` blocks stop the servers we started."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def write_json(data: dict, path: str | Path | None) -> None:
     text = json.dumps(data, indent=2)
     if path:

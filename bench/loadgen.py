@@ -320,7 +320,7 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float) -> flo
     raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s")
 
 
-def stop(proc: subprocess.Popen, grace_s: float = 20) -> None:
+def stop(proc: subprocess.Popen, grace_s: float = 8) -> None:
     """SIGTERM, then SIGKILL after `grace_s` (only the process we started, and its process group)."""
     if proc.poll() is not None:
         return

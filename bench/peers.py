@@ -16,6 +16,7 @@ import contextlib
 import os
 import sys
 import time
+from pathlib import Path
 
 from bench import common
 from bench.loadgen import free_port, spawn, stop, wait_ready
@@ -67,22 +68,28 @@ class Peer:
         self.proc = None
         self.startup_s = None
 
-    def __enter__(self) -> Peer:
+    def start(self) -> Peer:
         a = self.args
         cmd = [sys.executable, "-m", "bench.peer_apps", self.kind, "--weights", self.weights, "--shape", a.shape]
         cmd += ["--port", str(self.port), "--device", a.device, "--dtype", a.dtype]
         cmd += ["--max-batch-size", str(a.max_batch_size), "--batch-timeout", str(a.batch_timeout)]
         self.log = str(self.folder / f"{self.kind}.log")
-        t0 = time.perf_counter()
+        self._t0 = time.perf_counter()
         self.proc = spawn(cmd, {"PYTHONUNBUFFERED": "1"}, self.log)
+        return self
+
+    def wait(self) -> Peer:
         try:
-            wait_ready(self.url + "/health", self.proc, a.ready_timeout)
+            wait_ready(self.url + "/health", self.proc, self.args.ready_timeout)
         except Exception:
             stop(self.proc)
-            print(open(self.log).read()[-3000:], file=sys.stderr)
+            print(Path(self.log).read_text()[-3000:], file=sys.stderr)
             raise
-        self.startup_s = round(time.perf_counter() - t0, 1)
+        self.startup_s = round(time.perf_counter() - self._t0, 1)
         return self
+
+    def __enter__(self) -> Peer:
+        return self.start().wait()
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None:
@@ -113,6 +120,7 @@ def ratios(ours: list[dict], theirs: list[dict], name: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    common.exit_on_sigterm()
     args = parse_args(argv)
     result = {"bench": "peers", "env": common.environment("cuda" if args.cuda else "cpu"), "args": vars(args)}
     kinds = [k for k in args.peers.split(",") if k]
@@ -120,21 +128,28 @@ def main(argv: list[str] | None = None) -> dict:
     # Every server is up for the whole run, idle while another is loaded; each load runs against all of them in
     # turn, so a change in the machine's load during the run hits them alike.
     with contextlib.ExitStack() as stack:
-        ours = stack.enter_context(VitServe(argparse.Namespace(**vars(args))))
-        result["startup_s"] = {"vitserve": ours.startup_s}
-        if args.raw:
-            from bench.server import raw_reference
-
-            result["raw_reference"] = raw_reference(ours.ckpt, args, max(args.seconds, 5))
-        servers = [("vitserve", ours.url, args.endpoint, ours.proc.pid)]
+        # start every server at once (start-ups overlap), then wait for each
+        ours = VitServe(argparse.Namespace(**vars(args))).start()
+        stack.callback(ours.__exit__)
+        peers = {}
         for kind in kinds:
+            peers[kind] = Peer(kind, str(ours.ckpt), args, ours.folder).start()
+            stack.callback(peers[kind].__exit__)
+        ours.wait()
+        result["startup_s"] = {"vitserve": ours.startup_s}
+        servers = [("vitserve", ours.url, args.endpoint, ours.proc.pid)]
+        for kind, peer in peers.items():
             try:
-                peer = stack.enter_context(Peer(kind, str(ours.ckpt), args, ours.folder))
+                peer.wait()
             except Exception as e:  # a peer that cannot start is reported, and the others still run
                 result.setdefault("peer_errors", {})[kind] = f"{type(e).__name__}: {e}"[:500]
                 continue
             result["startup_s"][kind] = peer.startup_s
             servers.append((kind, peer.url, "/predict", peer.proc.pid))
+        if args.raw:
+            from bench.server import raw_reference
+
+            result["raw_reference"] = raw_reference(ours.ckpt, args, max(args.seconds, 5))
         for size in args.sizes.split(","):
             for ipr in args.images_per_request.split(","):
                 for c in args.concurrency.split(","):

@@ -216,6 +216,7 @@ def ratios(rows: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    common.exit_on_sigterm()
     args = parse_args(argv)
     from app.engine import resolve_device
 

@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", default=None, help="comma list (default 1,16,64; 1,16,64,256 on CUDA)")
     p.add_argument("--images-per-request", default="1,32")
     p.add_argument("--sizes", default="640x480,4000x3000")
+    p.add_argument("--loads", default=None, help="instead of the matrix: SIZE:IMAGES:CONCURRENCY,... (640x480:32:16)")
     p.add_argument("--seconds", type=float, default=10.0, help="per load")
     p.add_argument("--max-requests", type=int, default=0, help="per load; 0: bounded by --seconds only")
     p.add_argument("--procs", type=int, default=None, help="client processes (default: 1 on CPU, 4 on CUDA)")
@@ -102,19 +103,25 @@ class VitServe:
             *a.server_arg,
         ]
 
-    def __enter__(self) -> VitServe:
+    def start(self) -> VitServe:
         env = {"VIT_COMPILE": self.args.compile, "PYTHONUNBUFFERED": "1"}
         self.log = str(self.folder / "server.log")
-        t0 = time.perf_counter()
+        self._t0 = time.perf_counter()
         self.proc = spawn(self.command(), env, self.log)
+        return self
+
+    def wait(self) -> VitServe:
         try:
             wait_ready(self.url + "/readyz", self.proc, self.args.ready_timeout)
         except Exception:
             stop(self.proc)
             print(Path(self.log).read_text()[-3000:], file=sys.stderr)
             raise
-        self.startup_s = round(time.perf_counter() - t0, 1)
+        self.startup_s = round(time.perf_counter() - self._t0, 1)
         return self
+
+    def __enter__(self) -> VitServe:
+        return self.start().wait()
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None:
@@ -136,28 +143,43 @@ def raw_reference(ckpt: Path, args: argparse.Namespace, seconds: float) -> dict:
     return out
 
 
+def load_plan(args: argparse.Namespace) -> list[tuple[str, int, int]]:
+    """(size, images per request, concurrency) for each load: --loads as given, else the full matrix."""
+    if getattr(args, "loads", None):
+        plan = []
+        for item in args.loads.split(","):
+            size, ipr, c = item.split(":")
+            plan.append((size, int(ipr), int(c)))
+        return plan
+    return [
+        (size, int(ipr), int(c))
+        for size in args.sizes.split(",")
+        for ipr in args.images_per_request.split(",")
+        for c in args.concurrency.split(",")
+    ]
+
+
 def run_matrix(base_url: str, endpoint: str, pid: int | None, args: argparse.Namespace, label: str) -> list[dict]:
-    """Every (size, images per request, concurrency) load against one server."""
+    """Every planned load against one server, in order."""
     rows = []
-    for size in args.sizes.split(","):
-        jpeg = photo_jpeg(*parse_size(size))
-        for ipr in (int(n) for n in args.images_per_request.split(",")):
-            for c in (int(n) for n in args.concurrency.split(",")):
-                load = Load(
-                    url=base_url + endpoint,
-                    jpeg=jpeg,
-                    images_per_request=ipr,
-                    concurrency=c,
-                    seconds=args.seconds,
-                    max_requests=args.max_requests,
-                    procs=args.procs,
-                )
-                with Watcher(pid, args.cuda) as w:
-                    row = run_load(load)
-                row.update(w.report())
-                row.update({"server": label, "image": size, "jpeg_bytes": len(jpeg), "loadavg": os.getloadavg()[0]})
-                rows.append(row)
-                print_row(row)
+    jpegs: dict[str, bytes] = {}
+    for size, ipr, c in load_plan(args):
+        jpeg = jpegs.setdefault(size, photo_jpeg(*parse_size(size)))
+        load = Load(
+            url=base_url + endpoint,
+            jpeg=jpeg,
+            images_per_request=ipr,
+            concurrency=c,
+            seconds=args.seconds,
+            max_requests=args.max_requests,
+            procs=args.procs,
+        )
+        with Watcher(pid, args.cuda) as w:
+            row = run_load(load)
+        row.update(w.report())
+        row.update({"server": label, "image": size, "jpeg_bytes": len(jpeg), "loadavg": os.getloadavg()[0]})
+        rows.append(row)
+        print_row(row)
     return rows
 
 
@@ -195,6 +217,7 @@ def table_rows(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    common.exit_on_sigterm()
     args = parse_args(argv)
     result = {"bench": "server", "env": common.environment("cuda" if args.cuda else "cpu"), "args": vars(args)}
     if args.url:

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# One GPU session's measurements, in under 8 minutes: raw (the engine beside timm / transformers), server
+# (vitserve under load) and peers (vitserve beside a plain FastAPI endpoint and LitServe), ViT-B/16 bfloat16.
+#
+# On the GPU box (no network): first, here, `bash scripts/fetch_gpu_wheels.sh`, then carry `.whl` and run
+#   bash bench/gpu.sh                 # JSON and logs into $OUT (or bench/results/gpu-<date>/)
+# On a CPU, to check the script itself (tiny shapes, a few seconds per step):
+#   GPU_SH_SMOKE=1 bash bench/gpu.sh
+#
+# Each step has its own time limit and writes its own JSON, so a step that fails or overruns costs only itself.
+# Order: most important first (the engine, then the server under load, then the peers, then compile variants).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY=${PY:-python3}
+SMOKE=${GPU_SH_SMOKE:-0}
+START=$(date +%s)
+DEST=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M)}
+mkdir -p "$DEST"
+LOG="$DEST/gpu-sh.log"
+exec > >(tee -a "$LOG") 2>&1
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && [ "$SMOKE" != 1 ]; then
+  echo "== installing carried wheels into /tmp/site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+elapsed() { echo $(( $(date +%s) - START )); }
+step() {  # step NAME LIMIT_SECONDS COMMAND...: run with a time limit, report how it ended
+  local name=$1 limit=$2; shift 2
+  echo "== [$(elapsed) s] $name (limit ${limit} s): $*"
+  timeout --signal=TERM --kill-after=30 "$limit" "$@"
+  local rc=$?
+  echo "== [$(elapsed) s] $name ended with status $rc"
+}
+
+if [ "$SMOKE" = 1 ]; then
+  # the script's plumbing only: no compiling at start-up on a shared 2-core CPU (tests/test_accel.py covers it)
+  DEV=cpu DTYPE=float32 SHAPE=ti16 SECS=2 RAW_BATCHES=1,2 RAW_COMPILE_BATCHES=1 CONC=1,2 MB=4 PROCS=1 DECODE=1
+  SERVER_LOADS=640x480:4:2,4000x3000:1:2 RAW_IMPLS=ours,hf,timm COMPILE_IMPLS=ours-accel MODE=off
+else
+  # 32-image requests at c=16 (512 images in flight) and c=4; 4000x3000 single images at c=64
+  DEV=cuda DTYPE=bfloat16 SHAPE=b16 SECS=5 RAW_BATCHES=1,8,32,64,256 RAW_COMPILE_BATCHES=1,64,256 CONC=1,64,256
+  MB=64 PROCS=4 DECODE=10 SERVER_LOADS=640x480:32:4,640x480:32:16,4000x3000:1:64
+  RAW_IMPLS=ours,ours-accel,hf,timm COMPILE_IMPLS=ours-accel,timm-compile MODE=auto
+fi
+
+echo "== environment"
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv 2>/dev/null || true
+"$PY" -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available())"
+"$PY" -c "import fastapi, uvicorn, pydantic, litserve; print('web stack ok')" || echo "web stack missing: server and peers will fail"
+nproc; uptime
+
+# 1. correctness of the CUDA paths (CUDA graphs, compile + graphs) before any figure is believed
+step tests 60 "$PY" -m pytest tests/test_accel.py -q -x -p no:cacheprovider
+
+# 2. the engine alone: eager, CUDA graphs (ours-accel, --compile "$MODE"), timm, transformers
+step raw 110 "$PY" -m bench.raw --device "$DEV" --shapes "$SHAPE" --dtypes "$DTYPE" --batch-sizes "$RAW_BATCHES" \
+  --impls "$RAW_IMPLS" --compile "$MODE" --seconds "$SECS" --min-repeats 10 --out "$DEST/raw.json"
+
+# 3. vitserve under the loads the peers do not take: 32-image requests, 4000x3000 uploads
+step server 100 "$PY" -m bench.server --spawn --device "$DEV" --dtype "$DTYPE" --shape "$SHAPE" --compile "$MODE" \
+  --max-batch-size "$MB" --loads "$SERVER_LOADS" --seconds "$SECS" --procs "$PROCS" \
+  --server-arg=--decode-workers="$DECODE" --out "$DEST/server.json"
+
+# 4. vitserve beside the peers, same weights and precision, single 640x480 images, one run
+step peers 180 "$PY" -m bench.peers --device "$DEV" --dtype "$DTYPE" --shape "$SHAPE" --compile "$MODE" \
+  --max-batch-size "$MB" --concurrency "$CONC" --seconds "$SECS" --procs "$PROCS" \
+  --server-arg=--decode-workers="$DECODE" --out "$DEST/peers.json"
+
+# 5. compiled variants (inductor + CUDA graphs; timm under torch.compile), only at a few batch sizes
+step raw-compile 120 "$PY" -m bench.raw --device "$DEV" --shapes "$SHAPE" --dtypes "$DTYPE" \
+  --batch-sizes "$RAW_COMPILE_BATCHES" --impls "$COMPILE_IMPLS" --compile on --seconds "$SECS" --min-repeats 10 \
+  --out "$DEST/raw-compile.json"
+
+echo "== done in $(elapsed) s; results in $DEST"
+ls -la "$DEST"
