@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import socket
 import threading
@@ -227,6 +228,20 @@ def test_default_output_is_probabilities_and_embedding_without_a_head(triton, se
     close(result.as_numpy("embedding"), [e["embedding"] for e in embedded])
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_are_read(triton, server, pngs, algorithm):
+    result = triton.infer(
+        "tiny",
+        [bytes_input(pngs, True)],
+        outputs=wanted(["embedding"], True),
+        headers=auth(),
+        request_compression_algorithm=algorithm,
+        response_compression_algorithm=algorithm,  # we answer uncompressed, which the client accepts
+    )
+    embedded = v1(server, "/v1/embed?model=tiny", pngs)["results"]
+    close(result.as_numpy("embedding"), [e["embedding"] for e in embedded])
+
+
 # ------------------------------------------------------------------------------------ UINT8, FP32 vs engine
 
 
@@ -317,13 +332,17 @@ def test_fp32_at_another_size_is_400(triton):
     assert e.status() == "400" and "32 x 32" in e.message()
 
 
-def test_limits_are_413(triton, pngs):
+def test_limits_are_413(triton, server, pngs):
     many = [pngs[0]] * (MAX_IMAGES + 1)
     e = failure(triton, "tiny", [bytes_input(many, True)])
     assert e.status() == "413" and str(MAX_IMAGES) in e.message()
     big = np.zeros((1, 600, 600, 3), np.uint8)  # 1.08 MB of pixels, over the 1 MiB body cap
     e = failure(triton, "tiny", [httpclient.InferInput("x", list(big.shape), "UINT8").set_data_from_numpy(big)])
     assert e.status() == "413"
+    bomb = gzip.compress(b" " * (2 * MAX_BYTES))  # a few KB that would inflate past the cap: never inflated
+    headers = {**auth(), "Content-Encoding": "gzip"}
+    r = httpx.post(f"{server}/v2/models/tiny/infer", content=bomb, headers=headers, timeout=30)
+    assert r.status_code == 413 and set(r.json()) == {"error"}
 
 
 def test_raw_error_bodies_have_the_protocol_shape(server, pngs):
