@@ -27,6 +27,10 @@ import yaml
 from fastapi.testclient import TestClient
 from PIL import Image
 
+# Before Ray is imported: every Ray process on the loopback address (Ray would pick the host's interface), and
+# no usage report.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 pytest.importorskip("ray.serve", reason="the optional ray extra: pip install -e '.[ray]'")
 import ray
 from ray import serve
@@ -87,11 +91,11 @@ def pngs() -> list[bytes]:
 @pytest.fixture(scope="module")
 def proxy(settings) -> Iterator[str]:
     """A fresh local Ray (3 CPUs, no dashboard) with the app on two replicas; the proxy's URL on loopback."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         serve.run(build_app(settings, num_replicas=2), name=APP, route_prefix="/")
