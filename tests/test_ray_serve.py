@@ -23,7 +23,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import yaml
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -211,6 +210,7 @@ def test_a_replica_killed_under_load_is_replaced(proxy, pngs):
 
 
 def test_the_config_file_is_valid_and_builds_the_app():
+    import yaml  # PyYAML comes with ray[serve]
     from ray.serve.schema import ServeDeploySchema
 
     config = yaml.safe_load((ROOT / "deploy/ray/serve_config.yaml").read_text())
