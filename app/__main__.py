@@ -44,6 +44,7 @@ SCALARS = {
     "--jpeg-draft": ("jpeg_draft", "true (default) or false: JPEG DCT scaling for large images"),
     "--warmup": ("warmup", "true (default) or false: run every batch size once before ready"),
     "--drain-timeout-s": ("drain_timeout_s", "after SIGTERM, longest wait for accepted requests (default 60)"),
+    "--compile": ("compile", "the engine's fast-path speed-up: off (default), auto, on, or a strategy name"),
 }
 
 

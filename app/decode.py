@@ -183,6 +183,12 @@ def decode_to_pixels(data: bytes, cfg: PreprocessConfig, max_pixels: int, draft:
     """
     target = partial(_draft_target, cfg=cfg) if draft else None
     image, size = decode_image(data, max_pixels, target)
+    rw, rh = resized_size(image.width, image.height, cfg.resize)
+    if rw * rh > max_pixels:  # a 1 x 40,000,000 strip would become 36 x 1.4e9 pixels before its crop
+        raise InvalidImage(
+            f"the image's aspect ratio ({size[0]} x {size[1]}) is too extreme: resizing it for the model "
+            f"would take {rw * rh:,} pixels"
+        )
     try:
         pixels = to_model_pixels(image, cfg)
     except Exception as e:  # e.g. an image too thin to resize to the target
@@ -262,6 +268,7 @@ class Decoder:
         return await self._run(decode_preview, data, self.max_pixels)
 
     def close(self) -> None:
+        """Stop the workers (queued jobs are cancelled; a running decode is bounded by the pixel limit)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

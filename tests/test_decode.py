@@ -146,6 +146,12 @@ def test_decompression_bomb_is_refused_from_its_header():
         decode_image(bomb_png(200, 100), 19_999)
 
 
+def test_extreme_aspect_ratios_are_refused_before_resizing():
+    strip = bomb_png(1, 2_000_000)  # 2 M pixels, but 36 x 72 M once its short side is resized to 36
+    with pytest.raises(InvalidImage, match="aspect ratio"):
+        decode_to_pixels(strip, CFG, 40_000_000)
+
+
 def test_zero_sized_images_are_refused():
     with pytest.raises(InvalidImage):
         decode_image(bomb_png(0, 10), LIMIT)

@@ -89,7 +89,7 @@ class RequestContext:
             "%s %s %s model=%s images=%d status=%d duration_ms=%.1f",
             context["request_id"],
             scope.get("method", ""),
-            endpoint if endpoint != "unmatched" else scope.get("path", ""),
+            endpoint if endpoint != "unmatched" else ascii(scope.get("path", "")[:200]),  # no log injection
             context.get("model") or "-",
             context.get("images") or 0,
             status,

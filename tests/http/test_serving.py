@@ -283,3 +283,31 @@ def test_image_sizes_beyond_the_input_are_resampled(client):
     tall = encode(Image.new("RGB", (3, 900), (10, 200, 30)))
     r = client.post("/v1/classify", content=tall, headers=RAW)
     assert r.status_code == 200
+
+
+def test_a_bug_becomes_a_500_envelope_with_the_request_id_never_a_traceback(checkpoints):
+    class Buggy:
+        def __init__(self, model):
+            self._model = model
+
+        def __getattr__(self, name):
+            return getattr(self._model, name)
+
+        def __call__(self, *args, **kwargs):
+            return self._model(*args, **kwargs)
+
+        @property
+        def info(self):
+            raise KeyError("a bug in the server")
+
+    app = create_app(settings_for(checkpoints, "tiny"), loader=lambda *a: Buggy(engine_loader(*a)))
+
+    async def main():
+        async with serve(app) as client:
+            return await client.get("/v1/models", headers={"X-Request-ID": "bug-1"}), await client.get("/healthz")
+
+    r, healthz = asyncio.run(main())
+    assert r.status_code == 500 and r.headers["x-request-id"] == "bug-1"
+    assert r.json() == {"error": {"code": "internal_error", "message": r.json()["error"]["message"]}}
+    assert "bug-1" in r.json()["error"]["message"] and "Traceback" not in r.text and "KeyError" not in r.text
+    assert healthz.status_code == 200  # the server carries on
