@@ -48,7 +48,7 @@ from app.http.state import ServedModel, ServerState
 from app.http.v1 import require_api_key, require_ready
 from app.http.v2_codec import HEADER_LENGTH, InputTensor, OutputTensor, RequestedOutput, decompress, parse_request
 from app.http.v2_codec import encode_response as encode
-from app.preprocess import to_model_pixels
+from app.preprocess import PreprocessConfig, resized_size, to_model_pixels
 from app.tasks import Item, Tensors, batch_key
 
 log = logging.getLogger("vitserve")
@@ -253,7 +253,7 @@ def the_images(inputs: list[InputTensor], served: ServedModel, state: ServerStat
     if n > limit:
         raise too_many(n, limit)
     if t.datatype == "UINT8":
-        _check_pixels(shape[1], shape[2], state.settings.max_image_pixels, where)
+        _check_pixels(shape[1], shape[2], served.model.preprocess_config, state.settings.max_image_pixels, where)
     if t.datatype == "FP32":
         if tuple(shape[2:]) != (h, w):
             message = (
@@ -265,7 +265,8 @@ def the_images(inputs: list[InputTensor], served: ServedModel, state: ServerStat
     return t
 
 
-def _check_pixels(height: int, width: int, max_pixels: int, where: str) -> None:
+def _check_pixels(height: int, width: int, cfg: PreprocessConfig, max_pixels: int, where: str) -> None:
+    """The limits a decoded image meets (app.decode), before any work: size, pixel count, resize cost."""
     if height == 0 or width == 0:
         raise ApiError(400, "invalid_image", f"{where}: the images are zero-sized ({width} x {height})")
     if height * width > max_pixels:
@@ -274,6 +275,12 @@ def _check_pixels(height: int, width: int, max_pixels: int, where: str) -> None:
             f"{where}: the images have {width} x {height} = {pixels:,} pixels, more than the limit of {max_pixels:,}"
         )
         raise ApiError(400, "image_too_large", message)
+    rw, rh = resized_size(width, height, cfg.resize)
+    if rw * rh > max_pixels:  # a 1 x 40,000 strip would become 36 x 1.4e6 pixels before its crop
+        message = (
+            f"{where}: the aspect ratio ({width} x {height}) is too extreme: resizing would take {rw * rh:,} pixels"
+        )
+        raise ApiError(400, "invalid_image", message)
 
 
 def requested_outputs(outputs: list[RequestedOutput] | None, served: ServedModel) -> list[RequestedOutput]:

@@ -326,6 +326,13 @@ def test_bad_datatypes_and_shapes_are_422(triton, engine):
     assert e.status() == "422" and "no classification head" in e.message()
 
 
+def test_uint8_zero_sized_or_extreme_strips_are_400(triton):
+    for shape in ([1, 0, 8, 3], [1, 1, 40_000, 3]):  # the strip would resize to 36 x 1.44e6 > 40e6 pixels
+        x = np.zeros(shape, np.uint8)
+        e = failure(triton, "tiny", [httpclient.InferInput("x", shape, "UINT8").set_data_from_numpy(x)])
+        assert e.status() == "400", e.message()
+
+
 def test_fp32_at_another_size_is_400(triton):
     x = np.zeros((1, 3, 16, 16), np.float32)
     e = failure(triton, "tiny", [httpclient.InferInput("x", [1, 3, 16, 16], "FP32").set_data_from_numpy(x)])
