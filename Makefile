@@ -19,7 +19,7 @@ install: $(BIN)/python
 
 install-test: $(BIN)/python
 	$(BIN)/python -c "import torchvision" 2>/dev/null || $(BIN)/pip install -q $(TORCH_TEST)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,ray]'
 
 serve: install
 	$(BIN)/vit-serve
