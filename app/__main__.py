@@ -40,7 +40,7 @@ SCALARS = {
     "--api-key": ("api_key", "when set, every /v1 request needs 'Authorization: Bearer <key>'"),
     "--log-level": ("log_level", "debug, info (default), warning or error"),
     "--decode-workers": ("decode_workers", "decoding processes or threads (default min(4, CPUs); 0: inline)"),
-    "--decode-pool": ("decode_pool", "process (default) or thread"),
+    "--decode-pool": ("decode_pool", "auto (default: threads on <= 2 CPUs, else processes), process or thread"),
     "--jpeg-draft": ("jpeg_draft", "true (default) or false: JPEG DCT scaling for large images"),
     "--warmup": ("warmup", "true (default) or false: run every batch size once before ready"),
     "--drain-timeout-s": ("drain_timeout_s", "after SIGTERM, longest wait for accepted requests (default 60)"),

@@ -83,7 +83,9 @@ class Settings(BaseSettings):
 
     # additions beyond the contract's table
     decode_workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=0)  # 0: decode inline
-    decode_pool: Literal["process", "thread"] = "process"  # measured faster on a 2-core CPU (see README)
+    # auto: threads on a machine with 2 CPUs or fewer (no pickling, no extra processes competing for the
+    # cores; measured faster end to end by bench/decode_pool.py), a process pool above (out of the GIL)
+    decode_pool: Literal["auto", "process", "thread"] = "auto"
     jpeg_draft: bool = True  # JPEG DCT scaling while the image stays >= 2x the resize target
     warmup: bool = True  # run each batch size once before /readyz says ready
     drain_timeout_s: float = Field(60.0, ge=0)  # after SIGTERM, longest wait for accepted requests
@@ -154,6 +156,12 @@ class Settings(BaseSettings):
     def global_image_size(self) -> int | None:
         """The image size that applies to every model (a single value), else None."""
         return self.image_size[0] if len(self.image_size) == 1 else None
+
+    @property
+    def decode_pool_kind(self) -> Literal["process", "thread"]:
+        if self.decode_pool != "auto":
+            return self.decode_pool
+        return "process" if (os.cpu_count() or 1) > 2 else "thread"
 
     def batch_size_for(self, device_type: str) -> int:
         """--max-batch-size, or its default for the device: 32 on a GPU, 8 on the CPU."""

@@ -125,12 +125,14 @@ def _classify(model, out, index: list[int], tasks: list[Classify]) -> list[Predi
 
 
 def _embed(model, out, index: list[int], tasks: list[Embed]) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
-    rows = []
-    for j, t in zip(index, tasks, strict=True):
-        e = out.embedding[j] if t.pool == "cls" else out.tokens[j, 1:].mean(dim=0)
-        rows.append(F.normalize(e.float(), dim=-1) if t.normalize else e.float())
-    stacked = torch.stack(rows).cpu().numpy()
-    return list(stacked)
+    rows = out.embedding[index].float()  # (n, D) class tokens
+    if any(t.pool == "mean" for t in tasks):  # decided on the host: no device sync
+        mean = torch.tensor([t.pool == "mean" for t in tasks], device=rows.device)
+        rows = torch.where(mean[:, None], out.tokens[index, 1:].float().mean(dim=1), rows)
+    if any(t.normalize for t in tasks):
+        norm = torch.tensor([t.normalize for t in tasks], device=rows.device)
+        rows = torch.where(norm[:, None], F.normalize(rows, dim=-1), rows)
+    return list(rows.cpu().numpy())
 
 
 def _attention_map(model, out, index: list[int], tasks: list[AttentionMap]) -> list[np.ndarray]:  # type: ignore[no-untyped-def]

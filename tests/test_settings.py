@@ -26,6 +26,8 @@ def test_defaults_are_the_contracts():
     assert s.max_wait_ms == 5 and s.max_queue == 256 and s.request_timeout_s == 30
     assert s.max_upload_bytes == 20 * 1024 * 1024 and s.max_images_per_request == 64
     assert s.max_image_pixels == 40_000_000 and s.api_key is None and s.log_level == "info"
+    assert s.decode_pool == "auto" and s.decode_pool_kind in ("process", "thread")
+    assert Settings(decode_pool="process").decode_pool_kind == "process"
 
 
 def test_every_option_is_a_variable_and_the_flag_wins(monkeypatch):
