@@ -148,6 +148,7 @@ async def load_one(state: ServerState, p: Planned, loader: Loader, models_dir: P
         on_batch=metrics.batch_size.labels(p.name).observe,
         on_depth=metrics.queue_depth.labels(p.name).set,
     )
+    metrics.queue_depth.labels(p.name).set(0)  # present from the start, not from the first request
     batcher.start()
     try:
         if settings.warmup:
