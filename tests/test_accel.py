@@ -72,7 +72,7 @@ def test_resolve_strategy():
     cpu = torch.device("cpu")
     assert resolve_strategy("off", cpu) == "eager"
     assert resolve_strategy("eager", cpu) == "eager"
-    assert resolve_strategy("auto", cpu) == ("compile" if accel.has_cpp_compiler() else "eager")
+    assert resolve_strategy("auto", cpu) == ("onednn" if accel.has_onednn_linear() else "eager")
     with pytest.raises(ValueError, match="CUDA"):
         resolve_strategy("cudagraph", cpu)
     with pytest.raises(ValueError, match="unknown compile mode"):
@@ -87,6 +87,37 @@ def test_eager_strategy_is_the_module_itself():
     x = torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
         assert_same(fast(x), eager(net, x))
+
+
+# -- oneDNN linears, on the CPU -------------------------------------------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not accel.has_onednn_linear(), reason="this torch has no oneDNN linear ops")
+
+
+@needs_onednn
+@pytest.mark.parametrize("num_classes", [10, 0])
+def test_onednn_matches_eager_at_any_batch_size(num_classes):
+    net = tiny_vit(num_classes=num_classes)
+    fast = accelerate(net, "cpu", torch.float32, [1, 4], mode="auto")
+    assert fast.strategy == "onednn"
+    assert sorted(fast.warmup()) == [1, 4]
+    linears = [m for m in fast.fast.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears == []  # every linear layer was replaced
+    assert any(isinstance(m, torch.nn.Linear) for m in net.modules())  # and the engine's own model untouched
+    for n in (1, 3, 4, 6):  # sizes not warmed work too
+        x = torch.randn(n, 3, 32, 32)
+        assert_same(fast(x), eager(net, x))
+
+
+@needs_onednn
+def test_onednn_bfloat16_close_to_float32():
+    net = tiny_vit()
+    x = torch.randn(3, 3, 32, 32)
+    want = eager(net, x)
+    fast = accelerate(tiny_vit().to(torch.bfloat16), "cpu", torch.bfloat16, 4, mode="onednn")
+    got = fast(x.to(torch.bfloat16))
+    assert got[0].dtype == torch.bfloat16
+    torch.testing.assert_close(got[1].float(), want[1], atol=0.1, rtol=0.05)
 
 
 # -- compiled, on the CPU ---------------------------------------------------------------------------------
@@ -142,6 +173,9 @@ def test_engine_warmup_uses_the_compiled_path_and_keeps_attentions(tmp_path):
     native.save(path, net.cfg, net.state_dict(), pre, [f"c{i}" for i in range(5)])
 
     plain = load_model(str(path), device="cpu", dtype="float32")
+    auto = load_model(str(path), device="cpu", dtype="float32", compile="auto")
+    auto.warmup(4)
+    assert auto.accel_strategy == ("onednn" if accel.has_onednn_linear() else "eager")
     fast = load_model(str(path), device="cpu", dtype="float32", compile="on")
     assert fast.accel_strategy == "eager"
     seconds = fast.warmup([1, 2])
@@ -156,6 +190,9 @@ def test_engine_warmup_uses_the_compiled_path_and_keeps_attentions(tmp_path):
     torch.testing.assert_close(got.tokens, want.tokens, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(got.embedding, want.embedding, atol=ATOL, rtol=RTOL)
     assert got.attentions is None
+    by_auto = auto(x)
+    torch.testing.assert_close(by_auto.logits, want.logits, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(by_auto.tokens, want.tokens, atol=ATOL, rtol=RTOL)
     # the attention path is the eager one, compiled or not
     with_maps = fast(x, attentions=True)
     assert len(with_maps.attentions) == 2 and with_maps.attentions[0].shape == (3, 2, 17, 17)
