@@ -26,6 +26,15 @@ def pngs(real_photos) -> list[bytes]:
     return [encode(real_photos[n], "PNG") for n in ("chelsea", "astronaut", "coffee", "china")]
 
 
+async def until(condition, timeout: float = 30.0) -> None:
+    """Wait (on the event loop) until `condition()` is true: no fixed sleeps that a slow machine outruns."""
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never became true")
+
+
 def classify(client, data: bytes, url: str = "/v1/classify", **headers):
     return client.post(url, content=data, headers={**RAW, **headers})
 
@@ -38,7 +47,7 @@ def test_concurrent_requests_share_a_forward(checkpoints, pngs):
         async with serve(app) as client:
             created[0].batch_sizes.clear()  # forget the warm-up
             first = asyncio.create_task(classify(client, pngs[0]))  # occupies the forward for 0.2 s
-            await asyncio.sleep(0.05)
+            await until(lambda: created[0].batch_sizes)
             rest = await asyncio.gather(*(classify(client, pngs[i % 4]) for i in range(6)))
             answers = [await first, *rest]
             return answers, (await client.get("/metrics")).text
@@ -142,10 +151,11 @@ def test_a_client_that_disconnects_has_its_queued_work_dropped(checkpoints, pngs
         async with serve(app) as client:
             created[0].batch_sizes.clear()
             busy = asyncio.create_task(classify(client, pngs[0]))  # holds the forward
-            await asyncio.sleep(0.1)
+            await until(lambda: created[0].batch_sizes)
             gone = asyncio.Event()
             leaving = asyncio.create_task(asgi_call(app, "POST", "/v1/classify", RAW, [pngs[1]], disconnect=gone))
-            await asyncio.sleep(0.1)
+            batcher = app.state.vit.models["tiny"].batcher
+            await until(lambda: batcher._queue or batcher._running == 2)  # decoded, waiting behind the busy one
             depth_while_queued = metric((await client.get("/metrics")).text, "vit_queue_depth", model="tiny")
             gone.set()
             out = await leaving
