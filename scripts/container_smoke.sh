@@ -58,7 +58,8 @@ step "build context: pyproject.toml README.md app/ models/ (the .dockerignore al
 mkdir -p "$work/src" "$work/dist" "$work/run"
 (cd "$repo" && tar --exclude='__pycache__' --exclude='*.py[cod]' -cf - pyproject.toml README.md app models) |
   tar -xf - -C "$work/src"
-[ -n "$(ls -A "$work/src/models" 2>/dev/null)" ] || fail "models/ is empty: there is no bundled model to ship"
+[ -n "$(find "$work/src/models" -mindepth 2 -type f 2>/dev/null)" ] ||
+  fail "models/ holds no model folder: there is no bundled model to ship"
 
 step "fresh virtualenv ($("$python_bin" --version))"
 "$python_bin" -m venv "$work/venv"
