@@ -79,6 +79,17 @@ echo "$(basename "$wheel"): $(grep -c "app/_models/" "$work/wheel-files.txt") en
 step "runtime stage: pip install the wheel (dependencies from pyproject.toml)"
 pip install "$wheel"
 pip check
+# The image runs as a non-root user: the bundled model files must be readable by anyone once installed.
+unreadable=$("$venv_python" -c "
+import stat
+from pathlib import Path
+
+import app
+
+root = Path(app.__file__).parent / '_models'
+print(' '.join(str(p) for p in root.rglob('*') if p.is_file() and not p.stat().st_mode & stat.S_IROTH))
+")
+[ -z "$unreadable" ] || fail "installed model files a non-root user cannot read: $unreadable"
 "$venv_python" -c "import torch; print('torch', torch.__version__)"
 
 # Run outside the repository, with none of the caller's VIT_* settings: only the installed package counts.
