@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", default=None, help="default 1,16 on CPU; 1,64,256 on CUDA")
     p.add_argument("--images-per-request", default="1")
     p.add_argument("--sizes", default="640x480")
-    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--seconds", type=float, default=15.0, help="per load and round")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="repeat the interleaved loads; figures are medians over rounds"
+    )
     p.add_argument("--max-requests", type=int, default=0)
     p.add_argument("--procs", type=int, default=None)
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for vitserve (repeat)")
@@ -96,6 +101,28 @@ class Peer:
             stop(self.proc)
 
 
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One row per (image, images per request, concurrency): the median round by images/s, with the medians of
+    images/s and of each latency percentile over the rounds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["image"], r["images_per_request"], r["concurrency"]), []).append(r)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        mid = dict(sorted(group, key=lambda r: r["images_per_s"])[len(group) // 2])
+        mid["images_per_s"] = round(statistics.median(r["images_per_s"] for r in group), 2)
+        mid["latency_ms"] = {
+            q: round(statistics.median(r["latency_ms"][q] for r in group), 1) for q in group[0]["latency_ms"]
+        }
+        mid["rounds"] = len(group)
+        mid["images_per_s_by_round"] = [r["images_per_s"] for r in group]
+        out.append(mid)
+    return out
+
+
 def ratios(ours: list[dict], theirs: list[dict], name: str) -> list[dict]:
     key = lambda r: (r["image"], r["images_per_request"], r["concurrency"])  # noqa: E731
     mine = {key(r): r for r in ours}
@@ -150,21 +177,21 @@ def main(argv: list[str] | None = None) -> dict:
             from bench.server import raw_reference
 
             result["raw_reference"] = raw_reference(ours.ckpt, args, max(args.seconds, 5))
-        for size in args.sizes.split(","):
-            for ipr in args.images_per_request.split(","):
-                for c in args.concurrency.split(","):
-                    one = argparse.Namespace(
-                        **{**vars(args), "sizes": size, "images_per_request": ipr, "concurrency": c}
-                    )
-                    for name, url, endpoint, pid in servers:
-                        if name != "vitserve" and int(ipr) > 1 and name == "litserve":
-                            continue  # LitServe's API takes one image per request
-                        rows[name] += run_matrix(url, endpoint, pid, one, name)
-    result["vitserve"] = rows["vitserve"]
-    result["peers"] = {k: rows[k] for k in kinds}
-    result["ratios"] = [r for k in kinds for r in ratios(rows["vitserve"], rows[k], k)]
+        for _round, size, ipr, c in itertools.product(
+            range(args.rounds), args.sizes.split(","), args.images_per_request.split(","), args.concurrency.split(",")
+        ):
+            one = argparse.Namespace(**{**vars(args), "sizes": size, "images_per_request": ipr, "concurrency": c})
+            for name, url, endpoint, pid in servers:
+                if name == "litserve" and int(ipr) > 1:
+                    continue  # LitServe's API here takes one image per request
+                rows[name] += run_matrix(url, endpoint, pid, one, name)
+    merged = {name: median_rows(r) for name, r in rows.items()}
+    result["vitserve"] = merged["vitserve"]
+    result["peers"] = {k: merged[k] for k in kinds}
+    result["rounds"] = rows if args.rounds > 1 else None
+    result["ratios"] = [r for k in kinds for r in ratios(merged["vitserve"], merged[k], k)]
     result["env"]["loadavg_end"] = os.getloadavg()
-    print(table_rows([r for k in rows for r in rows[k]]))
+    print(table_rows([r for k in merged for r in merged[k]]))
     cols = ["peer", "image", "images_per_request", "concurrency", "throughput_ratio", "p50_ratio"]
     print("\n" + common.table(result["ratios"], cols))
     common.write_json(result, args.out)
