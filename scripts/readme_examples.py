@@ -3,7 +3,7 @@
 An example is a ```bash block whose lines start with `curl`; when a ```json block follows it directly,
 that block is the example's output. `<!-- readme: skip -->` on the line before a bash block exempts it
 (examples that need Docker, a cluster or the network). Outputs are written abbreviated, so the README
-stays readable: long lists keep their first three items, floats keep four decimals.
+stays readable: lists of more than four items keep their first three, floats keep four decimals.
 
     python scripts/readme_examples.py --url http://127.0.0.1:8000 --write   # refresh README.md
 """
@@ -61,19 +61,27 @@ def run(example: Example, url: str, cwd: Path = ROOT, timeout: float = 60) -> st
 
 
 def abbreviate(value: object, keep: int = 3) -> object:
+    """Lists of more than four items keep their first `keep`; floats keep four decimals."""
     if isinstance(value, dict):
         return {k: abbreviate(v, keep) for k, v in value.items()}
     if isinstance(value, list):
-        return [abbreviate(v, keep) for v in value[:keep]]
+        return [abbreviate(v, keep) for v in (value[:keep] if len(value) > 4 else value)]
     if isinstance(value, float):
         return round(value, 4)
     return value
 
 
-def render(value: object) -> str:
-    """JSON laid out like the README shows it: small lists of scalars on one line."""
-    text = json.dumps(value, indent=2)
-    return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]", text)
+def render(value: object, indent: int = 0, width: int = 100) -> str:
+    """JSON laid out like the README shows it: whatever fits on a line stays on one line."""
+    flat = json.dumps(value)
+    if len(flat) + indent <= width or not isinstance(value, dict | list) or not value:
+        return flat
+    pad = " " * (indent + 2)
+    if isinstance(value, dict):
+        items = [f"{pad}{json.dumps(k)}: {render(v, indent + 2, width)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    items = [pad + render(v, indent + 2, width) for v in value]
+    return "[\n" + ",\n".join(items) + "\n" + " " * indent + "]"
 
 
 def refresh(url: str) -> None:

@@ -134,3 +134,15 @@ def test_curl_example(server, example, tmp_path):
             assert img.format == "PNG" and img.width > 0
     if "-o " not in example.command and example.output is None:
         assert stdout.strip(), "the example printed nothing"
+
+
+def test_python_example_runs(monkeypatch):
+    """The README's Python API example, executed as written from the repository root."""
+    text = (ROOT / "README.md").read_text()
+    python = [m.group(2) for m in readme_examples.FENCE.finditer(text) if m.group(1) == "python"]
+    assert python, "the README shows no Python example"
+    monkeypatch.chdir(ROOT)
+    for code in python:
+        namespace: dict = {}
+        exec(compile(code, "README.md", "exec"), namespace)
+        assert namespace["out"].logits.argmax(-1).tolist() == [7]
