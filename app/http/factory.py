@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 
 from app.decode import Decoder
-from app.http import errors, health, v1, v2
+from app.http import errors, health, page, v1, v2
 from app.http.loading import Loader, engine_loader, load_all
 from app.http.middleware import RequestContext
 from app.http.responses import FastJSON
@@ -62,9 +62,6 @@ def create_app(
     app.include_router(health.router)
     app.include_router(v1.router)
     app.include_router(v2.router)
-    with contextlib.suppress(ImportError):
-        from app.http.page import router as page_router  # GET / and its assets (the page helper's)
-
-        app.include_router(page_router)
+    app.include_router(page.router)  # GET / and the page's assets
     app.add_middleware(RequestContext, state=state)
     return app

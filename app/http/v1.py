@@ -10,8 +10,10 @@ from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
+from PIL import Image
 from starlette.responses import Response
 
+from app import visuals
 from app.http.errors import ApiError, invalid
 from app.http.middleware import note
 from app.http.pipeline import infer, pick_model, state_of
@@ -158,10 +160,6 @@ async def attention(
 
 
 async def _overlay(served: ServedModel, preview, heatmap: np.ndarray) -> Response:  # type: ignore[no-untyped-def]
-    from PIL import Image
-
-    from app import visuals
-
     image = Image.fromarray(preview.pixels, "RGB")
     width, height = preview.size
     left, top, right, bottom = seen_region(width, height, served.model.preprocess_config)
@@ -177,8 +175,6 @@ async def attention_distance(request: Request, format: Format = "json", model: M
     png = format == "png"
     out = await infer(request, served, AttentionDistance(), one_image=png)
     if png:
-        from app import visuals
-
         cfg = served.config
         data = await asyncio.to_thread(visuals.distance_plot_png, out.results[0], cfg.patch_size, tuple(cfg.image_size))
         return Response(data, media_type="image/png")
@@ -192,8 +188,6 @@ async def position_similarity(request: Request, name: str, format: Format = "jso
     similarity = await asyncio.to_thread(served.similarity)
     grid = [int(g) for g in served.config.grid]
     if format == "png":
-        from app import visuals
-
         data = await asyncio.to_thread(visuals.similarity_mosaic_png, similarity, tuple(grid))
         return Response(data, media_type="image/png")
     return FastJSON({"model": served.name, "grid": grid, "similarity": similarity})
