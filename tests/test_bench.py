@@ -70,10 +70,8 @@ def test_raw_bench_runs_and_reports_agreement():
     pytest.importorskip("timm")
     from bench import raw
 
-    result = raw.main(
-        ["--shapes", "ti16", "--batch-sizes", "1", "--dtypes", "float32", "--impls", "ours,ours-accel,timm"]
-        + ["--seconds", "0", "--min-repeats", "1", "--device", "cpu"]
-    )
+    argv = "--shapes ti16 --batch-sizes 1 --dtypes float32 --impls ours,ours-accel,timm --seconds 0 --min-repeats 1"
+    result = raw.main([*argv.split(), "--device", "cpu"])
     (entry,) = result["results"]
     assert set(entry["impls"]) == {"ours", "ours-accel", "timm"}
     assert entry["impls"]["timm"]["max_abs_diff_vs_ours"] < 1e-4
