@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,8 +51,13 @@ def find_examples(text: str) -> list[Example]:
     return examples
 
 
-def run(example: Example, url: str, cwd: Path = ROOT, timeout: float = 60) -> str:
-    """Run the example's commands with bash against `url`; returns stdout."""
+def run(example: Example, url: str, cwd: Path | None = None, timeout: float = 60) -> str:
+    """Run the example's commands with bash against `url`, in `cwd` (default: a scratch folder holding
+    a copy of examples/ and README.md, so files the examples write land there); returns stdout."""
+    if cwd is None:
+        cwd = Path(tempfile.mkdtemp(prefix="readme-"))
+        shutil.copytree(ROOT / "examples", cwd / "examples")
+        shutil.copy(README, cwd / "README.md")
     command = example.command.replace(DEFAULT_URL, url).replace("localhost:8000", url.removeprefix("http://"))
     done = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=timeout

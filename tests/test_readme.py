@@ -126,7 +126,7 @@ def test_curl_example(server, example, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(ROOT / "examples", work / "examples")
     shutil.copy(ROOT / "README.md", work / "README.md")
-    stdout = readme_examples.run(example, server, cwd=work)
+    stdout = readme_examples.run(example, server, cwd=work)  # in a scratch copy, so its files land there
     if example.output is not None:
         assert_same_shape(json.loads(example.output), json.loads(stdout))
     for png in work.glob("*.png"):  # curl -o FILE.png: a real PNG came back
