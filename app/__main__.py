@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -44,7 +45,7 @@ SCALARS = {
     "--jpeg-draft": ("jpeg_draft", "true (default) or false: JPEG DCT scaling for large images"),
     "--warmup": ("warmup", "true (default) or false: run every batch size once before ready"),
     "--drain-timeout-s": ("drain_timeout_s", "after SIGTERM, longest wait for accepted requests (default 60)"),
-    "--compile": ("compile", "the engine's fast-path speed-up: off (default), auto, on, or a strategy name"),
+    "--compile": ("compile", "auto (default: oneDNN linears on a CPU, CUDA graphs on a GPU), on (torch.compile), off"),
 }
 
 
@@ -133,6 +134,9 @@ def log_config(level: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Before torch loads its OpenMP runtime: threads that sleep rather than spin at a barrier, so the forward
+    # does not starve the event loop and the decode workers of the cores (bench/results/README.md, "Threads").
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 
     from app.http.server import GracefulServer

@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     jpeg_draft: bool = True  # JPEG DCT scaling while the image stays >= 2x the resize target
     warmup: bool = True  # run each batch size once before /readyz says ready
     drain_timeout_s: float = Field(60.0, ge=0)  # after SIGTERM, longest wait for accepted requests
-    compile: str = "off"  # the engine's fast-path speed-up (app.accel): off, auto, on or a strategy name
+    compile: str = "auto"  # the engine's fast-path speed-up (app.accel): off, auto, on or a strategy name
 
     @field_validator("model", "arch", "image_size", mode="before")
     @classmethod
