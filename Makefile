@@ -36,7 +36,8 @@ format: install-test
 	$(BIN)/ruff check --fix .
 
 bench: install-test
-	$(BIN)/python -m bench.raw --quick
+	$(BIN)/pip install -q -e '.[dev,ray,bench]'
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m bench.raw --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache dist build
