@@ -477,7 +477,7 @@ preprocessing, as the server runs it. The same figures are in the checkpoint's m
 - Data: the other 4,000 MNIST-5k images, plus the ten digits of each of {len(training["train_fonts"])}
   training fonts fitted into MNIST's 20x20 box, {r["font_copies"]} copies per epoch (about a fifth of each
   epoch). Nothing is downloaded. Training fonts: {", ".join(training["train_fonts"])}.
-- Augmentation (`app.train.augment`), drawn afresh for every image every time. {_pct(r["light"])} of the
+- Augmentation (`app.train.augment`), drawn afresh for every image every time. {r["light"]:.0%} of the
   images get light changes only (turns up to 10 degrees, sizes 0.9-1.1, shifts up to 1.4 pixels); the rest
   get the full set: stroke width (a soft 3x3 erosion, or one to two dilations); an affine map (rotation up
   to 17 degrees, shear, aspect +-25%; half of them near MNIST's framing, half at 0.55-1.3x size anywhere
