@@ -16,10 +16,13 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from bench.common import percentile
@@ -342,3 +345,36 @@ def spawn(cmd: list[str], env: dict | None, log_path: str) -> subprocess.Popen:
     return subprocess.Popen(
         cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
+
+
+class Spawned:
+    """A server the benchmark started in a subprocess: `start()` (the subclass's) launches it, `wait()`
+    blocks until `ready_path` answers 200 and records the start-up time; `with` stops it in the end."""
+
+    ready_path = "/readyz"
+    url: str
+    log: str
+    args: Any
+    proc: Any = None
+    startup_s: float | None = None
+    _t0: float = 0.0
+
+    def start(self):
+        raise NotImplementedError
+
+    def wait(self):
+        try:
+            wait_ready(self.url + self.ready_path, self.proc, self.args.ready_timeout)
+        except Exception:
+            stop(self.proc)
+            print(Path(self.log).read_text()[-3000:], file=sys.stderr)
+            raise
+        self.startup_s = round(time.perf_counter() - self._t0, 1)
+        return self
+
+    def __enter__(self):
+        return self.start().wait()
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            stop(self.proc)

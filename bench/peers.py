@@ -18,10 +18,9 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from bench import common
-from bench.loadgen import free_port, spawn, stop, wait_ready
+from bench.loadgen import Spawned, free_port, spawn
 from bench.server import VitServe, run_matrix, table_rows
 
 
@@ -63,8 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class Peer:
+class Peer(Spawned):
     """A peer server (bench/peer_apps.py) in a subprocess on loopback."""
+
+    ready_path = "/health"
 
     def __init__(self, kind: str, weights: str, args: argparse.Namespace, folder):
         self.kind, self.weights, self.args, self.folder = kind, weights, args, folder
@@ -82,23 +83,6 @@ class Peer:
         self._t0 = time.perf_counter()
         self.proc = spawn(cmd, {"PYTHONUNBUFFERED": "1"}, self.log)
         return self
-
-    def wait(self) -> Peer:
-        try:
-            wait_ready(self.url + "/health", self.proc, self.args.ready_timeout)
-        except Exception:
-            stop(self.proc)
-            print(Path(self.log).read_text()[-3000:], file=sys.stderr)
-            raise
-        self.startup_s = round(time.perf_counter() - self._t0, 1)
-        return self
-
-    def __enter__(self) -> Peer:
-        return self.start().wait()
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None:
-            stop(self.proc)
 
 
 def median_rows(rows: list[dict]) -> list[dict]:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench import common
-from bench.loadgen import Load, Watcher, free_port, parse_size, photo_jpeg, run_load, spawn, stop, wait_ready
+from bench.loadgen import Load, Spawned, Watcher, free_port, parse_size, photo_jpeg, run_load, spawn
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,7 +68,7 @@ def _cuda() -> bool:
         return False
 
 
-class VitServe:
+class VitServe(Spawned):
     """vitserve in a subprocess on loopback, with a random-weights native checkpoint in a temp folder."""
 
     def __init__(self, args: argparse.Namespace):
@@ -109,23 +109,6 @@ class VitServe:
         self._t0 = time.perf_counter()
         self.proc = spawn(self.command(), env, self.log)
         return self
-
-    def wait(self) -> VitServe:
-        try:
-            wait_ready(self.url + "/readyz", self.proc, self.args.ready_timeout)
-        except Exception:
-            stop(self.proc)
-            print(Path(self.log).read_text()[-3000:], file=sys.stderr)
-            raise
-        self.startup_s = round(time.perf_counter() - self._t0, 1)
-        return self
-
-    def __enter__(self) -> VitServe:
-        return self.start().wait()
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None:
-            stop(self.proc)
 
 
 def raw_reference(ckpt: Path, args: argparse.Namespace, seconds: float) -> dict:
