@@ -163,9 +163,10 @@ class Model:
         """One RGB image -> uint8 (h, w, 3) at the input size (the CPU half of preprocessing)."""
         return to_model_pixels(image, self.preprocess_config)
 
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, h, w, 3) -> normalised float32 (B, 3, h, w) on the model's device."""
-        return self.normalizer(pixels.to(self.device, non_blocking=True))
+    def normalize(self, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """uint8 (B, h, w, 3) -> normalised (B, 3, h, w) in `dtype` (float32, or the model's own dtype to skip a
+        cast), on the model's device. Only uint8 crosses to the device; see `app.transfer` for the pinned path."""
+        return self.normalizer(pixels.to(self.device, non_blocking=True), dtype)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """RGB PIL images -> float32 (B, 3, H, W) pixels, on the model's device."""

@@ -11,6 +11,8 @@ key (`batch_key`), so one forward never mixes the two.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections import defaultdict
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from app import analysis
+from app.transfer import stack_host
 
 FAST = "fast"
 ATTENTION = "attention"
@@ -81,15 +84,78 @@ def batch_key(item: Item) -> Hashable:
     return item.task.key if item.pixels.dtype == np.uint8 else (item.task.key, PREPROCESSED)
 
 
+@dataclass
+class Prepared:
+    """A batch made ready for the forward: the model's input on its device (in its dtype), and on CUDA the
+    event to wait for (the input was made on a side stream)."""
+
+    items: list[Item]
+    inputs: torch.Tensor  # (B, 3, H, W)
+    ready: torch.cuda.Event | None = None
+
+
+class _DeviceState:
+    """Per model, on CUDA: the side stream that batches are prepared on, and the pinned staging buffers."""
+
+    def __init__(self, device: torch.device):
+        from app.transfer import PinnedStager
+
+        self.stream = torch.cuda.Stream(device)
+        self.stager = PinnedStager(device)
+
+
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STATES_LOCK = threading.Lock()
+
+
+def _device_state(model) -> _DeviceState:  # type: ignore[no-untyped-def]
+    with _STATES_LOCK:
+        state = _STATES.get(model)
+        if state is None:
+            state = _STATES[model] = _DeviceState(model.device)
+        return state
+
+
 def model_input(model, items: list[Item]) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """The batch as the model's float input: uint8 pixels normalised on the device, float ones as they are."""
+    """The batch as the model's float input (on the current stream): uint8 normalised on the device, float as is."""
+    prepared = prepare_batch(model, items)
+    _await_prepared(model, prepared)
+    return prepared.inputs
+
+
+def prepare_batch(model, items: list[Item]) -> Prepared:  # type: ignore[no-untyped-def]
+    """Stack, copy and normalise a batch (`Batcher`'s prepare step; it may run on another thread than the
+    forward). On CUDA all of it is enqueued on a side stream, from pinned memory, without blocking the host."""
     kinds = {item.pixels.dtype for item in items}
     if len(kinds) != 1:
         raise ValueError(f"one batch mixes pixel types {sorted(map(str, kinds))}; batch them apart (batch_key)")
-    stacked = torch.from_numpy(np.stack([item.pixels for item in items]))
-    if stacked.dtype == torch.uint8:
-        return model.normalize(stacked)
-    return stacked.to(model.device, torch.float32)
+    arrays = [item.pixels for item in items]
+    dtype = getattr(model, "dtype", torch.float32)
+    if model.device.type != "cuda":
+        stacked = stack_host(arrays)  # zero-copy beyond the stack itself
+        if stacked.dtype == torch.uint8:
+            return Prepared(items, model.normalize(stacked, dtype))
+        return Prepared(items, stacked.to(model.device, dtype))
+    state = _device_state(model)
+    with torch.inference_mode(), torch.cuda.stream(state.stream):
+        if arrays[0].dtype == np.uint8:
+            pixels = state.stager.upload(arrays, state.stream)  # (B, h, w, 3) uint8, copied without blocking
+            inputs = model.normalize(pixels, dtype)  # one fused kernel, on the side stream
+        else:  # the Open Inference Protocol's FP32 pixels: rare, pageable memory is good enough
+            inputs = stack_host(arrays).to(model.device, dtype)
+        ready = torch.cuda.Event()
+        ready.record(state.stream)
+    return Prepared(items, inputs, ready)
+
+
+def _await_prepared(model, prepared: Prepared) -> None:  # type: ignore[no-untyped-def]
+    """Make the current stream wait for the side stream's work on `prepared`, and tell the caching allocator that
+    the current stream uses its memory (so it is not handed out again before the forward has read it)."""
+    if prepared.ready is None:
+        return
+    current = torch.cuda.current_stream(model.device)
+    current.wait_event(prepared.ready)
+    prepared.inputs.record_stream(current)
 
 
 @dataclass(frozen=True)
@@ -100,9 +166,16 @@ class Predictions:
 
 def run_batch(model, items: list[Item]) -> list[object]:  # type: ignore[no-untyped-def]
     """One forward for `items` (all of one path) -> one CPU result per item, in order."""
+    return forward_batch(model, prepare_batch(model, items))
+
+
+def forward_batch(model, prepared: Prepared) -> list[object]:  # type: ignore[no-untyped-def]
+    """The forward of a prepared batch (`Batcher`'s forward step) -> one CPU result per item, in order."""
+    items = prepared.items
     attentions = any(item.task.key == ATTENTION for item in items)
     with torch.inference_mode():
-        out = model(model_input(model, items), attentions=attentions)
+        _await_prepared(model, prepared)
+        out = model(prepared.inputs, attentions=attentions)
         results: list[object] = [None] * len(items)
         groups: dict[type, list[int]] = defaultdict(list)
         for i, item in enumerate(items):

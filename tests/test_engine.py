@@ -154,3 +154,28 @@ def test_build_model_has_no_random_weights(tiny_checkpoint):
     assert isinstance(a, VisionTransformer) and not a.training
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(v, w), k
+
+
+def test_normalize_is_one_fused_op_equal_to_the_textbook_formula(tiny_checkpoint):
+    model = app.load_model(str(tiny_checkpoint))
+    cfg = model.preprocess_config
+    uint8 = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+    expected = (uint8.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    got = model.normalize(uint8)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    # straight into the model's dtype: the same numbers as normalising in float32 and casting
+    torch.testing.assert_close(model.normalize(uint8, torch.bfloat16), expected.to(torch.bfloat16), atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_normalize_matches_cpu(tiny_checkpoint):
+    cpu = app.load_model(str(tiny_checkpoint))
+    gpu = app.load_model(str(tiny_checkpoint), device="cuda", dtype="bfloat16")
+    uint8 = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    got = gpu.normalize(uint8, torch.bfloat16)
+    assert got.device.type == "cuda" and got.dtype == torch.bfloat16
+    # a fused multiply-add on the GPU may round the float32 value differently: at most one bfloat16 step apart
+    torch.testing.assert_close(got.cpu(), cpu.normalize(uint8, torch.bfloat16), atol=1e-2, rtol=1e-2)

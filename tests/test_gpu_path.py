@@ -1,0 +1,55 @@
+"""The GPU-side batch path: pinned staging buffers, the side stream, the prepare/forward split.
+
+The CUDA tests skip without a GPU; the same functions run on the CPU in tests/test_tasks_prepare.py and
+tests/http/test_jpeg_decoder.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@cuda
+def test_pinned_stager_reuses_its_buffers_without_overwriting_a_copy_in_flight():
+    from app.transfer import PinnedStager
+
+    device = torch.device("cuda")
+    stager = PinnedStager(device)
+    stream = torch.cuda.Stream(device)
+    rng = np.random.default_rng(0)
+    batches = [[rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(n)] for n in (3, 4, 1, 4, 2, 4)]
+    outs = []
+    for arrays in batches:
+        # a slow kernel ahead of each copy on the same stream: the copy is still pending when upload returns,
+        # so refilling that buffer too early would corrupt it
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(1_000_000)
+        outs.append(stager.upload(arrays, stream))
+    torch.cuda.synchronize()
+    for arrays, out in zip(batches, outs, strict=True):
+        assert out.device.type == "cuda" and out.dtype == torch.uint8
+        assert np.array_equal(out.cpu().numpy(), np.stack(arrays))
+    assert stager.capacity == [4, 4]  # grown to a power of two, then reused
+    assert all(s.host.is_pinned() for s in stager._slots)
+
+
+@cuda
+def test_prepared_batches_on_the_side_stream_equal_the_cpu_path(tiny_checkpoint):
+    import app
+    from app.tasks import Classify, Item, forward_batch, prepare_batch, run_batch
+
+    cpu = app.load_model(str(tiny_checkpoint))
+    gpu = app.load_model(str(tiny_checkpoint), device="cuda", dtype="float32")
+    rng = np.random.default_rng(1)
+    items = [Item(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), Classify(3)) for _ in range(5)]
+    expected = run_batch(cpu, items)
+    prepared = [prepare_batch(gpu, items[:3]), prepare_batch(gpu, items[3:])]  # two in flight at once
+    assert prepared[0].ready is not None and prepared[0].inputs.dtype == torch.float32
+    got = forward_batch(gpu, prepared[0]) + forward_batch(gpu, prepared[1])
+    for a, b in zip(got, expected, strict=True):
+        assert list(a.indices) == list(b.indices)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
