@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -46,6 +48,7 @@ SCALARS = {
     "--warmup": ("warmup", "true (default) or false: run every batch size once before ready"),
     "--drain-timeout-s": ("drain_timeout_s", "after SIGTERM, longest wait for accepted requests (default 60)"),
     "--compile": ("compile", "auto (default: oneDNN linears on a CPU, CUDA graphs on a GPU), on (torch.compile), off"),
+    "--workers": ("workers", "server processes on one socket, each with its own models (default 1)"),
 }
 
 
@@ -123,26 +126,38 @@ def one_line(error: Exception) -> str:
     return str(error)
 
 
-def log_config(level: str) -> dict:
-    """uvicorn's logging configuration, with our 'vitserve' logger beside its own."""
+def log_config(level: str, pid: bool = False) -> dict:
+    """uvicorn's logging configuration, with our 'vitserve' logger beside its own.
+
+    pid: prefix every line with the process id (with --workers, several processes write to one stream).
+    """
     from uvicorn.config import LOGGING_CONFIG
 
     config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in LOGGING_CONFIG.items()}
     config["loggers"] = dict(config["loggers"])
     config["loggers"]["vitserve"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    if pid:
+        config["formatters"] = {k: dict(v) for k, v in config["formatters"].items()}
+        config["formatters"]["default"]["fmt"] = "%(levelprefix)s [%(process)d] %(message)s"
     return config
 
 
-def main(argv: list[str] | None = None) -> None:
-    # Before torch loads its OpenMP runtime: threads that sleep rather than spin at a barrier, so the forward
-    # does not starve the event loop and the decode workers of the cores (bench/results/README.md, "Threads").
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+def serve(
+    settings: Settings,
+    sockets: list[socket.socket] | None = None,
+    make_server: Callable[..., Any] | None = None,
+    report_fatal: Callable[[str], None] | None = None,
+) -> int:
+    """Run one server process until it stops; its exit status: 0, or 1 when a model cannot be loaded.
+
+    sockets: listening sockets opened by a supervisor (`--workers`), else uvicorn binds host:port itself.
+    make_server(config, state, drain_timeout_s): the server class (default GracefulServer).
+    report_fatal(message): also told when a model cannot be loaded.
+    """
     import uvicorn
 
-    from app.http.server import GracefulServer
-
-    settings = parse_settings(argv)
     from app.http import create_app
+    from app.http.server import GracefulServer
 
     server: GracefulServer | None = None
     exit_code = 0
@@ -150,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     def on_fatal(message: str) -> None:
         nonlocal exit_code
         exit_code = 1
+        if report_fatal is not None:
+            report_fatal(message)
         if server is not None:
             server.should_exit = True  # uvicorn's own shutdown follows (closes the pool), then exit 1
 
@@ -159,14 +176,27 @@ def main(argv: list[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        log_config=log_config(settings.log_level),
+        log_config=log_config(settings.log_level, pid=sockets is not None),
         access_log=False,  # our own middleware logs one line per request, with its id
         lifespan="on",
         timeout_graceful_shutdown=5,
     )
-    server = GracefulServer(config, app.state.vit, drain_timeout_s=settings.drain_timeout_s)
+    server = (make_server or GracefulServer)(config, app.state.vit, drain_timeout_s=settings.drain_timeout_s)
+    server.run(sockets=sockets)
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Before torch loads its OpenMP runtime: threads that sleep rather than spin at a barrier, so the forward
+    # does not starve the event loop and the decode workers of the cores (bench/results/README.md, "Threads").
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    settings = parse_settings(argv)
+    if settings.workers > 1:
+        from app.supervisor import supervise  # imports no torch: the workers are spawned, never forked
+
+        sys.exit(supervise(settings))
     started = time.monotonic()
-    server.run()
+    exit_code = serve(settings)
     if exit_code:
         sys.exit(exit_code)
     log.debug("served for %.1f s", time.monotonic() - started)

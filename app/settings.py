@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     warmup: bool = True  # run each batch size once before /readyz says ready
     drain_timeout_s: float = Field(60.0, ge=0)  # after SIGTERM, longest wait for accepted requests
     compile: str = "auto"  # the engine's fast-path speed-up (app.accel): off, auto, on or a strategy name
+    # > 1: a supervisor and N server processes on one socket, each with its own models (app.supervisor)
+    workers: int = Field(1, ge=1)
 
     @field_validator("model", "arch", "image_size", mode="before")
     @classmethod
