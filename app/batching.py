@@ -14,6 +14,12 @@ Nothing here knows FastAPI or torch. A `Batcher` is handed a `run_batch(items) -
 - cancelling `run` (a timeout, a client that went away) removes its items that have not started.
 - a batch whose forward raises is split in halves and retried; only items that fail alone get an
   error (`ForwardFailed`), so one poisoned item never takes its batch-mates down with it.
+- with a `prepare(items) -> prepared` callable, `run_batch` takes the prepared batch instead of the items,
+  and prepare runs on a second thread as soon as a batch is sealed: the next batch is assembled (stacked,
+  copied to the GPU, decoded) while the current one runs. A failure in either step falls back to the
+  split-in-halves retry, where both steps run one after the other on the forward thread.
+- a result that is an exception (for example an image that turned out to be undecodable) is raised for that
+  item alone; the batch is not split for it.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,8 +86,9 @@ class Admission:
 class Batcher:
     def __init__(
         self,
-        run_batch: Callable[[list[Any]], Sequence[Any]],
+        run_batch: Callable[[Any], Sequence[Any]],
         *,
+        prepare: Callable[[list[Any]], Any] | None = None,
         name: str = "model",
         max_batch_size: int = 8,
         max_wait_s: float = 0.005,
@@ -91,6 +98,7 @@ class Batcher:
         on_depth: Callable[[int], None] | None = None,
     ):
         self.run_batch = run_batch
+        self.prepare = prepare
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -105,12 +113,15 @@ class Batcher:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._thread: ThreadPoolExecutor | None = None
+        self._prepare_thread: ThreadPoolExecutor | None = None
 
     # -- life ------------------------------------------------------------------------------------
     def start(self) -> None:
         """Start the worker on the running event loop (and the forward thread)."""
         self._wake = asyncio.Event()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{self.name}")
+        if self.prepare is not None:
+            self._prepare_thread = ThreadPoolExecutor(1, thread_name_prefix=f"prepare-{self.name}")
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
 
     async def stop(self) -> None:
@@ -123,9 +134,10 @@ class Batcher:
             entry = self._queue.popleft()
             if not entry.future.done():
                 entry.future.set_exception(Stopped("the server is shutting down"))
-        if self._thread is not None:
-            self._thread.shutdown(wait=False, cancel_futures=True)
-            self._thread = None
+        for pool in (self._prepare_thread, self._thread):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._thread = self._prepare_thread = None
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(*args)` on the forward thread (warm-up: CUDA graphs and compiled code stay on one thread)."""
@@ -198,7 +210,10 @@ class Batcher:
         while True:
             batch = await self._next_batch()
             self._running += 1
-            future = loop.run_in_executor(self._thread, self._timed_forward, batch)
+            staged = None
+            if self._prepare_thread is not None:  # starts now, beside the forward that may be running
+                staged = self._prepare_thread.submit(self._prepare_live, batch)
+            future = loop.run_in_executor(self._thread, self._timed_forward, batch, staged)
             future.add_done_callback(lambda f, b=batch: self._finish(b, f))
 
     async def _next_batch(self) -> list[Entry]:
@@ -221,20 +236,43 @@ class Batcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
-    def _timed_forward(self, batch: list[Entry]) -> tuple[list[Any], float]:
+    def _prepare_live(self, batch: list[Entry]) -> tuple[list[int], Callable[[], Any]]:
+        """On the prepare thread: prepare the entries not dropped yet; returns them and a thunk that gives the
+        prepared batch or raises what preparing raised (the forward thread then splits the batch)."""
+        live = [i for i, e in enumerate(batch) if not e.dropped]
+        if not live:
+            return live, lambda: None
+        assert self.prepare is not None
+        try:
+            prepared = self.prepare([batch[i].item for i in live])
+        except Exception as e:
+            error = e
+            return live, lambda: _raise(error)
+        return live, lambda: prepared
+
+    def _timed_forward(self, batch: list[Entry], staged: Future | None) -> tuple[list[Any], float]:
         """On the forward thread: skip entries dropped while the batch waited its turn, run the rest."""
         started = time.monotonic()
-        live = [i for i, e in enumerate(batch) if not e.dropped]
+        if staged is None:
+            live = [i for i, e in enumerate(batch) if not e.dropped]
+            attempt = None
+        else:
+            live, get = staged.result()  # prepared beside the previous forward: normally ready by now
+            attempt = lambda: self.run_batch(get())  # noqa: E731
         results: list[Any] = [Stopped("the request has gone")] * len(batch)
         if live:
-            for i, result in zip(live, self._forward([batch[i].item for i in live]), strict=True):
+            for i, result in zip(live, self._forward([batch[i].item for i in live], attempt), strict=True):
                 results[i] = result
         return results, time.monotonic() - started
 
-    def _forward(self, items: list[Any]) -> list[Any]:
-        """On the forward thread: the whole batch, or its halves on failure, down to single items."""
+    def _run_items(self, items: list[Any]) -> Sequence[Any]:
+        return self.run_batch(self.prepare(items) if self.prepare is not None else items)
+
+    def _forward(self, items: list[Any], attempt: Callable[[], Sequence[Any]] | None = None) -> list[Any]:
+        """On the forward thread: the whole batch (`attempt`, or both steps here), or its halves on failure,
+        down to single items."""
         try:
-            results = list(self.run_batch(items))
+            results = list(attempt() if attempt is not None else self._run_items(items))
             if len(results) != len(items):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(items)} items")
             self._on_batch(len(items))
@@ -269,3 +307,7 @@ class Batcher:
                 entry.future.set_exception(result)
             else:
                 entry.future.set_result(result)
+
+
+def _raise(error: Exception) -> Any:
+    raise error

@@ -14,8 +14,9 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import defaultdict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -104,6 +105,10 @@ class _DeviceState:
         self.stager = PinnedStager(device)
 
 
+def _on_cuda(model) -> bool:  # type: ignore[no-untyped-def]
+    return getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
+
+
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _STATES_LOCK = threading.Lock()
 
@@ -131,7 +136,7 @@ def prepare_batch(model, items: list[Item]) -> Prepared:  # type: ignore[no-unty
         raise ValueError(f"one batch mixes pixel types {sorted(map(str, kinds))}; batch them apart (batch_key)")
     arrays = [item.pixels for item in items]
     dtype = getattr(model, "dtype", torch.float32)
-    if model.device.type != "cuda":
+    if not _on_cuda(model):
         stacked = stack_host(arrays)  # zero-copy beyond the stack itself
         if stacked.dtype == torch.uint8:
             return Prepared(items, model.normalize(stacked, dtype))
@@ -162,6 +167,15 @@ def _await_prepared(model, prepared: Prepared) -> None:  # type: ignore[no-untyp
 class Predictions:
     indices: np.ndarray  # int64 (k,)
     scores: np.ndarray  # float32 (k,), softmax probabilities, highest first
+
+
+def batch_steps(model) -> dict[str, Callable]:  # type: ignore[no-untyped-def]
+    """The `Batcher` arguments for `model`: on CUDA a prepare step (stack, pinned copy, decode, normalise on a
+    side stream) that the batcher runs on its own thread beside the forward; on the CPU one step, as nothing
+    there would overlap (the forward already uses every core)."""
+    if _on_cuda(model):
+        return {"run_batch": partial(forward_batch, model), "prepare": partial(prepare_batch, model)}
+    return {"run_batch": partial(run_batch, model)}
 
 
 def run_batch(model, items: list[Item]) -> list[object]:  # type: ignore[no-untyped-def]

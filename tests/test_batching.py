@@ -203,3 +203,98 @@ def test_forwards_run_on_one_dedicated_thread_and_the_next_batch_is_sealed_while
     assert len(rec.threads) == 1 and threading.get_ident() not in rec.threads
     # full batches never waited for max_wait (0.5 s): each was sealed as soon as it was full
     assert [len(x) for x in rec.batches] == [2, 2, 2]
+
+
+class Staged:
+    """A prepare/forward pair: prepare tags the items (and may be poisoned), forward doubles them; both record
+    their thread and what they saw. `overlap` is set when a prepare ran while a forward was in progress."""
+
+    def __init__(self, poison_prepare: object = None, poison_forward: object = None):
+        self.prepared: list[list] = []
+        self.forwarded: list[list] = []
+        self.prepare_threads: set[int] = set()
+        self.forward_threads: set[int] = set()
+        self.poison_prepare, self.poison_forward = poison_prepare, poison_forward
+        self.in_forward = threading.Event()
+        self.overlap = threading.Event()
+
+    def prepare(self, items: list) -> tuple:
+        self.prepare_threads.add(threading.get_ident())
+        self.prepared.append(list(items))
+        if self.in_forward.is_set():
+            self.overlap.set()
+        if self.poison_prepare is not None and self.poison_prepare in items:
+            raise RuntimeError("poisoned while preparing")
+        return ("prepared", list(items))
+
+    def forward(self, prepared: tuple) -> list:
+        tag, items = prepared
+        assert tag == "prepared"
+        self.forward_threads.add(threading.get_ident())
+        self.forwarded.append(items)
+        self.in_forward.set()
+        if len(self.forwarded) == 1:
+            self.overlap.wait(5)  # the first forward holds on until the next batch has been prepared beside it
+        self.in_forward.clear()
+        if self.poison_forward is not None and self.poison_forward in items:
+            raise RuntimeError("poisoned in the forward")
+        return [x * 2 for x in items]
+
+
+def test_with_a_prepare_step_the_next_batch_is_prepared_on_its_own_thread_while_one_runs():
+    staged = Staged()
+
+    async def main():
+        b = make(staged.forward, prepare=staged.prepare, max_batch_size=2, max_wait_s=0.5)
+        b.start()
+        out = await asyncio.gather(*(b.run([i]) for i in range(6)))
+        await b.stop()
+        return out
+
+    assert run_async(main()) == [[2 * i] for i in range(6)]
+    assert staged.overlap.is_set()  # batch 2 was prepared while batch 1's forward ran
+    assert [len(x) for x in staged.forwarded] == [2, 2, 2]
+    assert len(staged.prepare_threads) == len(staged.forward_threads) == 1
+    assert staged.prepare_threads != staged.forward_threads
+    assert threading.get_ident() not in staged.prepare_threads | staged.forward_threads
+
+
+@pytest.mark.parametrize("where", ["prepare", "forward"])
+def test_with_a_prepare_step_a_failing_item_is_still_isolated(where):
+    staged = Staged(**{f"poison_{where}": 3})
+    staged.overlap.set()  # no holding back here
+    sizes: list[int] = []
+
+    async def main():
+        b = make(staged.forward, prepare=staged.prepare, max_batch_size=4, on_batch=sizes.append)
+        b.start()
+        out = await asyncio.gather(*(b.run([i]) for i in range(4)), return_exceptions=True)
+        await b.stop()
+        return out
+
+    out = run_async(main())
+    assert out[:3] == [[0], [2], [4]]
+    assert isinstance(out[3], ForwardFailed) and "poisoned" in str(out[3])
+    assert sizes == [2, 1]
+    # the halves were prepared and run again on the forward thread, one after the other
+    seen = staged.prepared if where == "prepare" else staged.forwarded
+    assert seen[1:] == [[0, 1], [2, 3], [2], [3]]
+
+
+def test_an_exception_returned_as_one_items_result_fails_that_item_alone():
+    class BadInput(Exception):
+        pass
+
+    def run(items: list) -> list:
+        return [BadInput(f"item {x} is bad") if x == 2 else x * 2 for x in items]
+
+    async def main():
+        b = make(run, max_batch_size=4)
+        b.start()
+        out = await asyncio.gather(*(b.run([i]) for i in range(4)), return_exceptions=True)
+        await b.stop()
+        return out
+
+    out = run_async(main())
+    assert out[0] == [0] and out[1] == [2] and out[3] == [6]
+    assert isinstance(out[2], BadInput)

@@ -53,3 +53,14 @@ def test_prepared_batches_on_the_side_stream_equal_the_cpu_path(tiny_checkpoint)
     for a, b in zip(got, expected, strict=True):
         assert list(a.indices) == list(b.indices)
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+
+
+def test_the_batcher_gets_a_prepare_step_on_cuda_only(tiny_checkpoint):
+    import app
+    from app.tasks import batch_steps, forward_batch, prepare_batch, run_batch
+
+    steps = batch_steps(app.load_model(str(tiny_checkpoint)))
+    assert set(steps) == {"run_batch"} and steps["run_batch"].func is run_batch  # the CPU: one step, inline
+    if torch.cuda.is_available():
+        steps = batch_steps(app.load_model(str(tiny_checkpoint), device="cuda"))
+        assert steps["prepare"].func is prepare_batch and steps["run_batch"].func is forward_batch

@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from app.batching import Batcher
 from app.checkpoints.detect import default_models_dir, list_repository, model_name
 from app.http.state import ServedModel, ServerState
 from app.settings import ModelSpec, Settings
-from app.tasks import ATTENTION, FAST, run_batch, warmup_items
+from app.tasks import ATTENTION, FAST, batch_steps, run_batch, warmup_items
 
 log = logging.getLogger("vitserve")
 
@@ -140,7 +139,7 @@ async def load_one(state: ServerState, p: Planned, loader: Loader, models_dir: P
     device = getattr(getattr(model, "device", None), "type", "cpu")
     max_batch = settings.batch_size_for(device)
     batcher = Batcher(
-        partial(run_batch, model),
+        **batch_steps(model),
         name=p.name,
         max_batch_size=max_batch,
         max_wait_s=settings.max_wait_ms / 1000.0,
