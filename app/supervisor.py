@@ -215,6 +215,8 @@ class Supervisor:
                     self.on_ready(worker)
                 elif kind == "fatal":
                     worker.fatal = rest[0]
+                    if not self.stopping:
+                        self.fail(worker)
         except (EOFError, OSError):  # it exited; its sentinel says how
             pass
 
@@ -244,10 +246,10 @@ class Supervisor:
         log.warning("supervisor: %s %s; starting a new one", worker.name, describe_exit(code))
         self.workers.append(self.start(worker.index, hold=True))
 
-    def fail(self, worker: Worker, code: int | None) -> None:
-        """A worker could not start: the one line that says why, then the others stop."""
+    def fail(self, worker: Worker, code: int | None = None) -> None:
+        """A worker could not start: the one line that says why, then every worker stops."""
         reason = worker.fatal or f"{worker.name} {describe_exit(code)} before it was ready"
-        log.error("%s; stopping", reason)
+        log.error("%s; stopping the workers", reason)
         self.exit_code = 1
         self.kill_at = time.monotonic() + self.settings.drain_timeout_s + KILL_AFTER_FATAL_S
         self.stop()
