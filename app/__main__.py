@@ -6,7 +6,8 @@ they follow; an `--image-size` before any `--model` applies to all. Given on the
 model list replaces the variable's list; it never merges with it.
 
 Exit status: 0 after a clean or graceful (SIGTERM) shutdown, 1 when a model cannot be loaded,
-2 for a bad option.
+2 for a bad option. With `--workers N` (N > 1) a supervisor (`app.supervisor`) runs N of these servers on
+one socket (`app.worker`); the exit statuses are the same.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ SCALARS = {
     "--decode-workers": ("decode_workers", "decoding processes or threads (default min(4, CPUs); 0: inline)"),
     "--decode-pool": ("decode_pool", "auto (default: threads on <= 2 CPUs, else processes), process or thread"),
     "--jpeg-draft": ("jpeg_draft", "true (default) or false: JPEG DCT scaling for large images"),
+    "--jpeg-decoder": ("jpeg_decoder", "auto (default: torchvision on a GPU), pil (exact) or torchvision (nvJPEG)"),
     "--warmup": ("warmup", "true (default) or false: run every batch size once before ready"),
     "--drain-timeout-s": ("drain_timeout_s", "after SIGTERM, longest wait for accepted requests (default 60)"),
     "--compile": ("compile", "auto (default: oneDNN linears on a CPU, CUDA graphs on a GPU), on (torch.compile), off"),

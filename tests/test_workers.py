@@ -116,7 +116,7 @@ def test_two_workers_serve_count_together_survive_a_kill_and_drain(checkpoint, u
     tmp.mkdir()
     base, log = f"http://127.0.0.1:{port}", tmp_path / "server.log"
     args = ["--workers", "2", "--model", f"tiny={checkpoint}", "--port", str(port), "--device", "cpu"]
-    proc = start([*args, "--decode-workers", "0"], log, env={"TMPDIR": str(tmp)})
+    proc = start([*args, "--decode-workers", "0", "--max-batch-size", "2"], log, env={"TMPDIR": str(tmp)})
     try:
         pids = log_until(log, r"supervisor: 2 workers \(pids (\d+), (\d+)\)", proc).groups()
         log_until(log, r"supervisor: all 2 workers ready", proc)
@@ -136,6 +136,7 @@ def test_two_workers_serve_count_together_survive_a_kill_and_drain(checkpoint, u
         while not re.search(r"supervisor: worker 0 \(pid \d+\) ready", log.read_text()):
             client.send(4)  # the other worker answers meanwhile; the new one joins once ready
             assert proc.poll() is None
+            time.sleep(0.2)  # leave the cores to the new worker's start
         client.send(20)
         # the dead worker's counts stay in the sums; gauges combine the live workers into one sample
         assert metric_sum(base, "vit_requests_total", endpoint="/v1/classify", status="200")[0] == client.requests
@@ -164,16 +165,14 @@ def test_a_bad_checkpoint_stops_every_worker_with_one_line(tmp_path):
     args = ["--workers", "2", "--port", str(free_port()), "--device", "cpu", "--decode-workers", "0"]
     proc = start(args, log, env={"VIT_MODEL": str(bad), "TMPDIR": str(tmp)})
     try:
-        proc.wait(timeout=120)
+        code = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     out = log.read_text()
-    assert proc.returncode == 1, out
     errors = [line for line in out.splitlines() if "ERROR" in line or "cannot load" in line]
-    assert len(errors) == 1, out
+    assert (code, len(errors), "Traceback" in out) == (1, 1, False), out  # the supervisor's line, no worker's
     assert str(bad) in errors[0] and "'broken'" in errors[0]
-    assert "Traceback" not in out
     assert list(tmp.glob("vitserve-metrics-*")) == []
 
 
