@@ -7,6 +7,11 @@ pixels at the model's input size (not the full image) and the original size.
 Safety: only the six formats of API.md are ever handed to Pillow (sniffed from magic bytes, never from
 a file name or a content type), and width x height is read from the header and checked against the
 limit before a single pixel is decoded, so a decompression bomb costs microseconds.
+
+With `--jpeg-decoder torchvision` (`Decoder.pixels_or_jpeg`), a JPEG whose header passes every check is not
+decoded here: it goes to the batch as an `Encoded` (its compressed bytes, upright size and EXIF orientation)
+and is decoded with its batch on the model's device (`app.gpu_decode`). Everything else, and JPEGs the device
+path does not take (CMYK, Adobe RGB-transform, more than `DEVICE_MAX_PIXELS`), is decoded here as before.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ ORIENTATION = 0x0112  # EXIF tag
 TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
 WHITE = (255, 255, 255)
 PREVIEW_SIDE = 1024  # longest side of the image an overlay is drawn on
+DEVICE_MAX_PIXELS = 1 << 25  # largest JPEG (33.5 M pixels) decoded on the model's device; larger ones here
+DEVICE_JPEG_MODES = ("RGB", "L")  # colour JPEGs (YCbCr) and grey ones; CMYK / YCCK stay with Pillow
 
 
 class ImageError(Exception):
@@ -51,6 +58,35 @@ class ImageTooLarge(ImageError):
 class Decoded:
     pixels: np.ndarray  # uint8 (h, w, 3)
     size: tuple[int, int]  # (width, height) of the upright original image
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    """What the pool learnt from a JPEG's header for the device path (the bytes stay with the caller)."""
+
+    size: tuple[int, int]  # (width, height) upright
+    orientation: int  # EXIF orientation, 1 when absent or broken
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A checked JPEG queued compressed, decoded with its batch on the model's device (`app.gpu_decode`).
+
+    Memory: `data` is the request's own bytes object (the body is held for the request anyway), never a copy,
+    so a full queue of these holds at most the admitted requests' bodies: max-upload-bytes x requests admitted,
+    and requests admitted <= images admitted <= max-queue. Decoded pixels exist only while their batch is
+    prepared (bounded per batch by `app.gpu_decode.CHUNK_PIXELS`), instead of h x w x 3 bytes per queued image.
+    """
+
+    data: bytes
+    size: tuple[int, int]  # (width, height) of the upright image
+    orientation: int  # EXIF orientation to apply after decoding
+    max_pixels: int  # the server's limit, for a Pillow decode if the device cannot decode it
+
+    def decode_here(self, cfg: PreprocessConfig) -> Decoded:
+        """The PIL path for this image, when the device cannot decode it (full decode, no draft: the closest to
+        what the device does). Raises `ImageError` for an image Pillow cannot decode either."""
+        return decode_to_pixels(self.data, cfg, self.max_pixels, draft=False)
 
 
 def sniff(data: bytes) -> str | None:
@@ -196,6 +232,28 @@ def decode_to_pixels(data: bytes, cfg: PreprocessConfig, max_pixels: int, draft:
     return Decoded(np.ascontiguousarray(pixels), size)
 
 
+def probe_jpeg(
+    data: bytes, cfg: PreprocessConfig, max_pixels: int, draft: bool = True, device_max_pixels: int = DEVICE_MAX_PIXELS
+) -> Decoded | JpegHeader:
+    """A JPEG that the device path takes -> its checked header (nothing decoded); anything else -> decoded here
+    (`decode_to_pixels`). Every check of the PIL path runs first, with the same errors."""
+    if sniff(data) != "JPEG":
+        return decode_to_pixels(data, cfg, max_pixels, draft)
+    image = open_checked(data, max_pixels)
+    width, height = image.size
+    rgb_transform = image.info.get("adobe_transform") == 0 and image.mode == "RGB"  # RGB stored without YCbCr
+    if image.mode not in DEVICE_JPEG_MODES or rgb_transform or width * height > device_max_pixels:
+        return decode_to_pixels(data, cfg, max_pixels, draft)
+    size = upright_size(image)
+    rw, rh = resized_size(size[0], size[1], cfg.resize)
+    if rw * rh > max_pixels:
+        raise InvalidImage(
+            f"the image's aspect ratio ({size[0]} x {size[1]}) is too extreme: resizing it for the model "
+            f"would take {rw * rh:,} pixels"
+        )
+    return JpegHeader(size, orientation(image))
+
+
 def _draft_target(size: tuple[int, int], cfg: PreprocessConfig) -> tuple[int, int]:
     return draft_target(size[0], size[1], cfg)
 
@@ -263,6 +321,14 @@ class Decoder:
 
     async def pixels(self, data: bytes, cfg: PreprocessConfig) -> Decoded:
         return await self._run(decode_to_pixels, data, cfg, self.max_pixels, self.draft)
+
+    async def pixels_or_jpeg(self, data: bytes, cfg: PreprocessConfig) -> Decoded | Encoded:
+        """The device path: a JPEG it takes comes back as `Encoded` (header checked in the pool, the bytes never
+        sent back), anything else decoded as `pixels` does."""
+        got = await self._run(probe_jpeg, data, cfg, self.max_pixels, self.draft)
+        if isinstance(got, JpegHeader):
+            return Encoded(data, got.size, got.orientation, self.max_pixels)
+        return got
 
     async def preview(self, data: bytes) -> Decoded:
         return await self._run(decode_preview, data, self.max_pixels)

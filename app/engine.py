@@ -168,6 +168,11 @@ class Model:
         cast), on the model's device. Only uint8 crosses to the device; see `app.transfer` for the pinned path."""
         return self.normalizer(pixels.to(self.device, non_blocking=True), dtype)
 
+    def normalize_into(self, pixels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, h, w) already on the device (any strides) -> normalised into `out` (its dtype); no
+        allocation, so one batch's rows from different sources fill one input tensor."""
+        return self.normalizer.into(pixels, out)
+
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """RGB PIL images -> float32 (B, 3, H, W) pixels, on the model's device."""
         batch = np.stack([self.to_pixels(img.convert("RGB")) for img in images])

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     # cores; measured faster end to end by bench/decode_pool.py), a process pool above (out of the GIL)
     decode_pool: Literal["auto", "process", "thread"] = "auto"
     jpeg_draft: bool = True  # JPEG DCT scaling while the image stays >= 2x the resize target
+    # where JPEGs are decoded: pil (the pool, exact), torchvision (with the batch on the model's device: nvJPEG on
+    # a GPU), auto (torchvision on CUDA when it is installed, else pil)
+    jpeg_decoder: Literal["auto", "pil", "torchvision"] = "auto"
     warmup: bool = True  # run each batch size once before /readyz says ready
     drain_timeout_s: float = Field(60.0, ge=0)  # after SIGTERM, longest wait for accepted requests
     compile: str = "auto"  # the engine's fast-path speed-up (app.accel): off, auto, on or a strategy name

@@ -11,11 +11,13 @@ key (`batch_key`), so one forward never mixes the two.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
 
@@ -24,7 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from app import analysis
+from app.decode import Encoded, ImageError
 from app.transfer import stack_host
+
+log = logging.getLogger("vitserve")
 
 FAST = "fast"
 ATTENTION = "attention"
@@ -76,22 +81,32 @@ PREPROCESSED = "preprocessed"
 
 @dataclass(frozen=True)
 class Item:
-    pixels: np.ndarray  # uint8 (h, w, 3) at the model's input size, or float32 (3, H, W) already preprocessed
+    # uint8 (h, w, 3) at the model's input size, float32 (3, H, W) already preprocessed, or a checked JPEG that
+    # the batch decodes on the model's device (app.gpu_decode)
+    pixels: np.ndarray | Encoded
     task: Task
 
 
+def _preprocessed(item: Item) -> bool:
+    return isinstance(item.pixels, np.ndarray) and item.pixels.dtype != np.uint8
+
+
 def batch_key(item: Item) -> Hashable:
-    """The batcher key: the task's path, kept apart for already-preprocessed float pixels."""
-    return item.task.key if item.pixels.dtype == np.uint8 else (item.task.key, PREPROCESSED)
+    """The batcher key: the task's path, kept apart for already-preprocessed float pixels (uint8 pixels and
+    JPEGs share batches)."""
+    return (item.task.key, PREPROCESSED) if _preprocessed(item) else item.task.key
 
 
 @dataclass
 class Prepared:
-    """A batch made ready for the forward: the model's input on its device (in its dtype), and on CUDA the
-    event to wait for (the input was made on a side stream)."""
+    """A batch made ready for the forward: the model's input on its device (in its dtype), the item behind each
+    input row, the items that turned out undecodable, and on CUDA the event to wait for (the input was made on a
+    side stream)."""
 
     items: list[Item]
-    inputs: torch.Tensor  # (B, 3, H, W)
+    inputs: torch.Tensor  # (rows, 3, H, W)
+    rows: list[int]  # rows[r]: the index in `items` of input row r
+    errors: dict[int, Exception] = field(default_factory=dict)  # index in `items` -> its image error
     ready: torch.cuda.Event | None = None
 
 
@@ -122,35 +137,69 @@ def _device_state(model) -> _DeviceState:  # type: ignore[no-untyped-def]
 
 
 def model_input(model, items: list[Item]) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """The batch as the model's float input (on the current stream): uint8 normalised on the device, float as is."""
+    """The batch as the model's input (on the current stream): uint8 normalised on the device, float as is."""
     prepared = prepare_batch(model, items)
+    if prepared.errors:
+        raise next(iter(prepared.errors.values()))
     _await_prepared(model, prepared)
     return prepared.inputs
 
 
 def prepare_batch(model, items: list[Item]) -> Prepared:  # type: ignore[no-untyped-def]
-    """Stack, copy and normalise a batch (`Batcher`'s prepare step; it may run on another thread than the
-    forward). On CUDA all of it is enqueued on a side stream, from pinned memory, without blocking the host."""
-    kinds = {item.pixels.dtype for item in items}
+    """Decode, stack, copy and normalise a batch (`Batcher`'s prepare step; it may run on another thread than
+    the forward). On CUDA all of it is enqueued on a side stream, from pinned memory, without blocking the host.
+
+    uint8 pixels are copied and normalised; JPEGs (`Encoded`) are decoded on the device (Pillow here for any
+    the device cannot decode; an image Pillow cannot decode either becomes that item's `ImageError`, never the
+    batch's); float pixels (already preprocessed) are copied as they are.
+    """
+    kinds = {_preprocessed(item) for item in items}
     if len(kinds) != 1:
-        raise ValueError(f"one batch mixes pixel types {sorted(map(str, kinds))}; batch them apart (batch_key)")
-    arrays = [item.pixels for item in items]
+        raise ValueError("one batch mixes uint8 and preprocessed float pixels; batch them apart (batch_key)")
     dtype = getattr(model, "dtype", torch.float32)
-    if not _on_cuda(model):
-        stacked = stack_host(arrays)  # zero-copy beyond the stack itself
-        if stacked.dtype == torch.uint8:
-            return Prepared(items, model.normalize(stacked, dtype))
-        return Prepared(items, stacked.to(model.device, dtype))
-    state = _device_state(model)
-    with torch.inference_mode(), torch.cuda.stream(state.stream):
-        if arrays[0].dtype == np.uint8:
-            pixels = state.stager.upload(arrays, state.stream)  # (B, h, w, 3) uint8, copied without blocking
-            inputs = model.normalize(pixels, dtype)  # one fused kernel, on the side stream
-        else:  # the Open Inference Protocol's FP32 pixels: rare, pageable memory is good enough
-            inputs = stack_host(arrays).to(model.device, dtype)
-        ready = torch.cuda.Event()
-        ready.record(state.stream)
-    return Prepared(items, inputs, ready)
+    cuda = _on_cuda(model)
+    state = _device_state(model) if cuda else None
+    with torch.inference_mode(), torch.cuda.stream(state.stream) if state else contextlib.nullcontext():
+        if kinds == {True}:  # the Open Inference Protocol's FP32 pixels: rare, pageable memory is good enough
+            inputs = stack_host([item.pixels for item in items]).to(model.device, dtype)  # type: ignore[misc]
+            prepared = Prepared(items, inputs, list(range(len(items))))
+        else:
+            prepared = _prepare_uint8(model, items, dtype, state)
+        if state is not None:
+            prepared.ready = torch.cuda.Event()
+            prepared.ready.record(state.stream)
+    return prepared
+
+
+def _prepare_uint8(model, items: list[Item], dtype: torch.dtype, state: _DeviceState | None) -> Prepared:  # type: ignore[no-untyped-def]
+    cfg = model.preprocess_config
+    host = [i for i, item in enumerate(items) if isinstance(item.pixels, np.ndarray)]
+    arrays: list[np.ndarray] = [items[i].pixels for i in host]  # type: ignore[misc]
+    jpegs = [i for i, item in enumerate(items) if isinstance(item.pixels, Encoded)]
+    decoded, on_device, errors = None, [], {}
+    if jpegs:
+        from app import gpu_decode
+
+        encoded: list[Encoded] = [items[i].pixels for i in jpegs]  # type: ignore[misc]
+        decoded, ok, failed = gpu_decode.decode_batch(encoded, cfg, model.device)
+        on_device = [jpegs[k] for k in ok]
+        for k, error in failed.items():  # the device could not decode it: Pillow decides
+            i = jpegs[k]
+            try:
+                arrays.append(encoded[k].decode_here(cfg).pixels)
+                host.append(i)
+                log.info("a JPEG the device could not decode (%s) was decoded by Pillow", error)
+            except ImageError as e:
+                e.item = items[i]  # type: ignore[attr-defined]  # lets the caller name the image
+                errors[i] = e
+    h, w = cfg.output_size
+    inputs = torch.empty((len(host) + len(on_device), 3, h, w), dtype=dtype, device=model.device)
+    if host:
+        pixels = state.stager.upload(arrays, state.stream) if state else stack_host(arrays)  # (n, h, w, 3)
+        model.normalize_into(pixels.permute(0, 3, 1, 2), inputs[: len(host)])  # one fused kernel
+    if on_device:
+        model.normalize_into(decoded, inputs[len(host) :])
+    return Prepared(items, inputs, host + on_device, errors)
 
 
 def _await_prepared(model, prepared: Prepared) -> None:  # type: ignore[no-untyped-def]
@@ -184,20 +233,26 @@ def run_batch(model, items: list[Item]) -> list[object]:  # type: ignore[no-unty
 
 
 def forward_batch(model, prepared: Prepared) -> list[object]:  # type: ignore[no-untyped-def]
-    """The forward of a prepared batch (`Batcher`'s forward step) -> one CPU result per item, in order."""
+    """The forward of a prepared batch (`Batcher`'s forward step) -> one CPU result per item, in order; an item
+    that could not be decoded gets its `ImageError` as its result."""
     items = prepared.items
-    attentions = any(item.task.key == ATTENTION for item in items)
+    results: list[object] = [None] * len(items)
+    for i, error in prepared.errors.items():
+        results[i] = error
+    if not prepared.rows:
+        return results
+    row_items = [items[i] for i in prepared.rows]
+    attentions = any(item.task.key == ATTENTION for item in row_items)
     with torch.inference_mode():
         _await_prepared(model, prepared)
         out = model(prepared.inputs, attentions=attentions)
-        results: list[object] = [None] * len(items)
         groups: dict[type, list[int]] = defaultdict(list)
-        for i, item in enumerate(items):
-            groups[type(item.task)].append(i)
+        for r, item in enumerate(row_items):
+            groups[type(item.task)].append(r)
         for kind, index in groups.items():
-            tasks = [items[i].task for i in index]
-            for i, result in zip(index, HANDLERS[kind](model, out, index, tasks), strict=True):
-                results[i] = result
+            tasks = [row_items[r].task for r in index]
+            for r, result in zip(index, HANDLERS[kind](model, out, index, tasks), strict=True):
+                results[prepared.rows[r]] = result
     return results
 
 
@@ -280,7 +335,8 @@ def position_similarity(model) -> np.ndarray:  # type: ignore[no-untyped-def]
 
 
 def warmup_items(model, batch_size: int, key: str) -> list[Item]:  # type: ignore[no-untyped-def]
-    """Dummy items that exercise one path at one batch size."""
+    """Dummy items that exercise one path at one batch size; on CUDA with torchvision, the first is a small JPEG
+    decoded on the device, so that nvJPEG is set up before the first request rather than during it."""
     h, w = model.preprocess_config.output_size
     pixels = np.zeros((h, w, 3), dtype=np.uint8)
     if key == ATTENTION:
@@ -289,4 +345,20 @@ def warmup_items(model, batch_size: int, key: str) -> list[Item]:  # type: ignor
         task = Classify(1)
     else:
         task = Embed()
-    return [Item(pixels, task)] * batch_size
+    items = [Item(pixels, task)] * batch_size
+    if key == FAST and batch_size and _on_cuda(model):
+        from app import gpu_decode
+
+        if gpu_decode.use_for("auto", model.device, model.preprocess_config):
+            items[0] = Item(_warmup_jpeg(), task)
+    return items
+
+
+def _warmup_jpeg() -> Encoded:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (120, 60, 200)).save(buffer, "JPEG")
+    return Encoded(buffer.getvalue(), (64, 48), 1, 64 * 48)

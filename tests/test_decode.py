@@ -213,3 +213,54 @@ def test_pools_give_the_same_pixels_and_typed_errors(cat, kind):
 
     good = asyncio.run(main())
     assert np.array_equal(good.pixels, decode_to_pixels(data, CFG, LIMIT).pixels)
+
+
+# -- the device path's probe: header checked here, the JPEG decoded later with its batch ---------------------
+
+
+def test_probe_takes_a_checked_jpeg_without_decoding_it_and_decodes_everything_else(cat):
+    from app.decode import Decoded, JpegHeader, probe_jpeg
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    header = probe_jpeg(encode(cat, "JPEG", exif=exif), CFG, LIMIT)
+    assert header == JpegHeader((cat.height, cat.width), 6)  # upright size, orientation to apply
+    assert isinstance(probe_jpeg(encode(cat.convert("L"), "JPEG"), CFG, LIMIT), JpegHeader)
+    for data in (encode(cat, "PNG"), encode(cat.convert("CMYK"), "JPEG")):  # not for the device: decoded here
+        got = probe_jpeg(data, CFG, LIMIT)
+        assert isinstance(got, Decoded) and np.array_equal(got.pixels, decode_to_pixels(data, CFG, LIMIT).pixels)
+    big = encode(cat, "JPEG")
+    assert isinstance(probe_jpeg(big, CFG, LIMIT, device_max_pixels=cat.width * cat.height - 1), Decoded)
+
+
+def test_probe_refuses_what_the_pil_path_refuses(cat):
+    from app.decode import probe_jpeg
+
+    data = encode(cat, "JPEG")
+    with pytest.raises(ImageTooLarge):
+        probe_jpeg(data, CFG, max_pixels=cat.width * cat.height - 1)
+    with pytest.raises(InvalidImage):
+        probe_jpeg(data[:4] + b"\x00" * 64, CFG, LIMIT)  # JPEG magic, no header
+    strip = encode(Image.new("RGB", (4000, 1)), "JPEG")
+    with pytest.raises(InvalidImage, match="too extreme"):
+        probe_jpeg(strip, CFG, max_pixels=100_000)
+
+
+@pytest.mark.parametrize("kind,workers", [("thread", 1), ("thread", 0), ("process", 1)])
+def test_decoder_queues_the_requests_own_bytes_for_the_device(cat, kind, workers):
+    from app.decode import Encoded
+
+    jpeg, png = encode(cat, "JPEG"), encode(cat, "PNG")
+
+    async def main():
+        decoder = Decoder(LIMIT, workers=workers, kind=kind)
+        try:
+            return await asyncio.gather(decoder.pixels_or_jpeg(jpeg, CFG), decoder.pixels_or_jpeg(png, CFG))
+        finally:
+            decoder.close()
+
+    queued, decoded = asyncio.run(main())
+    assert isinstance(queued, Encoded) and queued.data is jpeg  # no copy, never sent back from a process
+    assert queued.size == cat.size and queued.orientation == 1 and queued.max_pixels == LIMIT
+    assert np.array_equal(decoded.pixels, decode_to_pixels(png, CFG, LIMIT).pixels)
+    assert np.array_equal(queued.decode_here(CFG).pixels, decode_to_pixels(jpeg, CFG, LIMIT, draft=False).pixels)

@@ -3,6 +3,14 @@
 Limits come first and cost nothing: the body cap and image count while reading, then admission to the
 model's queue (503 overloaded, before any decoding), then the deadline (counted from the moment the
 body has been read) and the client's disconnect, either of which drops the request's unfinished work.
+
+JPEGs on the device path (`--jpeg-decoder`, `app.gpu_decode.use_for`) have only their header checked in the
+pool and are queued compressed; their batch decodes them. One that turns out undecodable then comes back as
+that image's `ImageError` (400, naming it), while the rest of its batch is answered.
+
+Memory held by a full queue is bounded: every queued item belongs to an admitted request (at most
+`max-queue` images), and holds either h x w x 3 bytes of model-input pixels or, on the device path, a
+reference to its request's body (at most `max-upload-bytes` each, held for the request's life anyway).
 """
 
 from __future__ import annotations
@@ -13,8 +21,9 @@ from dataclasses import dataclass
 
 from starlette.requests import ClientDisconnect, Request
 
+from app import gpu_decode
 from app.batching import ForwardFailed, Overloaded, Stopped
-from app.decode import Decoded, ImageError
+from app.decode import Decoded, Encoded, ImageError
 from app.http.errors import ApiError, internal_error, invalid
 from app.http.inputs import Upload, read_uploads
 from app.http.middleware import note, request_id_of
@@ -25,7 +34,7 @@ from app.tasks import Item, Task
 @dataclass
 class Outcome:
     uploads: list[Upload]
-    decoded: list[Decoded]
+    decoded: list[Decoded | Encoded]  # both tell the upright `size`
     results: list[object]
     previews: list[Decoded] | None = None
 
@@ -70,30 +79,41 @@ async def _decode_and_run(
 ) -> Outcome:
     decoder = state.decoder
     assert decoder is not None
-    cfg = served.model.preprocess_config
-    jobs = [decoder.pixels(u.data, cfg) for u in uploads]
+    model = served.model
+    cfg = model.preprocess_config
+    decode = decoder.pixels
+    if gpu_decode.use_for(state.settings.jpeg_decoder, getattr(model, "device", None), cfg):
+        decode = decoder.pixels_or_jpeg  # type: ignore[assignment]
+    jobs = [decode(u.data, cfg) for u in uploads]
     if preview:
         jobs += [decoder.preview(u.data) for u in uploads]
     done = await asyncio.gather(*jobs, return_exceptions=True)
     decoded, previews = done[: len(uploads)], done[len(uploads) :]
     for i, d in enumerate(decoded):
         if isinstance(d, ImageError):
-            filename = uploads[i].filename
-            where = f"image {i}" + (f" ({filename})" if filename else "")
-            raise ApiError(400, d.code, f"{where}: {d}", index=i, filename=filename)
+            raise _image_error(d, i, uploads)
         if isinstance(d, BaseException):
             raise d  # the pool itself failed: a server fault
     for d in previews:
         if isinstance(d, BaseException):
             raise d
-    items = [Item(d.pixels, task) for d in decoded]  # type: ignore[union-attr]
+    items = [Item(d if isinstance(d, Encoded) else d.pixels, task) for d in decoded]  # type: ignore[union-attr]
     try:
         results = await served.batcher.run(items, task.key)
+    except ImageError as e:  # found while its batch decoded it on the device
+        index = next((i for i, item in enumerate(items) if item is getattr(e, "item", None)), 0)
+        raise _image_error(e, index, uploads) from None
     except ForwardFailed:
         raise internal_error(request_id_of(request.scope)) from None
     except Stopped:
         raise ApiError(503, "not_ready", "the server is shutting down; retry on another instance") from None
     return Outcome(uploads, decoded, results, previews or None)  # type: ignore[arg-type]
+
+
+def _image_error(error: ImageError, i: int, uploads: list[Upload]) -> ApiError:
+    filename = uploads[i].filename
+    where = f"image {i}" + (f" ({filename})" if filename else "")
+    return ApiError(400, error.code, f"{where}: {error}", index=i, filename=filename)
 
 
 async def _wait_disconnect(request: Request) -> None:
