@@ -43,10 +43,10 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
+from app.metrics import MULTIPROC_ENV
 from app.settings import Settings
 
 log = logging.getLogger("vitserve")
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own variable (as in app.metrics)
 STARTUP_FAILURE = 3  # uvicorn's exit status when it cannot listen, so one process and N fail alike
 KILL_AFTER_FATAL_S = 30.0  # beyond the drain timeout: workers still loading when another failed
 
@@ -145,6 +145,9 @@ class Supervisor:
             )
             while self.workers:
                 self.step()
+        except BaseException:
+            self.kill_all()  # never leave workers behind, serving unsupervised
+            raise
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
