@@ -64,3 +64,61 @@ def test_the_batcher_gets_a_prepare_step_on_cuda_only(tiny_checkpoint):
     if torch.cuda.is_available():
         steps = batch_steps(app.load_model(str(tiny_checkpoint), device="cuda"))
         assert steps["prepare"].func is prepare_batch and steps["run_batch"].func is forward_batch
+
+
+def _jpegs() -> list[bytes]:
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    out = []
+    for name, size in (("chelsea", (640, 480)), ("astronaut", (300, 400)), ("coffee", (640, 480))):
+        buffer = io.BytesIO()
+        Image.fromarray(getattr(data, name)()).resize(size).save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+@cuda
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision.*")
+@pytest.mark.filterwarnings("ignore:The given buffer is not writable")
+def test_nvjpeg_batches_match_the_cpu_decoder_within_a_few_grey_levels():
+    from app import gpu_decode
+    from app.decode import Encoded, probe_jpeg
+    from app.preprocess import PreprocessConfig
+
+    cfg = PreprocessConfig(resize=256, crop=(224, 224), interpolation="bicubic")
+    datas = _jpegs()
+    encoded = [Encoded(d, (h := probe_jpeg(d, cfg, 10**8)).size, h.orientation, 10**8) for d in datas]
+    results = {}
+    for device in ("cpu", "cuda"):
+        out, rows, errors = gpu_decode.decode_batch(encoded, cfg, torch.device(device))
+        assert not errors and out.device.type == device
+        results[device] = out.cpu()[np.argsort(rows)].to(torch.int16)
+    diff = (results["cuda"] - results["cpu"]).abs()
+    assert diff.max() <= 8 and diff.float().mean() < 1.0  # nvJPEG's IDCT and chroma upsampling
+
+
+@cuda
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision.*")
+@pytest.mark.filterwarnings("ignore:The given buffer is not writable")
+def test_a_cuda_batch_of_jpegs_and_pixels_with_a_corrupt_one(tiny_checkpoint):
+    import app
+    from app.decode import Encoded, ImageError, probe_jpeg
+    from app.tasks import Classify, Item, forward_batch, prepare_batch
+
+    model = app.load_model(str(tiny_checkpoint), device="cuda", dtype="bfloat16")
+    cfg = model.preprocess_config
+    datas = _jpegs()
+    datas[1] = datas[1][: len(datas[1]) // 2]  # the header intact, the data cut short
+    items = [Item(Encoded(d, (h := probe_jpeg(d, cfg, 10**8)).size, h.orientation, 10**8), Classify(2)) for d in datas]
+    items.append(Item(np.zeros((*cfg.output_size, 3), np.uint8), Classify(2)))
+    prepared = prepare_batch(model, items)
+    assert prepared.ready is not None and prepared.inputs.dtype == torch.bfloat16
+    results = forward_batch(model, prepared)
+    if 1 in prepared.errors:  # nvJPEG refused it and so did Pillow
+        assert isinstance(results[1], ImageError)
+    else:  # nvJPEG is more lenient with truncated data than Pillow: it decoded what was there
+        assert results[1].indices.shape == (2,)
+    assert all(results[i].indices.shape == (2,) for i in (0, 2, 3))
