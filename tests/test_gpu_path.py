@@ -70,8 +70,8 @@ def _jpegs() -> list[bytes]:
     import io
 
     from PIL import Image
-    from skimage import data
 
+    data = pytest.importorskip("skimage.data")
     out = []
     for name, size in (("chelsea", (640, 480)), ("astronaut", (300, 400)), ("coffee", (640, 480))):
         buffer = io.BytesIO()
