@@ -201,7 +201,7 @@ def decode_image(
         if target is not None:
             apply_draft(image, target(size))
         image.load()  # first frame of a GIF / WebP animation / multi-page TIFF
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # upright without copying an image already upright
         image = to_rgb(image)
     except Image.DecompressionBombError as e:
         raise ImageTooLarge(f"the image is too large: {e}") from None

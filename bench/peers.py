@@ -15,13 +15,12 @@ import argparse
 import contextlib
 import itertools
 import os
-import statistics
 import sys
 import time
 
 from bench import common
 from bench.loadgen import Spawned, free_port, spawn
-from bench.server import VitServe, run_matrix, table_rows
+from bench.server import RawForward, VitServe, median_rows, run_matrix, table_rows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-requests", type=int, default=0)
     p.add_argument("--procs", type=int, default=None)
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for vitserve (repeat)")
-    p.add_argument("--raw", action="store_true", help="also time our forward alone at the batch size")
+    p.add_argument("--raw", action="store_true", help="time our forward alone just before and after each of our loads")
+    p.add_argument("--raw-seconds", type=float, default=4.0, help="length of each raw window")
     p.add_argument("--ready-timeout", type=float, default=900.0)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
@@ -83,28 +83,6 @@ class Peer(Spawned):
         self._t0 = time.perf_counter()
         self.proc = spawn(cmd, {"PYTHONUNBUFFERED": "1"}, self.log)
         return self
-
-
-def median_rows(rows: list[dict]) -> list[dict]:
-    """One row per (image, images per request, concurrency): the median round by images/s, with the medians of
-    images/s and of each latency percentile over the rounds."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["image"], r["images_per_request"], r["concurrency"]), []).append(r)
-    out = []
-    for group in groups.values():
-        if len(group) == 1:
-            out.append(group[0])
-            continue
-        mid = dict(sorted(group, key=lambda r: r["images_per_s"])[len(group) // 2])
-        mid["images_per_s"] = round(statistics.median(r["images_per_s"] for r in group), 2)
-        mid["latency_ms"] = {
-            q: round(statistics.median(r["latency_ms"][q] for r in group), 1) for q in group[0]["latency_ms"]
-        }
-        mid["rounds"] = len(group)
-        mid["images_per_s_by_round"] = [r["images_per_s"] for r in group]
-        out.append(mid)
-    return out
 
 
 def ratios(ours: list[dict], theirs: list[dict], name: str) -> list[dict]:
@@ -158,9 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
             result["startup_s"][kind] = peer.startup_s
             servers.append((kind, peer.url, "/predict", peer.proc.pid))
         if args.raw:
-            from bench.server import raw_reference
-
-            result["raw_reference"] = raw_reference(ours.ckpt, args, max(args.seconds, 5))
+            raw = RawForward(ours.ckpt, args)
+            result["raw_windows"] = []
         for _round, size, ipr, c in itertools.product(
             range(args.rounds), args.sizes.split(","), args.images_per_request.split(","), args.concurrency.split(",")
         ):
@@ -168,7 +145,14 @@ def main(argv: list[str] | None = None) -> dict:
             for name, url, endpoint, pid in servers:
                 if name == "litserve" and int(ipr) > 1:
                     continue  # LitServe's API here takes one image per request
-                rows[name] += run_matrix(url, endpoint, pid, one, name)
+                between = None
+                if args.raw and name == "vitserve":  # raw windows just before and after each of our loads
+
+                    def between() -> dict:
+                        result["raw_windows"].append(raw.measure(args.raw_seconds))
+                        return result["raw_windows"][-1]
+
+                rows[name] += run_matrix(url, endpoint, pid, one, name, between)
     merged = {name: median_rows(r) for name, r in rows.items()}
     result["vitserve"] = merged["vitserve"]
     result["peers"] = {k: merged[k] for k in kinds}

@@ -8,14 +8,21 @@ For each image size (640x480, 4000x3000 JPEGs made from scikit-image's photograp
 and concurrency (1, 16, 64; 256 on a GPU) it reports images/s, requests/s, p50/p90/p99 latency, errors by
 status, and the server's peak RSS (its process tree) and the GPU's used memory. `--raw` also times our own
 forward alone at the server's batch size in the same run (the ceiling the server is measured against).
+
+On a shared machine the load changes from one second to the next, so a raw figure taken a minute before a load
+says little about that load. `--rounds N --raw` therefore runs the plan N times and times the raw forward
+between loads (raw, load 1, raw, load 2, raw, ...): each load is compared with the mean of the raw windows
+just before and just after it (`server_over_raw`), and the summary gives medians over the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import common
@@ -43,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-requests", type=int, default=0, help="per load; 0: bounded by --seconds only")
     p.add_argument("--procs", type=int, default=None, help="client processes (default: 1 on CPU, 4 on CUDA)")
     p.add_argument("--raw", action="store_true", help="also time our forward alone at the server's batch size")
+    p.add_argument("--rounds", type=int, default=1, help="run the plan N times; with --raw, raw windows between loads")
+    p.add_argument("--raw-seconds", type=float, default=4.0, help="length of each raw window (with --rounds)")
     p.add_argument("--ready-timeout", type=float, default=900.0)
     p.add_argument("--quick", action="store_true", help="640x480 single images at c=1 and 4, 4 s each")
     p.add_argument("--out", default=None)
@@ -111,19 +120,26 @@ class VitServe(Spawned):
         return self
 
 
-def raw_reference(ckpt: Path, args: argparse.Namespace, seconds: float) -> dict:
-    """Our forward alone at the server's batch size (same compile mode and dtype), images/s."""
-    import torch
+class RawForward:
+    """Our forward alone at the server's batch size (same checkpoint, compile mode and dtype), in this process."""
 
-    from app.engine import load_model
+    def __init__(self, ckpt: Path, args: argparse.Namespace):
+        import torch
 
-    model = load_model(str(ckpt), device=args.device, dtype=args.dtype, compile=args.compile)
-    build = model.warmup([args.max_batch_size])
-    x = torch.randn(args.max_batch_size, 3, 224, 224, device=model.device)
-    timing = common.time_interleaved({"ours": lambda: model(x)}, str(model.device), 3, seconds)["ours"]
-    out = timing.as_dict(args.max_batch_size)
-    out.update({"strategy": model.accel_strategy, "build_s": {str(k): round(v, 1) for k, v in build.items()}})
-    return out
+        from app.engine import load_model
+
+        self.batch = args.max_batch_size
+        self.model = load_model(str(ckpt), device=args.device, dtype=args.dtype, compile=args.compile)
+        self.build = self.model.warmup([self.batch])
+        self.x = torch.randn(self.batch, 3, 224, 224, device=self.model.device)
+
+    def measure(self, seconds: float) -> dict:
+        """Time the forward for about `seconds` (at least 3 calls)."""
+        fns = {"ours": lambda: self.model(self.x)}
+        timing = common.time_interleaved(fns, str(self.model.device), 3, seconds, warmup=1)["ours"]
+        out = timing.as_dict(self.batch)
+        out.update({"strategy": self.model.accel_strategy, "loadavg": os.getloadavg()[0]})
+        return out
 
 
 def load_plan(args: argparse.Namespace) -> list[tuple[str, int, int]]:
@@ -142,10 +158,18 @@ def load_plan(args: argparse.Namespace) -> list[tuple[str, int, int]]:
     ]
 
 
-def run_matrix(base_url: str, endpoint: str, pid: int | None, args: argparse.Namespace, label: str) -> list[dict]:
-    """Every planned load against one server, in order."""
+def run_matrix(
+    base_url: str,
+    endpoint: str,
+    pid: int | None,
+    args: argparse.Namespace,
+    label: str,
+    between: Callable[[], dict] | None = None,
+) -> list[dict]:
+    """Every planned load against one server, in order; `between()` (a raw window) before and after each."""
     rows = []
     jpegs: dict[str, bytes] = {}
+    raw_before = between() if between else None
     for size, ipr, c in load_plan(args):
         jpeg = jpegs.setdefault(size, photo_jpeg(*parse_size(size)))
         load = Load(
@@ -161,23 +185,58 @@ def run_matrix(base_url: str, endpoint: str, pid: int | None, args: argparse.Nam
             row = run_load(load)
         row.update(w.report())
         row.update({"server": label, "image": size, "jpeg_bytes": len(jpeg), "loadavg": os.getloadavg()[0]})
+        if between is not None:
+            raw_after = between()
+            raw = (raw_before["images_per_s"] + raw_after["images_per_s"]) / 2
+            row.update({"raw_images_per_s": round(raw, 2), "server_over_raw": round(row["images_per_s"] / raw, 3)})
+            raw_before = raw_after
         rows.append(row)
         print_row(row)
     return rows
 
 
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One row per load (server, image, images per request, concurrency) over several rounds: the middle round
+    by images/s, with the medians of images/s, of each latency percentile and of server/raw."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["server"], r["image"], r["images_per_request"], r["concurrency"]), []).append(r)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        mid = dict(sorted(group, key=lambda r: r["images_per_s"])[len(group) // 2])
+        for key in ("images_per_s", "raw_images_per_s", "server_over_raw"):
+            if key in mid:
+                mid[key] = round(statistics.median(r[key] for r in group), 3)
+        mid["latency_ms"] = {
+            q: round(statistics.median(r["latency_ms"][q] for r in group), 1) for q in mid["latency_ms"]
+        }
+        mid["rounds"] = len(group)
+        mid["images_per_s_by_round"] = [r["images_per_s"] for r in group]
+        if "server_over_raw" in mid:
+            mid["server_over_raw_by_round"] = [r["server_over_raw"] for r in group]
+        out.append(mid)
+    return out
+
+
 def print_row(r: dict) -> None:
     lat = r["latency_ms"]
+    vs_raw = f"  raw {r['raw_images_per_s']:.1f} img/s -> x{r['server_over_raw']:.2f}" if "server_over_raw" in r else ""
     print(
         f"# {r['server']:>10} {r['image']:>9} x{r['images_per_request']:<2} c={r['concurrency']:<3} "
         f"{r['images_per_s']:>9.1f} img/s  p50 {lat['p50']:>8.1f} ms  p99 {lat['p99']:>8.1f} ms  "
-        f"errors {r['errors'] or '-'}  rss {r.get('peak_rss_mib')} MiB  tree pss {r.get('peak_tree_pss_mib')} MiB",
+        f"errors {r['errors'] or '-'}  rss {r.get('peak_rss_mib')} MiB  tree pss {r.get('peak_tree_pss_mib')} MiB"
+        f"{vs_raw}",
         flush=True,
     )
 
 
 def table_rows(rows: list[dict]) -> str:
     cols = ["server", "image", "x", "c", "img/s", "req/s", "p50", "p90", "p99", "errors", "rss MiB", "pss MiB", "load"]
+    if any("server_over_raw" in r for r in rows):
+        cols += ["raw img/s", "server/raw"]
     out = [
         {
             "server": r["server"],
@@ -193,6 +252,8 @@ def table_rows(rows: list[dict]) -> str:
             "rss MiB": r.get("peak_rss_mib"),
             "pss MiB": r.get("peak_tree_pss_mib"),
             "load": round(r["loadavg"], 2),
+            "raw img/s": r.get("raw_images_per_s"),
+            "server/raw": r.get("server_over_raw"),
         }
         for r in rows
     ]
@@ -203,15 +264,28 @@ def main(argv: list[str] | None = None) -> dict:
     common.exit_on_sigterm()
     args = parse_args(argv)
     result = {"bench": "server", "env": common.environment("cuda" if args.cuda else "cpu"), "args": vars(args)}
+    rounds: list[list[dict]] = []
     if args.url:
-        rows = run_matrix(args.url.rstrip("/"), args.endpoint, args.pid, args, "vitserve")
+        for _ in range(args.rounds):
+            rounds.append(run_matrix(args.url.rstrip("/"), args.endpoint, args.pid, args, "vitserve"))
     else:
         with VitServe(args) as server:
             result["startup_s"] = server.startup_s
+            between = None
             if args.raw:
-                result["raw_reference"] = raw_reference(server.ckpt, args, max(args.seconds, 5))
-                print(f"# raw forward at batch {args.max_batch_size}: {result['raw_reference']['images_per_s']} img/s")
-            rows = run_matrix(server.url, args.endpoint, server.proc.pid, args, "vitserve")
+                raw = RawForward(server.ckpt, args)
+                result["raw_build_s"] = {str(k): round(v, 1) for k, v in raw.build.items()}
+                windows: list[dict] = []
+
+                def between() -> dict:
+                    windows.append(raw.measure(args.raw_seconds))
+                    return windows[-1]
+
+                result["raw_windows"] = windows
+            for _ in range(args.rounds):
+                rounds.append(run_matrix(server.url, args.endpoint, server.proc.pid, args, "vitserve", between))
+    rows = median_rows([row for r in rounds for row in r])
+    result["rounds"] = rounds if args.rounds > 1 else None
     result["results"] = rows
     result["env"]["loadavg_end"] = os.getloadavg()
     print(table_rows(rows))
