@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from starlette.requests import ClientDisconnect, Request
 
@@ -79,12 +81,8 @@ async def _decode_and_run(
 ) -> Outcome:
     decoder = state.decoder
     assert decoder is not None
-    model = served.model
-    cfg = model.preprocess_config
-    decode = decoder.pixels
-    if gpu_decode.use_for(state.settings.jpeg_decoder, getattr(model, "device", None), cfg):
-        decode = decoder.pixels_or_jpeg  # type: ignore[assignment]
-    jobs = [decode(u.data, cfg) for u in uploads]
+    decode = image_decoder(state, served)
+    jobs = [decode(u.data) for u in uploads]
     if preview:
         jobs += [decoder.preview(u.data) for u in uploads]
     done = await asyncio.gather(*jobs, return_exceptions=True)
@@ -97,17 +95,36 @@ async def _decode_and_run(
     for d in previews:
         if isinstance(d, BaseException):
             raise d
-    items = [Item(d if isinstance(d, Encoded) else d.pixels, task) for d in decoded]  # type: ignore[union-attr]
+    items = [to_item(d, task) for d in decoded]  # type: ignore[arg-type]
     try:
         results = await served.batcher.run(items, task.key)
     except ImageError as e:  # found while its batch decoded it on the device
-        index = next((i for i, item in enumerate(items) if item is getattr(e, "item", None)), 0)
-        raise _image_error(e, index, uploads) from None
+        raise _image_error(e, image_error_index(e, items), uploads) from None
     except ForwardFailed:
         raise internal_error(request_id_of(request.scope)) from None
     except Stopped:
         raise ApiError(503, "not_ready", "the server is shutting down; retry on another instance") from None
     return Outcome(uploads, decoded, results, previews or None)  # type: ignore[arg-type]
+
+
+def image_decoder(state: ServerState, served: ServedModel) -> Callable[[bytes], Awaitable[Decoded | Encoded]]:
+    """The decode step for a model: pixels from the pool, or on the device path (`--jpeg-decoder`) a JPEG checked
+    in the pool and queued compressed for its batch to decode."""
+    decoder = state.decoder
+    assert decoder is not None
+    cfg = served.model.preprocess_config
+    if gpu_decode.use_for(state.settings.jpeg_decoder, getattr(served.model, "device", None), cfg):
+        return partial(decoder.pixels_or_jpeg, cfg=cfg)
+    return partial(decoder.pixels, cfg=cfg)
+
+
+def to_item(decoded: Decoded | Encoded, task: Task) -> Item:
+    return Item(decoded if isinstance(decoded, Encoded) else decoded.pixels, task)
+
+
+def image_error_index(error: ImageError, items: list[Item]) -> int:
+    """Which item an `ImageError` raised by the batch (a JPEG the device path could not decode) belongs to."""
+    return next((i for i, item in enumerate(items) if item is getattr(error, "item", None)), 0)
 
 
 def _image_error(error: ImageError, i: int, uploads: list[Upload]) -> ApiError:

@@ -42,7 +42,7 @@ from app.http.errors import ApiError, internal_error, invalid
 from app.http.inputs import read_body, too_many
 from app.http.middleware import note, request_id_of
 from app.http.pipeline import _guarded as guarded  # the deadline and disconnect guard that /v1 uses
-from app.http.pipeline import state_of
+from app.http.pipeline import image_decoder, image_error_index, state_of, to_item
 from app.http.responses import FastJSON
 from app.http.state import ServedModel, ServerState
 from app.http.v1 import require_api_key, require_ready
@@ -308,6 +308,9 @@ async def _run(request: Request, state: ServerState, served: ServedModel, t: Inp
     items = await _items(state, served, t, task)
     try:
         return await served.batcher.run(items, batch_key(items[0]))
+    except ImageError as e:  # a JPEG its batch could not decode on the device (nor Pillow after it)
+        i = image_error_index(e, items)
+        raise ApiError(400, e.code, f"image {i}: {e}", index=i) from None
     except ForwardFailed:
         raise internal_error(request_id_of(request.scope)) from None
     except Stopped:
@@ -322,15 +325,14 @@ async def _items(state: ServerState, served: ServedModel, t: InputTensor, task: 
     if t.datatype == "UINT8":
         pixels = await asyncio.to_thread(_resize_all, t.data, cfg)
         return [Item(p, task) for p in pixels]
-    decoder = state.decoder
-    assert decoder is not None
-    done = await asyncio.gather(*(decoder.pixels(data, cfg) for data in t.data), return_exceptions=True)  # type: ignore[union-attr]
+    decode = image_decoder(state, served)
+    done = await asyncio.gather(*(decode(data) for data in t.data), return_exceptions=True)  # type: ignore[union-attr]
     for i, d in enumerate(done):
         if isinstance(d, ImageError):
             raise ApiError(400, d.code, f"image {i}: {d}", index=i)
         if isinstance(d, BaseException):
             raise d  # the pool itself failed: a server fault
-    return [Item(d.pixels, task) for d in done]  # type: ignore[union-attr]
+    return [to_item(d, task) for d in done]  # type: ignore[arg-type]
 
 
 def _resize_all(pixels: np.ndarray, cfg) -> list[np.ndarray]:  # type: ignore[no-untyped-def]

@@ -8,6 +8,7 @@ answers equal to the PIL path's within a grey level, a corrupt JPEG that passes 
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import numpy as np
 import pytest
@@ -99,3 +100,20 @@ def test_a_corrupt_jpeg_in_a_shared_batch_gets_400_and_its_batch_mates_200(check
     assert "image 1 (1.jpg)" in error["message"]
     # one forward for all of them: six images arrived together, the corrupt one never reached the model
     assert created[0].batch_sizes == [5]
+
+
+def v2_bytes(datas: list[bytes]) -> dict:
+    data = [base64.b64encode(d).decode() for d in datas]
+    return {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [len(data)], "data": data}]}
+
+
+def test_v2_bytes_images_take_the_device_path_too(clients, jpegs):
+    """/v2 BYTES inputs go through the same decode step: equal to the PIL path's answers, and a corrupt JPEG that
+    passes the header check is the protocol's 400 naming its index."""
+    url = "/v2/models/tiny/infer"
+    pil, tv = (c.post(url, json=v2_bytes(jpegs)).json() for c in clients.values())
+    (pil_probs,), (tv_probs,) = ([o["data"] for o in r["outputs"] if o["name"] == "probabilities"] for r in (pil, tv))
+    np.testing.assert_allclose(tv_probs, pil_probs, atol=0.01)
+    corrupt = jpegs[1][: len(jpegs[1]) // 2]
+    r = clients["torchvision"].post(url, json=v2_bytes([jpegs[0], corrupt]))
+    assert r.status_code == 400 and "image 1" in r.json()["error"]
