@@ -46,11 +46,13 @@ if [ "$SMOKE" = 1 ]; then
   # the script's plumbing only: no compiling at start-up on a shared 2-core CPU (tests/test_accel.py covers it)
   DEV=cpu DTYPE=float32 SHAPE=ti16 SECS=2 RAW_BATCHES=1,2 RAW_COMPILE_BATCHES=1 CONC=1,2 MB=4 PROCS=1 DECODE=1
   SERVER_LOADS=640x480:4:2,4000x3000:1:2 RAW_IMPLS=ours,hf,timm COMPILE_IMPLS=ours-accel MODE=off
+  JPEG_SIZES=64x48 VARIANT_LOADS=640x480:1:2 WORKERS=2
 else
   # 32-image requests at c=16 (512 images in flight) and c=4; 4000x3000 single images at c=64
   DEV=cuda DTYPE=bfloat16 SHAPE=b16 SECS=5 RAW_BATCHES=1,8,32,64,256 RAW_COMPILE_BATCHES=1,256 CONC=1,64,256
   MB=64 PROCS=4 DECODE=10 SERVER_LOADS=640x480:32:4,640x480:32:16,4000x3000:1:64
   RAW_IMPLS=ours,ours-accel,hf,timm COMPILE_IMPLS=ours-accel,timm-compile MODE=auto
+  JPEG_SIZES=640x480,4000x3000 VARIANT_LOADS=640x480:1:256 WORKERS=4
 fi
 
 echo "== environment"
@@ -59,8 +61,9 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm --f
 "$PY" -c "import fastapi, uvicorn, pydantic, litserve; print('web stack ok')" || echo "web stack missing: server and peers will fail"
 nproc; uptime
 
-# 1. correctness of the CUDA paths (CUDA graphs, compile + graphs) before any figure is believed
-step tests 60 "$PY" -m pytest tests/test_accel.py -q -x -p no:cacheprovider
+# 1. correctness of the CUDA paths before any figure is believed: CUDA graphs and compile + graphs, pinned staging
+# and side-stream batches, nvJPEG against the CPU decoder, a CUDA batch with a corrupt JPEG, CUDA against the CPU
+step tests 90 "$PY" -m pytest tests/test_accel.py tests/test_gpu_path.py tests/test_engine.py -q -p no:cacheprovider
 
 # 2. the engine alone: eager, CUDA graphs (ours-accel, --compile "$MODE"), timm, transformers
 step raw 100 "$PY" -m bench.raw --device "$DEV" --shapes "$SHAPE" --dtypes "$DTYPE" --batch-sizes "$RAW_BATCHES" \
@@ -76,7 +79,20 @@ step peers 170 "$PY" -m bench.peers --device "$DEV" --dtype "$DTYPE" --shape "$S
   --max-batch-size "$MB" --concurrency "$CONC" --seconds "$SECS" --procs "$PROCS" \
   --server-arg=--decode-workers="$DECODE" --out "$DEST/peers.json"
 
-# 5. compiled variants (inductor + CUDA graphs; timm under torch.compile), only at a few batch sizes
+# 5. --jpeg-decoder torchvision (nvJPEG) against pil on real photos: pixels, logits, top-1 agreement, images/s
+step jpeg-decoders 60 "$PY" -m bench.jpeg_decoders --device "$DEV" --dtype "$DTYPE" --shape "$SHAPE" \
+  --sizes "$JPEG_SIZES" --batch "$MB" --seconds 3 --out "$DEST/jpeg_decoders.json"
+
+# 6. the server's variants at the peers' heaviest load: JPEGs decoded by Pillow in the pool (the exact path) instead
+# of nvJPEG, and the HTTP side spread over several worker processes (each with its own model and batcher)
+for variant in "jpeg-pil --jpeg-decoder=pil" "workers-$WORKERS --workers=$WORKERS"; do
+  set -- $variant
+  step "server-$1" 70 "$PY" -m bench.server --spawn --device "$DEV" --dtype "$DTYPE" --shape "$SHAPE" \
+    --compile "$MODE" --max-batch-size "$MB" --loads "$VARIANT_LOADS" --seconds "$SECS" --procs "$PROCS" \
+    --server-arg=--decode-workers="$DECODE" --server-arg="$2" --out "$DEST/server-$1.json"
+done
+
+# 7. compiled variants (inductor + CUDA graphs; timm under torch.compile), only at a few batch sizes
 step raw-compile 150 "$PY" -m bench.raw --device "$DEV" --shapes "$SHAPE" --dtypes "$DTYPE" \
   --batch-sizes "$RAW_COMPILE_BATCHES" --impls "$COMPILE_IMPLS" --compile on --seconds "$SECS" --min-repeats 10 \
   --out "$DEST/raw-compile.json"
