@@ -77,3 +77,23 @@ def test_raw_bench_runs_and_reports_agreement():
     assert entry["impls"]["timm"]["max_abs_diff_vs_ours"] < 1e-4
     assert entry["impls"]["ours-accel"]["max_abs_diff_vs_ours"] < 1e-4
     assert "ours-accel/timm" in entry["ratios"]
+
+
+def test_the_prebuilt_multipart_body_is_read_as_the_images_it_holds():
+    """The load generator encodes its body once; a real multipart parser (Starlette's) must read every image."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    async def count(request):
+        form = await request.form()
+        files = form.getlist("images")
+        return JSONResponse({"n": len(files), "sizes": [len(await f.read()) for f in files]})
+
+    jpeg = loadgen.photo_jpeg(64, 48)
+    load = loadgen.Load(url="http://127.0.0.1:1/", jpeg=jpeg, images_per_request=3)
+    body, content_type = loadgen.multipart_body(load)
+    with TestClient(Starlette(routes=[Route("/", count, methods=["POST"])])) as client:
+        answer = client.post("/", content=body, headers={"content-type": content_type}).json()
+    assert answer == {"n": 3, "sizes": [len(jpeg)] * 3}
