@@ -103,6 +103,7 @@ def test_onednn_matches_eager_at_any_batch_size(num_classes):
     assert sorted(fast.warmup()) == [1, 4]
     linears = [m for m in fast.fast.modules() if isinstance(m, torch.nn.Linear)]
     assert linears == []  # every linear layer was replaced
+    assert all(isinstance(b, accel.OneDNNBlock) for b in fast.fast.net.blocks)  # residuals fused into projections
     assert any(isinstance(m, torch.nn.Linear) for m in net.modules())  # and the engine's own model untouched
     for n in (1, 3, 4, 6):  # sizes not warmed work too
         x = torch.randn(n, 3, 32, 32)

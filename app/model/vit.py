@@ -84,6 +84,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out, weights = self.attend(x, need_weights)
+        return self.proj(out), weights
+
+    def attend(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The heads' attention-weighted values side by side, (B, T, D), before the output projection."""
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
@@ -94,8 +99,7 @@ class Attention(nn.Module):
         else:
             weights = None
             out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(B, T, D)  # heads back side by side
-        return self.proj(out), weights
+        return out.transpose(1, 2).reshape(B, T, D), weights  # heads back side by side
 
 
 class Mlp(nn.Module):
