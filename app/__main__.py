@@ -18,7 +18,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -188,10 +188,16 @@ def serve(
     return exit_code
 
 
+def sleeping_openmp_threads(environ: MutableMapping[str, str]) -> None:
+    """OpenMP threads that sleep rather than spin at a barrier, so the forward does not starve the event loop and
+    the decode workers of the cores (bench/results/README.md, "Spinning"). Set before torch loads its OpenMP
+    runtime; a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT (for cores kept free for the forward) wins."""
+    if "GOMP_SPINCOUNT" not in environ:
+        environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> None:
-    # Before torch loads its OpenMP runtime: threads that sleep rather than spin at a barrier, so the forward
-    # does not starve the event loop and the decode workers of the cores (bench/results/README.md, "Threads").
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    sleeping_openmp_threads(os.environ)
     settings = parse_settings(argv)
     if settings.workers > 1:
         from app.supervisor import supervise  # imports no torch: the workers are spawned, never forked

@@ -161,3 +161,19 @@ def test_bad_options_exit_2_and_help_works():
     assert script.exists()
     help_run = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd=ROOT)
     assert help_run.returncode == 0 and "--max-images-per-request" in help_run.stdout
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "ACTIVE"}),
+        ({"GOMP_SPINCOUNT": "3000"}, {"GOMP_SPINCOUNT": "3000"}),
+    ],
+)
+def test_openmp_threads_sleep_unless_the_user_chose_otherwise(given, expected):
+    from app.__main__ import sleeping_openmp_threads
+
+    environ = dict(given)
+    sleeping_openmp_threads(environ)
+    assert environ == expected
