@@ -51,6 +51,7 @@ SCALARS = {
     "--drain-timeout-s": ("drain_timeout_s", "after SIGTERM, longest wait for accepted requests (default 60)"),
     "--compile": ("compile", "auto (default: oneDNN linears on a CPU, CUDA graphs on a GPU), on (torch.compile), off"),
     "--workers": ("workers", "server processes on one socket, each with its own models (default 1)"),
+    "--threads": ("threads", "intra-op threads for the forward (default: the CPUs available, cgroup quota included)"),
 }
 
 
@@ -158,8 +159,11 @@ def serve(
     """
     import uvicorn
 
+    from app.accel import set_threads
     from app.http import create_app
     from app.http.server import GracefulServer
+
+    set_threads(settings.forward_threads)  # deliberately: torch's default ignores a container's CPU quota
 
     server: GracefulServer | None = None
     exit_code = 0

@@ -8,6 +8,7 @@ kept as lists; `Settings.model_specs()` pairs them into one `ModelSpec` per mode
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -35,6 +36,25 @@ def parse_list(value: Any) -> Any:
     if isinstance(value, (int, float)):
         return [value]
     return value
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def available_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a container's
+    `--cpus`, a pod's CPU limit), which `os.cpu_count()` and torch's default thread count both ignore."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 @dataclass(frozen=True)
@@ -82,7 +102,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # additions beyond the contract's table
-    decode_workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=0)  # 0: decode inline
+    decode_workers: int = Field(default_factory=lambda: min(4, available_cpus()), ge=0)  # 0: decode inline
     # auto: threads on a machine with 2 CPUs or fewer (no pickling, no extra processes competing for the
     # cores; measured faster end to end by bench/decode_pool.py), a process pool above (out of the GIL)
     decode_pool: Literal["auto", "process", "thread"] = "auto"
@@ -95,6 +115,8 @@ class Settings(BaseSettings):
     compile: str = "auto"  # the engine's fast-path speed-up (app.accel): off, auto, on or a strategy name
     # > 1: a supervisor and N server processes on one socket, each with its own models (app.supervisor)
     workers: int = Field(1, ge=1)
+    # intra-op threads for the forward; None: OMP_NUM_THREADS where set, else the available CPUs / workers
+    threads: int | None = Field(None, ge=1)
 
     @field_validator("model", "arch", "image_size", mode="before")
     @classmethod
@@ -166,7 +188,17 @@ class Settings(BaseSettings):
     def decode_pool_kind(self) -> Literal["process", "thread"]:
         if self.decode_pool != "auto":
             return self.decode_pool
-        return "process" if (os.cpu_count() or 1) > 2 else "thread"
+        return "process" if available_cpus() > 2 else "thread"
+
+    @property
+    def forward_threads(self) -> int:
+        """The forward's intra-op threads: --threads, else OMP_NUM_THREADS, else this process's share of the CPUs
+        (the available CPUs divided among --workers)."""
+        if self.threads is not None:
+            return self.threads
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+            return int(os.environ["OMP_NUM_THREADS"])
+        return max(1, available_cpus() // self.workers)
 
     def batch_size_for(self, device_type: str) -> int:
         """--max-batch-size, or its default for the device: 32 on a GPU, 8 on the CPU."""

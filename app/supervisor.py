@@ -44,7 +44,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from app.metrics import MULTIPROC_ENV
-from app.settings import Settings
+from app.settings import Settings, available_cpus
 
 log = logging.getLogger("vitserve")
 STARTUP_FAILURE = 3  # uvicorn's exit status when it cannot listen, so one process and N fail alike
@@ -92,18 +92,11 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # the CPUs this process may run on (a container's cpuset)
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def worker_environment(workers: int, metrics_dir: str) -> dict[str, str]:
     """What the workers find in their environment: the metrics directory, and their share of the CPUs."""
     env = {MULTIPROC_ENV: metrics_dir}
     if "OMP_NUM_THREADS" not in os.environ:  # the user's own setting wins
-        env["OMP_NUM_THREADS"] = str(max(1, cpu_count() // workers))
+        env["OMP_NUM_THREADS"] = str(max(1, available_cpus() // workers))
     return env
 
 

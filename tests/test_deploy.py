@@ -25,8 +25,9 @@ K8S = ROOT / "deploy" / "k8s"
 KSERVE = ROOT / "deploy" / "kserve"
 PORT = 8000
 # Settings the deployment files leave unset on purpose: unset means "every model in the repository",
-# "inferred", "the checkpoint's", "no key" (Kubernetes takes it from an optional Secret) or "min(4, CPUs)".
-UNSET_ON_PURPOSE = {"VIT_MODEL", "VIT_ARCH", "VIT_IMAGE_SIZE", "VIT_API_KEY", "VIT_DECODE_WORKERS"}
+# "inferred", "the checkpoint's", "no key" (Kubernetes takes it from an optional Secret), "min(4, CPUs)" or
+# "the CPUs available, shared among the workers".
+UNSET_ON_PURPOSE = {"VIT_MODEL", "VIT_ARCH", "VIT_IMAGE_SIZE", "VIT_API_KEY", "VIT_DECODE_WORKERS", "VIT_THREADS"}
 # Settings whose value in a container deliberately differs from the command line's default.
 CONTAINER_VALUES = {"VIT_HOST": "0.0.0.0", "VIT_MODELS_DIR": None, "VIT_MAX_BATCH_SIZE": None}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from pydantic import ValidationError
 
@@ -130,3 +132,33 @@ def test_mismatched_variable_lists_are_refused(monkeypatch):
     monkeypatch.setenv("VIT_ARCH", "vit_b_16")
     with pytest.raises(ValidationError, match="arch"):
         Settings()
+
+
+def test_the_forward_threads_follow_the_flag_then_omp_then_the_cpus_shared_by_the_workers(monkeypatch):
+    from app.settings import available_cpus
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpus = available_cpus()
+    assert 1 <= cpus <= (os.cpu_count() or 1)
+    assert Settings().forward_threads == cpus
+    assert Settings(workers=2 * cpus).forward_threads == 1  # never zero
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert Settings().forward_threads == 3
+    assert Settings(threads=5).forward_threads == 5  # the flag wins
+    monkeypatch.setenv("VIT_THREADS", "2")
+    assert Settings().forward_threads == 2
+
+
+def test_a_cgroup_cpu_quota_caps_the_available_cpus(tmp_path):
+    """A container limited to half a CPU gets one thread, not one per core of the host; 1.5 CPUs round up."""
+    from app.settings import available_cpus
+
+    cpu_max = tmp_path / "cpu.max"
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max.write_text("50000 100000\n")
+    assert available_cpus(cpu_max) == 1
+    cpu_max.write_text("150000 100000\n")
+    assert available_cpus(cpu_max) == min(affinity, 2)
+    cpu_max.write_text("max 100000\n")
+    assert available_cpus(cpu_max) == affinity
+    assert available_cpus(tmp_path / "absent") == affinity  # no cgroup v2 file: the affinity mask alone

@@ -30,6 +30,7 @@ from test_main import ROOT, free_port, start, wait_until
 
 import app
 from app.__main__ import log_config, parse_settings
+from app.settings import available_cpus
 from app.supervisor import worker_environment
 
 sys.path.insert(0, str(ROOT / "tests" / "http"))
@@ -190,7 +191,7 @@ def test_workers_option_and_variable(monkeypatch):
 
 def test_each_worker_gets_its_share_of_the_cpus_unless_the_user_chose(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    cpus = len(os.sched_getaffinity(0))
+    cpus = available_cpus()
     env = worker_environment(2, "/some/dir")
     assert env == {"PROMETHEUS_MULTIPROC_DIR": "/some/dir", "OMP_NUM_THREADS": str(max(1, cpus // 2))}
     assert worker_environment(4 * cpus, "/d")["OMP_NUM_THREADS"] == "1"
