@@ -223,7 +223,8 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     except Overloaded as e:
         raise ApiError(503, "overloaded", str(e), headers={"Retry-After": str(e.retry_after)}) from None
     with admission:
-        results = await guarded(request, _run(request, state, served, tensor, task), settings.request_timeout_s)
+        timeout = min(settings.request_timeout_s, req.timeout_s or settings.request_timeout_s)  # the shorter wins
+        results = await guarded(request, _run(request, state, served, tensor, task), timeout)
     header = {"model_name": served.name, "model_version": VERSION}
     if req.id is not None:
         header["id"] = req.id

@@ -59,6 +59,7 @@ class InferRequest:
     inputs: list[InputTensor]
     outputs: list[RequestedOutput] | None  # None: the server's default outputs
     binary_output: bool  # the request parameter `binary_data_output`
+    timeout_s: float | None = None  # the request parameter `timeout` (Triton's, in microseconds), in seconds
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,16 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
             raise invalid('"outputs" must be a list of {"name": ...} objects')
         outputs = [_output(raw, i) for i, raw in enumerate(raw_outputs)]
     binary_output = _flag(parameters.get("binary_data_output", False), "parameters.binary_data_output")
-    return InferRequest(request_id, inputs, outputs, binary_output)
+    return InferRequest(request_id, inputs, outputs, binary_output, _timeout(parameters.get("timeout")))
+
+
+def _timeout(value: object) -> float | None:
+    """Triton's per-request `timeout` in microseconds -> seconds; absent or 0 (Triton: none) -> None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise invalid(f"parameters.timeout must be a whole number of microseconds >= 0, not {value!r}")
+    return value / 1e6 if value else None
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:

@@ -475,3 +475,17 @@ def test_a_forward_fault_is_500_in_the_protocol_shape_with_the_request_id(checkp
     assert fault.status_code == 500 and set(fault.json()) == {"error"}
     assert "fault-1" in fault.json()["error"] and fault.headers["x-request-id"] == "fault-1"
     assert fine.status_code == 200
+
+
+def test_the_per_request_timeout_parameter_shortens_the_deadline(triton, server, pngs):
+    """Triton's `timeout` (microseconds): 1 us cannot be met (504, its work dropped); a generous one changes
+    nothing; a malformed one is refused like any malformed request (422)."""
+    inputs = [bytes_input(pngs[:1], True)]
+    with pytest.raises(InferenceServerException) as info:
+        triton.infer("tiny", inputs, headers=auth(), timeout=1)
+    assert info.value.status() == "504" and "took longer" in info.value.message()
+    result = triton.infer("tiny", inputs, headers=auth(), timeout=60_000_000)
+    assert result.as_numpy("probabilities").shape[0] == 1
+    body = {**v2_request(pngs[0]), "parameters": {"timeout": "soon"}}
+    r = httpx.post(f"{server}/v2/models/tiny/infer", json=body, headers=auth(), timeout=30)
+    assert r.status_code == 422 and "timeout" in r.json()["error"]  # as the other malformed requests
