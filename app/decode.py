@@ -232,12 +232,19 @@ def decode_to_pixels(data: bytes, cfg: PreprocessConfig, max_pixels: int, draft:
     return Decoded(np.ascontiguousarray(pixels), size)
 
 
+def ends_complete(jpeg: bytes) -> bool:
+    """Whether a JPEG ends with its end-of-image marker (zero padding allowed). A truncated upload does not, and a
+    device decoder may fill in what is missing where Pillow refuses it: such a file goes to Pillow, which decides
+    (a JPEG with data after its marker, as some cameras write, is simply decoded there too)."""
+    return jpeg.rstrip(b"\x00").endswith(b"\xff\xd9")
+
+
 def probe_jpeg(
     data: bytes, cfg: PreprocessConfig, max_pixels: int, draft: bool = True, device_max_pixels: int = DEVICE_MAX_PIXELS
 ) -> Decoded | JpegHeader:
     """A JPEG that the device path takes -> its checked header (nothing decoded); anything else -> decoded here
     (`decode_to_pixels`). Every check of the PIL path runs first, with the same errors."""
-    if sniff(data) != "JPEG":
+    if sniff(data) != "JPEG" or not ends_complete(data):
         return decode_to_pixels(data, cfg, max_pixels, draft)
     image = open_checked(data, max_pixels)
     width, height = image.size

@@ -106,3 +106,18 @@ def photos() -> list[Image.Image]:
 @pytest.fixture
 def pixels() -> torch.Tensor:
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1234))
+
+
+def _bogus_huffman_table(jpeg: bytes) -> bytes:
+    data = bytearray(jpeg)
+    dht = data.index(b"\xff\xc4")  # marker, length (2 bytes), class/id (1), then 16 code counts
+    data[dht + 5 : dht + 21] = b"\xff" * 16
+    return bytes(data)
+
+
+@pytest.fixture
+def bogus_huffman_table():
+    """jpeg bytes -> the same JPEG, complete (end marker and all), whose first Huffman table claims more codes
+    than exist: its header passes every check, and every decoder (Pillow, torchvision's, nvJPEG) refuses its
+    image data."""
+    return _bogus_huffman_table

@@ -231,6 +231,19 @@ def test_probe_takes_a_checked_jpeg_without_decoding_it_and_decodes_everything_e
         assert isinstance(got, Decoded) and np.array_equal(got.pixels, decode_to_pixels(data, CFG, LIMIT).pixels)
     big = encode(cat, "JPEG")
     assert isinstance(probe_jpeg(big, CFG, LIMIT, device_max_pixels=cat.width * cat.height - 1), Decoded)
+    padded = encode(cat, "JPEG") + b"\x00" * 16  # zero padding after the end marker: still the device's
+    assert isinstance(probe_jpeg(padded, CFG, LIMIT), JpegHeader)
+    trailing = encode(cat, "JPEG") + b"camera data"  # data after the end marker: Pillow decodes it, as before
+    assert isinstance(probe_jpeg(trailing, CFG, LIMIT), Decoded)
+
+
+def test_a_truncated_jpeg_is_left_to_pillow_which_refuses_it(cat):
+    """A device decoder may fill in a cut-off JPEG; Pillow refuses it, and the probe sends it there."""
+    from app.decode import probe_jpeg
+
+    data = encode(cat, "JPEG")
+    with pytest.raises(InvalidImage, match="truncated"):
+        probe_jpeg(data[: len(data) * 3 // 4], CFG, LIMIT)
 
 
 def test_probe_refuses_what_the_pil_path_refuses(cat):

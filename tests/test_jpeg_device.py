@@ -108,15 +108,10 @@ def test_memory_bounds_split_the_work_without_changing_results(jpegs, monkeypatc
     assert np.array_equal(device_pixels(datas, cfg), whole)
 
 
-def truncated(data: bytes) -> bytes:
-    """A JPEG whose header is intact and whose image data stops half-way: passes the header check."""
-    return data[: len(data) // 2]
-
-
-def test_a_corrupt_jpeg_fails_alone_and_its_batch_mates_run(tiny_checkpoint, jpegs):
+def test_a_corrupt_jpeg_fails_alone_and_its_batch_mates_run(tiny_checkpoint, jpegs, bogus_huffman_table):
     model = app.load_model(str(tiny_checkpoint))
     cfg = model.preprocess_config
-    datas = [jpegs["chelsea@1.0"], truncated(jpegs["coffee@1.0"]), jpegs["china@0.5"]]
+    datas = [jpegs["chelsea@1.0"], bogus_huffman_table(jpegs["coffee@1.0"]), jpegs["china@0.5"]]
     pixels = np.zeros((*cfg.output_size, 3), np.uint8)
     items = [Item(queued(d, cfg), Classify(3)) for d in datas] + [Item(pixels, Classify(3))]
     prepared = prepare_batch(model, items)

@@ -80,11 +80,11 @@ def test_png_is_still_decoded_by_pillow_exactly(clients, real_photos):
     assert pil == tv  # the same pixels, bit for bit: no device decoding for PNG
 
 
-def test_a_corrupt_jpeg_in_a_shared_batch_gets_400_and_its_batch_mates_200(checkpoints, jpegs):
+def test_a_corrupt_jpeg_in_a_shared_batch_gets_400_and_its_batch_mates_200(checkpoints, jpegs, bogus_huffman_table):
     created = []
     settings = settings_for(checkpoints, "tiny", jpeg_decoder="torchvision", max_wait_ms=300, max_batch_size=8)
     app = create_app(settings, loader=wrapping_loader(created))
-    corrupt = jpegs[2][: len(jpegs[2]) // 2]  # the header is intact: it passes the pool's check
+    corrupt = bogus_huffman_table(jpegs[2])  # the header is intact: it passes the pool's check
 
     async def main():
         async with serve(app) as client:
@@ -107,13 +107,22 @@ def v2_bytes(datas: list[bytes]) -> dict:
     return {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [len(data)], "data": data}]}
 
 
-def test_v2_bytes_images_take_the_device_path_too(clients, jpegs):
+def test_v2_bytes_images_take_the_device_path_too(clients, jpegs, bogus_huffman_table):
     """/v2 BYTES inputs go through the same decode step: equal to the PIL path's answers, and a corrupt JPEG that
     passes the header check is the protocol's 400 naming its index."""
     url = "/v2/models/tiny/infer"
     pil, tv = (c.post(url, json=v2_bytes(jpegs)).json() for c in clients.values())
     (pil_probs,), (tv_probs,) = ([o["data"] for o in r["outputs"] if o["name"] == "probabilities"] for r in (pil, tv))
     np.testing.assert_allclose(tv_probs, pil_probs, atol=0.01)
-    corrupt = jpegs[1][: len(jpegs[1]) // 2]
+    corrupt = bogus_huffman_table(jpegs[1])
     r = clients["torchvision"].post(url, json=v2_bytes([jpegs[0], corrupt]))
     assert r.status_code == 400 and "image 1" in r.json()["error"]
+
+
+def test_a_truncated_jpeg_is_refused_before_its_batch(clients, jpegs):
+    """A cut-off JPEG (no end marker) goes to Pillow in the pool, which refuses it, whatever the decoder: a
+    device decoder that would fill in the missing part never sees it."""
+    truncated = jpegs[0][: len(jpegs[0]) * 3 // 4]
+    for client in clients.values():
+        r = client.post("/v1/classify", content=truncated, headers=RAW)
+        assert r.status_code == 400 and "truncated" in r.json()["error"]["message"]
