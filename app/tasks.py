@@ -334,9 +334,9 @@ def position_similarity(model) -> np.ndarray:  # type: ignore[no-untyped-def]
         return analysis.position_similarity(model.net.pos_embed.detach()).float().cpu().numpy()
 
 
-def warmup_items(model, batch_size: int, key: str) -> list[Item]:  # type: ignore[no-untyped-def]
-    """Dummy items that exercise one path at one batch size; on CUDA with torchvision, the first is a small JPEG
-    decoded on the device, so that nvJPEG is set up before the first request rather than during it."""
+def warmup_items(model, batch_size: int, key: str, jpeg_decoder: str = "auto") -> list[Item]:  # type: ignore[no-untyped-def]
+    """Dummy items that exercise one path at one batch size; where `jpeg_decoder` (the --jpeg-decoder choice)
+    decodes on the device, the first is a small JPEG, so that nvJPEG is set up before the first request."""
     h, w = model.preprocess_config.output_size
     pixels = np.zeros((h, w, 3), dtype=np.uint8)
     if key == ATTENTION:
@@ -346,10 +346,10 @@ def warmup_items(model, batch_size: int, key: str) -> list[Item]:  # type: ignor
     else:
         task = Embed()
     items = [Item(pixels, task)] * batch_size
-    if key == FAST and batch_size and _on_cuda(model):
+    if key == FAST and batch_size:
         from app import gpu_decode
 
-        if gpu_decode.use_for("auto", model.device, model.preprocess_config):
+        if gpu_decode.use_for(jpeg_decoder, getattr(model, "device", None), model.preprocess_config):
             items[0] = Item(_warmup_jpeg(), task)
     return items
 

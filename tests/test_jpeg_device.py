@@ -140,3 +140,14 @@ def test_logits_barely_move_between_the_pil_and_the_device_path(tiny_checkpoint,
     scale = expected.abs().max()
     assert (got - expected).abs().max() <= 0.02 * scale
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+
+
+def test_the_warm_up_decodes_a_jpeg_only_where_the_device_path_is_chosen(tiny_checkpoint):
+    from app.tasks import FAST, run_batch, warmup_items
+
+    model = app.load_model(str(tiny_checkpoint))
+    assert not any(isinstance(i.pixels, Encoded) for i in warmup_items(model, 2, FAST, "pil"))
+    assert not any(isinstance(i.pixels, Encoded) for i in warmup_items(model, 2, FAST, "auto"))  # auto: not on a CPU
+    items = warmup_items(model, 2, FAST, "torchvision")
+    assert isinstance(items[0].pixels, Encoded) and isinstance(items[1].pixels, np.ndarray)
+    assert len(run_batch(model, items)) == 2  # the warm-up batch runs through the device decoder

@@ -85,12 +85,12 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
     return sorted(sizes)
 
 
-def warm_up(model: Any, max_batch_size: int) -> None:
+def warm_up(model: Any, max_batch_size: int, jpeg_decoder: str = "auto") -> None:
     """Run the fast path at every batch size, and the attention path at the smallest and largest."""
     if hasattr(model, "warmup"):  # an engine with its own warm-up (compiled buckets, CUDA graphs)
         model.warmup(warmup_sizes(max_batch_size))
     for size in warmup_sizes(max_batch_size):
-        run_batch(model, warmup_items(model, size, FAST))
+        run_batch(model, warmup_items(model, size, FAST, jpeg_decoder))
     for size in sorted({1, max_batch_size}):
         run_batch(model, warmup_items(model, size, ATTENTION))
 
@@ -151,7 +151,7 @@ async def load_one(state: ServerState, p: Planned, loader: Loader, models_dir: P
     batcher.start()
     try:
         if settings.warmup:
-            await batcher.call(warm_up, model, max_batch)
+            await batcher.call(warm_up, model, max_batch, settings.jpeg_decoder)
     except BaseException:
         await batcher.stop()
         raise
