@@ -173,10 +173,10 @@ class Accelerated:
         self.warm_sizes = sorted(set(buckets))
         if strategy == "onednn":
             # oneDNN packs a weight for a number of rows; any other number works too. Pack for the largest batch.
-            self.fast = FastPath(onednn_copy(fast.net, rows_hint=max(buckets) * (1 + _num_patches(fast.net))))
+            self.fast = FastPath(onednn_copy(fast.net, rows_hint=max(buckets) * (1 + fast.net.cfg.num_patches)))
             self._fn = self.fast
         if "compile" in strategy:
-            self._fn = compile_fast_path(fast, device)
+            self._fn = compile_fast_path(fast)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> Result:
@@ -344,12 +344,7 @@ def onednn_copy(net: nn.Module, rows_hint: int) -> nn.Module:
     return new.eval()
 
 
-def _num_patches(net: nn.Module) -> int:
-    cfg = getattr(net, "cfg", None)
-    return cfg.num_patches if cfg is not None else 196
-
-
-def compile_fast_path(fast: FastPath, device: torch.device) -> Callable[[torch.Tensor], Result]:
+def compile_fast_path(fast: FastPath) -> Callable[[torch.Tensor], Result]:
     """`torch.compile` of the fast path with inductor, fixed shapes, and (on the CPU) freezing."""
     import torch._dynamo
 

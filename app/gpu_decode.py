@@ -9,8 +9,8 @@ What can differ from the PIL path (`--jpeg-decoder pil`):
   IDCT and chroma upsampling, a grey level or two apart here and there;
 - the resize: the same kernels and the same two rounded passes as Pillow, in float32 instead of fixed point, so
   an output pixel that lands on a rounding boundary can differ by one level;
-- a JPEG too corrupt for nvJPEG is decoded by Pillow instead (`app.tasks`); one that nvJPEG accepts but
-  Pillow would refuse (nvJPEG is more lenient with truncated data) is answered instead of refused.
+- a JPEG too corrupt for nvJPEG is decoded by Pillow instead (`app.tasks`). A truncated one (no end marker),
+  which nvJPEG might fill in where Pillow refuses it, never comes here: `app.decode.probe_jpeg` leaves it to Pillow.
 
 GPU memory is bounded per call: JPEGs are decoded in chunks of at most `CHUNK_PIXELS` pixels, and resized in
 groups of at most `GROUP_PIXELS` (float32) pixels, whatever the batch size.

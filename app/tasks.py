@@ -136,15 +136,6 @@ def _device_state(model) -> _DeviceState:  # type: ignore[no-untyped-def]
         return state
 
 
-def model_input(model, items: list[Item]) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """The batch as the model's input (on the current stream): uint8 normalised on the device, float as is."""
-    prepared = prepare_batch(model, items)
-    if prepared.errors:
-        raise next(iter(prepared.errors.values()))
-    _await_prepared(model, prepared)
-    return prepared.inputs
-
-
 def prepare_batch(model, items: list[Item]) -> Prepared:  # type: ignore[no-untyped-def]
     """Decode, stack, copy and normalise a batch (`Batcher`'s prepare step; it may run on another thread than
     the forward). On CUDA all of it is enqueued on a side stream, from pinned memory, without blocking the host.

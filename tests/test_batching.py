@@ -167,18 +167,24 @@ def test_cancelled_requests_are_dropped_from_the_queue():
     assert [2] not in rec.batches and [3] not in rec.batches  # never ran
 
 
-def test_a_failing_item_is_isolated_by_splitting_the_batch():
-    rec = Recorder(poison=3)
+def run_four_single_items(run, **kw) -> tuple[list, list[int]]:
+    """Items 0-3 as four single-item requests through one batcher of 4: each answer (or exception), and the size
+    of each forward the batcher counted."""
     sizes: list[int] = []
 
     async def main():
-        b = make(rec, max_batch_size=4, on_batch=sizes.append)
+        b = make(run, max_batch_size=4, on_batch=sizes.append, **kw)
         b.start()
         out = await asyncio.gather(*(b.run([i]) for i in range(4)), return_exceptions=True)
         await b.stop()
         return out
 
-    out = run_async(main())
+    return run_async(main()), sizes
+
+
+def test_a_failing_item_is_isolated_by_splitting_the_batch():
+    rec = Recorder(poison=3)
+    out, sizes = run_four_single_items(rec)
     assert out[:3] == [[0], [2], [4]]
     assert isinstance(out[3], ForwardFailed) and "poisoned" in str(out[3])
     # [0 1 2 3] failed -> [0 1] ok, [2 3] failed -> [2] ok, [3] fails alone
@@ -263,16 +269,7 @@ def test_with_a_prepare_step_the_next_batch_is_prepared_on_its_own_thread_while_
 def test_with_a_prepare_step_a_failing_item_is_still_isolated(where):
     staged = Staged(**{f"poison_{where}": 3})
     staged.overlap.set()  # no holding back here
-    sizes: list[int] = []
-
-    async def main():
-        b = make(staged.forward, prepare=staged.prepare, max_batch_size=4, on_batch=sizes.append)
-        b.start()
-        out = await asyncio.gather(*(b.run([i]) for i in range(4)), return_exceptions=True)
-        await b.stop()
-        return out
-
-    out = run_async(main())
+    out, sizes = run_four_single_items(staged.forward, prepare=staged.prepare)
     assert out[:3] == [[0], [2], [4]]
     assert isinstance(out[3], ForwardFailed) and "poisoned" in str(out[3])
     assert sizes == [2, 1]

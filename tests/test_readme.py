@@ -13,10 +13,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -26,17 +24,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import readme_examples  # noqa: E402
+from test_main import free_port, wait_until  # noqa: E402
 
 BUNDLED = ROOT / "models" / "mnist-vit" / "model.safetensors"
 VOLATILE = {"source", "sha256"}  # machine paths and file hashes may differ from the README's
 
 pytestmark = pytest.mark.skipif(not BUNDLED.exists(), reason="the bundled model has not been trained yet")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +42,10 @@ def server(tmp_path_factory):
     with open(elsewhere / "server.log", "w") as log:
         proc = subprocess.Popen([exe], cwd=elsewhere, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, (elsewhere / "server.log").read_text()
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server did not become ready in 180 s"
-        time.sleep(0.3)
+    try:
+        wait_until(f"{url}/readyz", 200, proc, timeout=180)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{(elsewhere / 'server.log').read_text()}") from None
     yield url
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
