@@ -83,13 +83,15 @@ step peers 170 "$PY" -m bench.peers --device "$DEV" --dtype "$DTYPE" --shape "$S
 step jpeg-decoders 60 "$PY" -m bench.jpeg_decoders --device "$DEV" --dtype "$DTYPE" --shape "$SHAPE" \
   --sizes "$JPEG_SIZES" --batch "$MB" --seconds 3 --out "$DEST/jpeg_decoders.json"
 
-# 6. the server's variants at the peers' heaviest load: JPEGs decoded by Pillow in the pool (the exact path) instead
-# of nvJPEG, and the HTTP side spread over several worker processes (each with its own model and batcher)
-for variant in "jpeg-pil --jpeg-decoder=pil" "workers-$WORKERS --workers=$WORKERS"; do
+# 6. the server's variants at the peers' heaviest load: the attention endpoint (rollout over every layer's
+# attention) instead of classify, JPEGs decoded by Pillow in the pool (the exact path) instead of nvJPEG, and the
+# HTTP side spread over several worker processes (each with its own model and batcher)
+for variant in "attention --endpoint=/v1/attention" "jpeg-pil --server-arg=--jpeg-decoder=pil" \
+  "workers-$WORKERS --server-arg=--workers=$WORKERS"; do
   set -- $variant
   step "server-$1" 70 "$PY" -m bench.server --spawn --device "$DEV" --dtype "$DTYPE" --shape "$SHAPE" \
     --compile "$MODE" --max-batch-size "$MB" --loads "$VARIANT_LOADS" --seconds "$SECS" --procs "$PROCS" \
-    --server-arg=--decode-workers="$DECODE" --server-arg="$2" --out "$DEST/server-$1.json"
+    --server-arg=--decode-workers="$DECODE" "$2" --out "$DEST/server-$1.json"
 done
 
 # 7. compiled variants (inductor + CUDA graphs; timm under torch.compile), only at a few batch sizes
