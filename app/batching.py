@@ -8,9 +8,10 @@ Nothing here knows FastAPI or torch. A `Batcher` is handed a `run_batch(items) -
   and given back when the request is answered (or dropped).
 - `run(items, key)` queues the items and returns their results in order. Items with the same `key`
   may share a forward; a request with many items may span several batches.
-- the worker seals a batch when it is full, or when the forward thread is free and the oldest item
-  has waited `max_wait_s`. While one batch runs, the next one fills (and, once full, is sealed
-  and queued behind it), so the forward thread never waits for the event loop.
+- the worker seals a batch when it is full, or when the forward thread is free and either the oldest item
+  has waited `max_wait_s` or no admitted image is still on its way (decoding): waiting then would only add
+  latency, since nothing more can join the batch soon. While one batch runs, the next one fills (and, once
+  full, is sealed and queued behind it), so the forward thread never waits for the event loop.
 - cancelling `run` (a timeout, a client that went away) removes its items that have not started.
 - a batch whose forward raises is split in halves and retried; only items that fail alone get an
   error (`ForwardFailed`), so one poisoned item never takes its batch-mates down with it.
@@ -69,11 +70,19 @@ class Admission:
     def __init__(self, batcher: Batcher, n: int):
         self._batcher = batcher
         self.n = n
+        self.on_the_way = n  # images not handed to `Batcher.run` yet (still decoding)
         self._released = False
+
+    def arrived(self, n: int) -> None:
+        """n of its images reached the queue (`Batcher.run` calls this)."""
+        n = min(n, self.on_the_way)
+        self.on_the_way -= n
+        self._batcher._arriving -= n
 
     def release(self) -> None:
         if not self._released:
             self._released = True
+            self.arrived(self.on_the_way)  # those never queued (a bad image, a timeout) are not coming
             self._batcher._release(self.n)
 
     def __enter__(self) -> Admission:
@@ -108,6 +117,7 @@ class Batcher:
         self._on_depth = on_depth or (lambda n: None)
         self._queue: deque[Entry] = deque()
         self._admitted = 0
+        self._arriving = 0  # admitted images not queued yet
         self._running = 0
         self._rate = 0.0  # images per second through the forward, smoothed
         self._wake: asyncio.Event | None = None
@@ -164,12 +174,15 @@ class Batcher:
                 "retry after the time in the Retry-After header",
             )
         self._admitted += n
+        self._arriving += n
         self._on_depth(self._admitted)
         return Admission(self, n)
 
     def _release(self, n: int) -> None:
         self._admitted -= n
         self._on_depth(self._admitted)
+        if self._wake is not None:  # images the worker may have been waiting for are not coming any more
+            self._wake.set()
 
     def retry_after(self, n: int) -> int:
         """Whole seconds until room for n more images should free up, from the measured throughput."""
@@ -179,14 +192,17 @@ class Batcher:
         return max(1, min(3600, math.ceil(excess / self._rate)))
 
     # -- work ------------------------------------------------------------------------------------
-    async def run(self, items: Sequence[Any], key: Hashable = None) -> list[Any]:
+    async def run(self, items: Sequence[Any], key: Hashable = None, admission: Admission | None = None) -> list[Any]:
         """Queue `items` (which may share forwards with other requests' items of the same `key`) and
         return their results in order. A failed item raises its `ForwardFailed`; cancelling this
-        coroutine drops the items that have not started."""
+        coroutine drops the items that have not started. `admission`: the room these items were admitted
+        with, so that the batcher knows they are no longer on their way."""
         if self._wake is None:
             raise Stopped("the batcher is not running")
         loop = asyncio.get_running_loop()
         entries = [Entry(item, key, loop.create_future()) for item in items]
+        if admission is not None:
+            admission.arrived(len(entries))
         self._queue.extend(entries)
         self._wake.set()
         try:
@@ -226,7 +242,10 @@ class Batcher:
                 ready = [e for e in self._queue if e.key == first.key][: self.max_batch_size]
                 full = len(ready) >= self.max_batch_size
                 waited_enough = time.monotonic() >= first.enqueued + self.max_wait_s
-                if (self._running == 0 and (full or waited_enough)) or (full and self._running < self.pipeline_depth):
+                nothing_coming = self._arriving == 0
+                idle = self._running == 0
+                room_behind = self._running < self.pipeline_depth
+                if (idle and (full or waited_enough or nothing_coming)) or (full and room_behind):
                     for entry in ready:
                         self._queue.remove(entry)
                     return ready

@@ -84,12 +84,78 @@ def test_a_lone_item_waits_at_most_max_wait_then_runs_alone():
     async def main():
         b = make(rec, max_batch_size=8, max_wait_s=0.05)
         b.start()
-        out = await b.run([5])
+        b.admit(2)  # another image admitted and still decoding: worth waiting for, but not for ever
+        with b.admit(1) as mine:
+            out = await b.run([5], admission=mine)
         await b.stop()
         return out
 
     assert run_async(main()) == [10]
     assert rec.batches == [[5]]
+
+
+def test_an_idle_batcher_runs_at_once_when_no_admitted_image_is_on_its_way():
+    rec = Recorder()
+
+    async def main():
+        b = make(rec, max_batch_size=8, max_wait_s=5.0)
+        b.start()
+        start = time.monotonic()
+        with b.admit(1) as room:
+            out = await b.run([5], admission=room)
+        took = time.monotonic() - start
+        await b.stop()
+        return out, took
+
+    out, took = run_async(main())
+    assert out == [10]
+    assert took < 2.5  # far less than max_wait: nothing else could have joined the batch
+
+
+def test_a_queued_item_waits_for_admitted_images_still_decoding_and_shares_their_batch():
+    rec = Recorder()
+
+    async def main():
+        b = make(rec, max_batch_size=8, max_wait_s=5.0)
+        b.start()
+        slow = b.admit(2)  # admitted first; its images "decode" for a while
+
+        async def late():
+            await asyncio.sleep(0.2)
+            with slow:
+                return await b.run([1, 2], admission=slow)
+
+        with b.admit(1) as quick:
+            first = asyncio.ensure_future(b.run([3], admission=quick))
+            out = await asyncio.gather(first, late())
+        await b.stop()
+        return out
+
+    assert run_async(main()) == [[6], [2, 4]]
+    assert rec.batches == [[3, 1, 2]]  # the quick item waited for the slow request's images
+
+
+def test_an_admission_released_without_running_is_no_longer_awaited():
+    rec = Recorder()
+
+    async def main():
+        b = make(rec, max_batch_size=8, max_wait_s=5.0)
+        b.start()
+        gone = b.admit(3)
+        with b.admit(1) as mine:
+            first = asyncio.ensure_future(b.run([4], admission=mine))
+            await asyncio.sleep(0.1)
+            assert not first.done()  # waiting for the three images on their way
+            start = time.monotonic()
+            gone.release()  # say their request failed to decode: they will never come
+            out = await first
+        took = time.monotonic() - start
+        await b.stop()
+        return out, took
+
+    out, took = run_async(main())
+    assert out == [8]
+    assert took < 2.5
 
 
 def test_items_of_different_keys_never_share_a_forward():

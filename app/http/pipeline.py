@@ -24,7 +24,7 @@ from functools import partial
 from starlette.requests import ClientDisconnect, Request
 
 from app import gpu_decode
-from app.batching import ForwardFailed, Overloaded, Stopped
+from app.batching import Admission, ForwardFailed, Overloaded, Stopped
 from app.decode import Decoded, Encoded, ImageError
 from app.http.errors import ApiError, internal_error, invalid
 from app.http.inputs import Upload, read_uploads
@@ -72,12 +72,18 @@ async def infer(
     except Overloaded as e:
         raise ApiError(503, "overloaded", str(e), headers={"Retry-After": str(e.retry_after)}) from None
     with admission:
-        work = _decode_and_run(request, state, served, uploads, task, preview)
+        work = _decode_and_run(request, state, served, uploads, task, preview, admission)
         return await _guarded(request, work, settings.request_timeout_s)
 
 
 async def _decode_and_run(
-    request: Request, state: ServerState, served: ServedModel, uploads: list[Upload], task: Task, preview: bool
+    request: Request,
+    state: ServerState,
+    served: ServedModel,
+    uploads: list[Upload],
+    task: Task,
+    preview: bool,
+    admission: Admission,
 ) -> Outcome:
     decoder = state.decoder
     assert decoder is not None
@@ -97,7 +103,7 @@ async def _decode_and_run(
             raise d
     items = [to_item(d, task) for d in decoded]  # type: ignore[arg-type]
     try:
-        results = await served.batcher.run(items, task.key)
+        results = await served.batcher.run(items, task.key, admission)
     except ImageError as e:  # found while its batch decoded it on the device
         raise _image_error(e, image_error_index(e, items), uploads) from None
     except ForwardFailed:

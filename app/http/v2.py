@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from app.batching import ForwardFailed, Overloaded, Stopped
+from app.batching import Admission, ForwardFailed, Overloaded, Stopped
 from app.decode import ImageError
 from app.http.errors import ApiError, internal_error, invalid
 from app.http.inputs import read_body, too_many
@@ -224,7 +224,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         raise ApiError(503, "overloaded", str(e), headers={"Retry-After": str(e.retry_after)}) from None
     with admission:
         timeout = min(settings.request_timeout_s, req.timeout_s or settings.request_timeout_s)  # the shorter wins
-        results = await guarded(request, _run(request, state, served, tensor, task), timeout)
+        results = await guarded(request, _run(request, state, served, tensor, task, admission), timeout)
     header = {"model_name": served.name, "model_version": VERSION}
     if req.id is not None:
         header["id"] = req.id
@@ -305,10 +305,12 @@ def requested_outputs(outputs: list[RequestedOutput] | None, served: ServedModel
     return outputs
 
 
-async def _run(request: Request, state: ServerState, served: ServedModel, t: InputTensor, task: Tensors) -> list[dict]:
+async def _run(
+    request: Request, state: ServerState, served: ServedModel, t: InputTensor, task: Tensors, admission: Admission
+) -> list[dict]:
     items = await _items(state, served, t, task)
     try:
-        return await served.batcher.run(items, batch_key(items[0]))
+        return await served.batcher.run(items, batch_key(items[0]), admission)
     except ImageError as e:  # a JPEG its batch could not decode on the device (nor Pillow after it)
         i = image_error_index(e, items)
         raise ApiError(400, e.code, f"image {i}: {e}", index=i) from None
