@@ -244,13 +244,22 @@ def probe_jpeg(
 ) -> Decoded | JpegHeader:
     """A JPEG that the device path takes -> its checked header (nothing decoded); anything else -> decoded here
     (`decode_to_pixels`). Every check of the PIL path runs first, with the same errors."""
+    header = jpeg_header(data, cfg, max_pixels, device_max_pixels)
+    return decode_to_pixels(data, cfg, max_pixels, draft) if header is None else header
+
+
+def jpeg_header(
+    data: bytes, cfg: PreprocessConfig, max_pixels: int, device_max_pixels: int = DEVICE_MAX_PIXELS
+) -> JpegHeader | None:
+    """The checked header of a JPEG that the device path takes (Pillow reads the markers only: ~25 us), or None
+    for anything that must be decoded on the CPU instead."""
     if sniff(data) != "JPEG" or not ends_complete(data):
-        return decode_to_pixels(data, cfg, max_pixels, draft)
+        return None
     image = open_checked(data, max_pixels)
     width, height = image.size
     rgb_transform = image.info.get("adobe_transform") == 0 and image.mode == "RGB"  # RGB stored without YCbCr
     if image.mode not in DEVICE_JPEG_MODES or rgb_transform or width * height > device_max_pixels:
-        return decode_to_pixels(data, cfg, max_pixels, draft)
+        return None
     size = upright_size(image)
     rw, rh = resized_size(size[0], size[1], cfg.resize)
     if rw * rh > max_pixels:
@@ -306,6 +315,7 @@ class Decoder:
         self.workers = workers
         self.kind = kind
         self._pool: Executor | None = None
+        self._header_thread = ThreadPoolExecutor(1, thread_name_prefix="jpeg-header")
         if workers > 0 and kind == "process":
             context = multiprocessing.get_context("forkserver")
             # the fork server imports us once; each worker then forks from it, already warm
@@ -330,18 +340,24 @@ class Decoder:
         return await self._run(decode_to_pixels, data, cfg, self.max_pixels, self.draft)
 
     async def pixels_or_jpeg(self, data: bytes, cfg: PreprocessConfig) -> Decoded | Encoded:
-        """The device path: a JPEG it takes comes back as `Encoded` (header checked in the pool, the bytes never
-        sent back), anything else decoded as `pixels` does."""
-        got = await self._run(probe_jpeg, data, cfg, self.max_pixels, self.draft)
-        if isinstance(got, JpegHeader):
-            return Encoded(data, got.size, got.orientation, self.max_pixels)
-        return got
+        """The device path: a JPEG it takes comes back as `Encoded` (its header checked, the bytes queued as they
+        came), anything else decoded as `pixels` does.
+
+        The header is read on a thread of this process: a trip to a decode process costs the event loop more
+        (pickling, pipes, the pool's bookkeeping) than reading the markers does, and a thread still keeps a
+        file with an absurd number of markers from stalling the loop."""
+        loop = asyncio.get_running_loop()
+        header = await loop.run_in_executor(self._header_thread, jpeg_header, data, cfg, self.max_pixels)
+        if header is None:
+            return await self.pixels(data, cfg)
+        return Encoded(data, header.size, header.orientation, self.max_pixels)
 
     async def preview(self, data: bytes) -> Decoded:
         return await self._run(decode_preview, data, self.max_pixels)
 
     def close(self) -> None:
         """Stop the workers (queued jobs are cancelled; a running decode is bounded by the pixel limit)."""
+        self._header_thread.shutdown(wait=True, cancel_futures=True)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
