@@ -18,8 +18,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the load generator's client processes import this module
+    import torch
 
 # name -> (embed_dim, depth, num_heads, mlp_dim, timm architecture)
 SHAPES: dict[str, tuple[int, int, int, int, str]] = {
@@ -48,6 +50,7 @@ def vit_config(shape: str, image_size: int = 224, num_classes: int = NUM_CLASSES
 def timm_model(shape: str, seed: int = 0, image_size: int = 224) -> torch.nn.Module:
     """timm's VisionTransformer for `shape` with random weights (a fixed seed), in eval mode."""
     import timm
+    import torch
 
     torch.manual_seed(seed)
     arch = SHAPES[shape][4]
@@ -59,6 +62,8 @@ def random_state_dict(shape: str, seed: int = 0) -> dict[str, torch.Tensor]:
     try:
         return timm_model(shape, seed).state_dict()
     except ImportError:
+        import torch
+
         from app.model import VisionTransformer
 
         torch.manual_seed(seed)
@@ -180,6 +185,8 @@ class Timing:
 
 
 def sync(device: torch.device | str) -> None:
+    import torch
+
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -233,6 +240,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def environment(device: str) -> dict:
+    import torch
+
     env = {
         "python": sys.version.split()[0],
         "torch": torch.__version__,
@@ -266,21 +275,31 @@ def git_head() -> str | None:
 
 
 def exit_on_sigterm() -> None:
-    """Turn SIGTERM (a `timeout` running out, say) into SystemExit, so `with` blocks stop the servers we started."""
+    """Turn SIGTERM (a `timeout` running out, say) into SystemExit, so `with` blocks stop the servers we started.
+
+    Only the first SIGTERM raises: later ones are ignored, so a second signal cannot cut that clean-up short
+    (`timeout --kill-after` still ends a clean-up that hangs)."""
     import signal
 
     def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
 
 
-def write_json(data: dict, path: str | Path | None) -> None:
+def write_json(data: dict, path: str | Path | None, echo: bool = True) -> None:
+    """`data` as indented JSON to `path` (atomically: a reader, or a run killed mid-write, never sees half a file)
+    and, with `echo`, to stdout."""
     text = json.dumps(data, indent=2)
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text + "\n")
-    print(text)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, path)
+    if echo:
+        print(text)
 
 
 def temp_dir(prefix: str) -> Path:

@@ -13,6 +13,7 @@ import contextlib
 import io
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import socket
 import subprocess
@@ -110,7 +111,24 @@ def multipart_body(load: Load) -> tuple[bytes, str]:
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-async def _run_aiohttp(load: Load, workers: int, budget: int, deadline: float) -> list[Sample]:
+# How long the client processes may take to start (a fresh interpreter each, importing the HTTP client) before
+# the load is called off.
+CLIENTS_READY_TIMEOUT_S = 120.0
+# Between the release of the clients and their shared start: long enough for every process to see the release.
+START_MARGIN_S = 0.2
+
+
+async def _wait_for_start(wait_start) -> float:
+    """Block until the parent releases the clients; the deadline of this client's load, on its perf_counter."""
+    start_at, seconds = wait_start()  # blocking is fine: no request is in flight yet
+    delay = start_at - time.time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    # the shared wall-clock window [start_at, start_at + seconds], moved onto this process's monotonic clock
+    return time.perf_counter() + (start_at + seconds - time.time())
+
+
+async def _run_aiohttp(load: Load, workers: int, budget: int, wait_start) -> list[Sample]:
     import aiohttp
 
     samples: list[Sample] = []
@@ -120,6 +138,7 @@ async def _run_aiohttp(load: Load, workers: int, budget: int, deadline: float) -
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
         body, content_type = multipart_body(load)
         headers = {**load.headers, "content-type": content_type}
+        deadline = await _wait_for_start(wait_start)
 
         async def one():
             nonlocal sent
@@ -138,7 +157,7 @@ async def _run_aiohttp(load: Load, workers: int, budget: int, deadline: float) -
     return samples
 
 
-async def _run_httpx(load: Load, workers: int, budget: int, deadline: float) -> list[Sample]:
+async def _run_httpx(load: Load, workers: int, budget: int, wait_start) -> list[Sample]:
     import httpx
 
     samples: list[Sample] = []
@@ -147,6 +166,7 @@ async def _run_httpx(load: Load, workers: int, budget: int, deadline: float) -> 
     async with httpx.AsyncClient(limits=limits, timeout=load.timeout_s) as client:
         body, content_type = multipart_body(load)
         headers = {**load.headers, "content-type": content_type}
+        deadline = await _wait_for_start(wait_start)
 
         async def one():
             nonlocal sent
@@ -164,49 +184,93 @@ async def _run_httpx(load: Load, workers: int, budget: int, deadline: float) -> 
     return samples
 
 
-def _client_main(load: Load, workers: int, budget: int, start_at: float, out) -> None:
-    # wall-clock start shared by all client processes, so their windows line up
-    delay = start_at - time.time()
-    if delay > 0:
-        time.sleep(delay)
+def _client_main(load: Load, workers: int, budget: int, go, start_at, out) -> None:
+    """One client process: get ready (imports, body, HTTP session), say so, wait for the release, then load
+    until the shared deadline and send back (end wall time, samples)."""
     try:
-        import aiohttp  # noqa: F401
+        try:
+            import aiohttp  # noqa: F401
 
-        runner = _run_aiohttp
-    except ImportError:
-        runner = _run_httpx
-    began = time.time()
-    samples = asyncio.run(runner(load, workers, budget, time.perf_counter() + load.seconds))
-    out.put((began, time.time(), [(s.latency_s, s.status, s.images) for s in samples]))
+            runner = _run_aiohttp
+        except ImportError:
+            runner = _run_httpx
+
+        def wait_start() -> tuple[float, float]:
+            out.put(("ready", os.getpid(), None))
+            if not go.wait(CLIENTS_READY_TIMEOUT_S + 60):
+                raise TimeoutError("never released by the parent")
+            return start_at.value, load.seconds
+
+        samples = asyncio.run(runner(load, workers, budget, wait_start))
+        out.put(("done", time.time(), [(s.latency_s, s.status, s.images) for s in samples]))
+    except BaseException as e:  # the parent waits for a message from every client: never leave it guessing
+        out.put(("error", os.getpid(), f"{type(e).__name__}: {e}"))
+        raise
+
+
+def _next_message(out, children: list, timeout_s: float, what: str) -> tuple:
+    """The next message from the clients; raises if one died without a word or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            msg = out.get(timeout=min(1.0, max(deadline - time.monotonic(), 0.01)))
+        except queue.Empty:
+            dead = [c.exitcode for c in children if c.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a load client process exited with status {dead[0]} while {what}") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"load clients still {what} after {timeout_s:.0f} s") from None
+            continue
+        if msg[0] == "error":
+            raise RuntimeError(f"load client {msg[1]} failed while {what}: {msg[2]}")
+        return msg
 
 
 def run_load(load: Load) -> dict:
-    """Run one closed-loop load and summarise it: images/s, requests/s, latency percentiles, statuses."""
+    """Run one closed-loop load and summarise it: images/s, requests/s, latency percentiles, statuses.
+
+    The client processes start, build their request body and HTTP session, and report ready; once all are,
+    they are released together onto one shared wall-clock window [start, start + seconds]. `seconds` in the
+    summary runs from that start to the last client's end (the last answer after the deadline), so process
+    start-up is no part of it and every client loads for the whole window.
+    """
     check_loopback(load.url)
     procs = max(1, min(load.procs, load.concurrency))
     workers = _worker_counts(load.concurrency, procs)
     budgets = _worker_counts(load.max_requests, procs) if load.max_requests else [0] * procs
     ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    start_at = time.time() + (3.0 if procs > 1 else 0.0)  # lets every client process start first
+    out, go, start_at = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
     children = [
-        ctx.Process(target=_client_main, args=(load, w, b, start_at, out))
+        ctx.Process(target=_client_main, args=(load, w, b, go, start_at, out), daemon=True)
         for w, b in zip(workers, budgets, strict=True)
     ]
-    for c in children:
-        c.start()
-    samples: list[Sample] = []
-    began, ended = [], []
-    for _ in children:
-        b, e, got = out.get(timeout=load.seconds + load.timeout_s + 120)
-        began.append(b)
-        ended.append(e)
-        samples += [Sample(*s) for s in got]
-    for c in children:
-        c.join(timeout=10)
-    # the window in which the clients were sending (process start-up is not part of it)
-    elapsed = max(max(ended) - min(began), 1e-9)
-    return summarise(samples, elapsed, load)
+    t0 = time.perf_counter()
+    try:
+        for c in children:
+            c.start()
+        for _ in children:
+            _next_message(out, children, CLIENTS_READY_TIMEOUT_S, "starting")
+        ready_s = time.perf_counter() - t0
+        start = time.time() + START_MARGIN_S
+        start_at.value = start
+        go.set()
+        samples: list[Sample] = []
+        ended = []
+        for _ in children:
+            _, end, got = _next_message(out, children, START_MARGIN_S + load.seconds + load.timeout_s + 60, "loading")
+            ended.append(end)
+            samples += [Sample(*s) for s in got]
+        for c in children:
+            c.join(timeout=10)
+    finally:
+        for c in children:  # on an error or SIGTERM: no client keeps loading the server
+            if c.is_alive():
+                c.terminate()
+                c.join(timeout=5)
+    elapsed = max(max(ended) - start, 1e-9)
+    row = summarise(samples, elapsed, load)
+    row["clients_ready_s"] = round(ready_s, 2)
+    return row
 
 
 def summarise(samples: list[Sample], elapsed: float, load: Load) -> dict:

@@ -108,12 +108,31 @@ def ratios(ours: list[dict], theirs: list[dict], name: str) -> list[dict]:
     return out
 
 
+def save(result: dict, rows: dict[str, list[dict]], kinds: list[str], args: argparse.Namespace, complete: bool):
+    """Fill `result` with the loads finished so far and write it to `args.out`: after every load with
+    `"complete": false` (a run killed by its time limit keeps what it finished), and once more at the end."""
+    merged = {name: median_rows(r) for name, r in rows.items()}
+    result["vitserve"] = merged["vitserve"]
+    result["peers"] = {k: merged[k] for k in kinds}
+    result["rounds"] = rows if args.rounds > 1 else None
+    result["ratios"] = [r for k in kinds for r in ratios(merged["vitserve"], merged[k], k)]
+    result["complete"] = complete
+    result["env"]["loadavg_end"] = os.getloadavg()
+    if complete:
+        print(table_rows([r for k in merged for r in merged[k]]))
+        cols = ["peer", "image", "images_per_request", "concurrency", "throughput_ratio", "p50_ratio"]
+        print("\n" + common.table(result["ratios"], cols))
+    common.write_json(result, args.out, echo=complete)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     common.exit_on_sigterm()
     args = parse_args(argv)
     result = {"bench": "peers", "env": common.environment("cuda" if args.cuda else "cpu"), "args": vars(args)}
     kinds = [k for k in args.peers.split(",") if k]
     rows: dict[str, list[dict]] = {"vitserve": [], **{k: [] for k in kinds}}
+    save(result, rows, kinds, args, complete=False)  # a file from the start, even if no server comes up
     # Every server is up for the whole run, idle while another is loaded; each load runs against all of them in
     # turn, so a change in the machine's load during the run hits them alike.
     with contextlib.ExitStack() as stack:
@@ -138,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.raw:
             raw = RawForward(ours.ckpt, args)
             result["raw_windows"] = []
+        save(result, rows, kinds, args, complete=False)
         for _round, size, ipr, c in itertools.product(
             range(args.rounds), args.sizes.split(","), args.images_per_request.split(","), args.concurrency.split(",")
         ):
@@ -152,18 +172,10 @@ def main(argv: list[str] | None = None) -> dict:
                         result["raw_windows"].append(raw.measure(args.raw_seconds))
                         return result["raw_windows"][-1]
 
+                # `one` holds a single load, so this saves after every load
                 rows[name] += run_matrix(url, endpoint, pid, one, name, between)
-    merged = {name: median_rows(r) for name, r in rows.items()}
-    result["vitserve"] = merged["vitserve"]
-    result["peers"] = {k: merged[k] for k in kinds}
-    result["rounds"] = rows if args.rounds > 1 else None
-    result["ratios"] = [r for k in kinds for r in ratios(merged["vitserve"], merged[k], k)]
-    result["env"]["loadavg_end"] = os.getloadavg()
-    print(table_rows([r for k in merged for r in merged[k]]))
-    cols = ["peer", "image", "images_per_request", "concurrency", "throughput_ratio", "p50_ratio"]
-    print("\n" + common.table(result["ratios"], cols))
-    common.write_json(result, args.out)
-    return result
+                save(result, rows, kinds, args, complete=False)
+    return save(result, rows, kinds, args, complete=True)
 
 
 if __name__ == "__main__":

@@ -165,8 +165,10 @@ def run_matrix(
     args: argparse.Namespace,
     label: str,
     between: Callable[[], dict] | None = None,
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Every planned load against one server, in order; `between()` (a raw window) before and after each."""
+    """Every planned load against one server, in order; `between()` (a raw window) before and after each;
+    `on_row(row)` as each load finishes (to save what is done so far)."""
     rows = []
     jpegs: dict[str, bytes] = {}
     raw_before = between() if between else None
@@ -192,6 +194,8 @@ def run_matrix(
             raw_before = raw_after
         rows.append(row)
         print_row(row)
+        if on_row is not None:
+            on_row(row)
     return rows
 
 
@@ -260,14 +264,32 @@ def table_rows(rows: list[dict]) -> str:
     return common.table(out, cols)
 
 
+def save(result: dict, rounds: list[list[dict]], args: argparse.Namespace, complete: bool) -> dict:
+    """Fill `result` with the loads finished so far and write it to `args.out`: after every load with
+    `"complete": false` (a run killed by its time limit keeps what it finished), and once more at the end."""
+    result["rounds"] = rounds if args.rounds > 1 else None
+    result["results"] = median_rows([row for r in rounds for row in r])
+    result["complete"] = complete
+    result["env"]["loadavg_end"] = os.getloadavg()
+    common.write_json(result, args.out, echo=complete)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     common.exit_on_sigterm()
     args = parse_args(argv)
     result = {"bench": "server", "env": common.environment("cuda" if args.cuda else "cpu"), "args": vars(args)}
     rounds: list[list[dict]] = []
+
+    def record(row: dict) -> None:
+        rounds[-1].append(row)
+        save(result, rounds, args, complete=False)
+
+    save(result, rounds, args, complete=False)  # a file from the start, even if the server never comes up
     if args.url:
         for _ in range(args.rounds):
-            rounds.append(run_matrix(args.url.rstrip("/"), args.endpoint, args.pid, args, "vitserve"))
+            rounds.append([])
+            run_matrix(args.url.rstrip("/"), args.endpoint, args.pid, args, "vitserve", on_row=record)
     else:
         with VitServe(args) as server:
             result["startup_s"] = server.startup_s
@@ -282,15 +304,12 @@ def main(argv: list[str] | None = None) -> dict:
                     return windows[-1]
 
                 result["raw_windows"] = windows
+            save(result, rounds, args, complete=False)  # the start-up, even if no load finishes
             for _ in range(args.rounds):
-                rounds.append(run_matrix(server.url, args.endpoint, server.proc.pid, args, "vitserve", between))
-    rows = median_rows([row for r in rounds for row in r])
-    result["rounds"] = rounds if args.rounds > 1 else None
-    result["results"] = rows
-    result["env"]["loadavg_end"] = os.getloadavg()
-    print(table_rows(rows))
-    common.write_json(result, args.out)
-    return result
+                rounds.append([])
+                run_matrix(server.url, args.endpoint, server.proc.pid, args, "vitserve", between, on_row=record)
+    print(table_rows(result["results"]))
+    return save(result, rounds, args, complete=True)
 
 
 if __name__ == "__main__":

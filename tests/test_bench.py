@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
 import pytest
 import torch
 
 from bench import common, loadgen
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_library_gets_the_same_weights():
@@ -97,3 +110,130 @@ def test_the_prebuilt_multipart_body_is_read_as_the_images_it_holds():
     with TestClient(Starlette(routes=[Route("/", count, methods=["POST"])])) as client:
         answer = client.post("/", content=body, headers={"content-type": content_type}).json()
     assert answer == {"n": 3, "sizes": [len(jpeg)] * 3}
+
+
+# -- the load generator against a real HTTP server on loopback ---------------------------------------------
+
+
+class _Counting(BaseHTTPRequestHandler):
+    """Reads the body, holds the request a little (so requests overlap), answers 200; counts what it saw."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as a real server
+
+    def do_POST(self):
+        srv = self.server
+        self.rfile.read(int(self.headers["content-length"]))
+        with srv.lock:
+            srv.requests += 1
+            srv.in_flight += 1
+            srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+        time.sleep(0.02)
+        with srv.lock:
+            srv.in_flight -= 1
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def counting_server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
+    srv.daemon_threads = True
+    srv.lock, srv.requests, srv.in_flight, srv.max_in_flight = threading.Lock(), 0, 0, 0
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_client_processes_do_not_import_torch():
+    """A spawned client imports bench.loadgen and re-imports the parent's main module (bench.server or
+    bench.peers): none of them may pull in torch, whose import outlasted the old start-up head start."""
+    code = "import sys, bench.loadgen, bench.server, bench.peers; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
+
+
+def test_two_client_processes_share_one_load_window(counting_server):
+    """procs=2: both clients are released together, so the reported window is the asked one (it used to span
+    the staggered process start-ups), and the requests of both processes are counted."""
+    url = f"http://127.0.0.1:{counting_server.server_port}/v1/classify"
+    load = loadgen.Load(url=url, jpeg=loadgen.photo_jpeg(64, 48), concurrency=2, seconds=1.5, procs=2)
+    row = loadgen.run_load(load)
+    assert 1.5 - 0.2 <= row["seconds"] <= 1.5 + 1.5
+    assert row["requests"] == row["ok"] == counting_server.requests > 0 and row["errors"] == {}
+    assert counting_server.max_in_flight == 2  # one worker per process: both processes loaded at once
+    assert row["images_per_s"] == pytest.approx(row["ok"] / row["seconds"], rel=0.02)
+    assert row["clients_ready_s"] > 0
+
+
+def test_a_killed_server_bench_keeps_its_finished_loads(counting_server, tmp_path):
+    """SIGTERM (what `timeout` sends) after the first load: the JSON holds that load, marked incomplete."""
+    out = tmp_path / "partial.json"
+    base = f"http://127.0.0.1:{counting_server.server_port}"
+    cmd = [sys.executable, "-m", "bench.server", "--url", base, "--endpoint", "/", "--seconds", "1"]
+    cmd += ["--loads", "64x48:1:1,64x48:1:1,64x48:1:1,64x48:1:1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.exists() and json.loads(out.read_text())["results"]):  # always whole JSON: atomic writes
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    data = json.loads(out.read_text())
+    assert data["complete"] is False and data["bench"] == "server"
+    assert 1 <= len(data["results"]) < 4
+    first = data["results"][0]
+    assert first["ok"] == first["requests"] > 0 and first["image"] == "64x48"
+
+
+def test_sigterm_stops_the_servers_a_bench_started(tmp_path):
+    """exit_on_sigterm + Spawned: a SIGTERM to the bench runs the `with` exit, which stops the server process
+    (started in its own session, so it does not get the signal itself)."""
+    script = tmp_path / "bench_like.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import argparse, sys, time
+            from pathlib import Path
+            from bench import common
+            from bench.loadgen import Spawned, free_port, spawn
+
+            class Plain(Spawned):
+                ready_path = "/"
+
+                def start(self):
+                    port = free_port()
+                    self.url, self.log = f"http://127.0.0.1:{{port}}", {str(tmp_path / "server.log")!r}
+                    self.args = argparse.Namespace(ready_timeout=30)
+                    cmd = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)]
+                    self.proc = spawn(cmd, None, self.log)
+                    return self
+
+            common.exit_on_sigterm()
+            with Plain() as server:
+                Path({str(tmp_path / "pid")!r}).write_text(str(server.proc.pid))
+                time.sleep(60)
+            """
+        )
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    pid_file = tmp_path / "pid"
+    deadline = time.monotonic() + 30
+    while not pid_file.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    server_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+    # the server was our grandchild: once stopped and reaped by its parent, its pid is gone
+    assert not Path(f"/proc/{server_pid}").exists()
