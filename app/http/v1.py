@@ -23,7 +23,9 @@ from app.preprocess import seen_region
 from app.tasks import AttentionDistance, AttentionMap, Classify, Embed, Predictions
 
 
-def require_api_key(request: Request) -> None:
+# The dependencies are `async def` on purpose: FastAPI runs a plain `def` dependency on a worker thread, two
+# thread hops per request that cost the event loop more than the checks themselves.
+async def require_api_key(request: Request) -> None:
     """With --api-key, every /v1 request needs `Authorization: Bearer <key>` (compared in constant time)."""
     key = state_of(request).settings.api_key
     if not key:
@@ -38,7 +40,7 @@ def require_api_key(request: Request) -> None:
         )
 
 
-def require_ready(request: Request) -> None:
+async def require_ready(request: Request) -> None:
     state = state_of(request)
     if not state.accepting:
         raise ApiError(503, "not_ready", state.not_ready_reason(), headers={"Retry-After": "1"})
