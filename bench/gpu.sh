@@ -6,6 +6,8 @@
 #   bash bench/gpu.sh                 # JSON and logs into $OUT (or bench/results/gpu-<date>/)
 # On a CPU, to check the script itself (tiny shapes, a few seconds per step):
 #   GPU_SH_SMOKE=1 bash bench/gpu.sh
+# Some steps only, within a budget (seconds):
+#   GPU_SH_ONLY="server server-workers-4 server-attention" GPU_SH_BUDGET=200 bash bench/gpu.sh
 #
 # Each step has its own time limit and writes its own JSON, so a step that fails or overruns costs only itself.
 # Order: most important first (the engine, then the server under load, then the peers, then compile variants).
@@ -31,8 +33,10 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && [ "$SMOKE" != 1 ]; then
 fi
 
 elapsed() { echo $(( $(date +%s) - START )); }
+ONLY=${GPU_SH_ONLY:-}  # a space-separated list of step names to run (a second, shorter GPU call); default: all
 step() {  # step NAME LIMIT_SECONDS COMMAND...: run with a time limit, report how it ended
   local name=$1 limit=$2; shift 2
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then echo "== $name not in GPU_SH_ONLY"; return; fi
   local left=$(( BUDGET - $(elapsed) ))
   if [ "$left" -lt 30 ]; then echo "== [$(elapsed) s] $name skipped: the script's budget is spent"; return; fi
   [ "$left" -lt "$limit" ] && limit=$left
@@ -45,14 +49,15 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: run with a time limit, report ho
 if [ "$SMOKE" = 1 ]; then
   # the script's plumbing only: no compiling at start-up on a shared 2-core CPU (tests/test_accel.py covers it)
   DEV=cpu DTYPE=float32 SHAPE=ti16 SECS=2 RAW_BATCHES=1,2 RAW_COMPILE_BATCHES=1 CONC=1,2 MB=4 PROCS=1 DECODE=1
-  SERVER_LOADS=640x480:4:2,4000x3000:1:2 RAW_IMPLS=ours,hf,timm COMPILE_IMPLS=ours-accel MODE=off
-  JPEG_SIZES=64x48 VARIANT_LOADS=640x480:1:2 WORKERS=2
+  SERVER_LOADS=640x480:1:1,640x480:4:2,4000x3000:1:2 RAW_IMPLS=ours,hf,timm COMPILE_IMPLS=ours-accel MODE=off
+  JPEG_SIZES=64x48 VARIANT_LOADS=640x480:1:2,640x480:4:2 WORKERS=2
 else
-  # 32-image requests at c=16 (512 images in flight) and c=4; 4000x3000 single images at c=64
+  # the issue's targets first: single images at c=1 and c=256, 32-image requests at c=16 (512 images in
+  # flight); then 4000x3000 single images at c=64. Each load's row is saved as soon as it ends.
   DEV=cuda DTYPE=bfloat16 SHAPE=b16 SECS=5 RAW_BATCHES=1,8,32,64,256 RAW_COMPILE_BATCHES=1,256 CONC=1,64,256
-  MB=64 PROCS=4 DECODE=10 SERVER_LOADS=640x480:32:4,640x480:32:16,4000x3000:1:64
+  MB=64 PROCS=4 DECODE=10 SERVER_LOADS=640x480:1:1,640x480:1:256,640x480:32:16,4000x3000:1:64
   RAW_IMPLS=ours,ours-accel,hf,timm COMPILE_IMPLS=ours-accel,timm-compile MODE=auto
-  JPEG_SIZES=640x480,4000x3000 VARIANT_LOADS=640x480:1:256 WORKERS=4
+  JPEG_SIZES=640x480,4000x3000 VARIANT_LOADS=640x480:1:256,640x480:32:16 WORKERS=4
 fi
 
 echo "== environment"
@@ -83,13 +88,13 @@ step peers 170 "$PY" -m bench.peers --device "$DEV" --dtype "$DTYPE" --shape "$S
 step jpeg-decoders 60 "$PY" -m bench.jpeg_decoders --device "$DEV" --dtype "$DTYPE" --shape "$SHAPE" \
   --sizes "$JPEG_SIZES" --batch "$MB" --seconds 3 --out "$DEST/jpeg_decoders.json"
 
-# 6. the server's variants at the peers' heaviest load: the attention endpoint (rollout over every layer's
-# attention) instead of classify, JPEGs decoded by Pillow in the pool (the exact path) instead of nvJPEG, and the
-# HTTP side spread over several worker processes (each with its own model and batcher)
-for variant in "attention --endpoint=/v1/attention" "jpeg-pil --server-arg=--jpeg-decoder=pil" \
-  "workers-$WORKERS --server-arg=--workers=$WORKERS"; do
+# 6. the server's variants at the heaviest loads: the HTTP side spread over several worker processes (each with its
+# own model and batcher), the attention endpoint (rollout over every layer's attention) instead of classify, and
+# JPEGs decoded by Pillow in the pool (the exact path) instead of nvJPEG
+for variant in "workers-$WORKERS --server-arg=--workers=$WORKERS" "attention --endpoint=/v1/attention" \
+  "jpeg-pil --server-arg=--jpeg-decoder=pil"; do
   set -- $variant
-  step "server-$1" 70 "$PY" -m bench.server --spawn --device "$DEV" --dtype "$DTYPE" --shape "$SHAPE" \
+  step "server-$1" 80 "$PY" -m bench.server --spawn --device "$DEV" --dtype "$DTYPE" --shape "$SHAPE" \
     --compile "$MODE" --max-batch-size "$MB" --loads "$VARIANT_LOADS" --seconds "$SECS" --procs "$PROCS" \
     --server-arg=--decode-workers="$DECODE" "$2" --out "$DEST/server-$1.json"
 done

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Download, here (where PyPI is reachable), the wheels that the GPU box lacks for bench/gpu.sh: the server's
-# web stack and the peers' (FastAPI, uvicorn, pydantic, pydantic-settings, python-multipart, orjson, LitServe).
+# web stack and the peers' (FastAPI, uvicorn with httptools as uvicorn[standard] installs it, pydantic,
+# pydantic-settings, python-multipart, orjson, LitServe).
 # The box has torch, torchvision, timm, transformers, onnxruntime, aiohttp, httpx, psutil, prometheus-client,
 # safetensors, scikit-image and uvloop (see the device notes' package list); it has no network.
 #
@@ -18,7 +19,7 @@ PACKAGES=(
   fastapi==0.165.0 starlette==1.10.0 annotated-doc==0.0.7 opentelemetry-api==1.45.2
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
   pydantic-settings==2.16.3 python-dotenv==1.2.4
-  uvicorn==0.54.0 python-multipart==0.0.34 orjson==3.13.0 anyio==4.16.0
+  uvicorn==0.54.0 httptools==0.9.0 python-multipart==0.0.34 orjson==3.13.0 anyio==4.16.0
   litserve==0.2.19 pyzmq==27.3.0
 )
 PLATFORMS=()
