@@ -68,7 +68,9 @@ nproc; uptime
 
 # 1. correctness of the CUDA paths before any figure is believed: CUDA graphs and compile + graphs, pinned staging
 # and side-stream batches, nvJPEG against the CPU decoder, a CUDA batch with a corrupt JPEG, CUDA against the CPU
-step tests 90 "$PY" -m pytest tests/test_accel.py tests/test_gpu_path.py tests/test_engine.py -q -p no:cacheprovider
+# (only the tests that need CUDA: the whole files took over 90 s there, compiling on the CPU as well)
+step tests 90 "$PY" -m pytest tests/test_accel.py tests/test_gpu_path.py tests/test_engine.py -q -p no:cacheprovider \
+  -k "cuda or pinned or prepared or nvjpeg"
 
 # 2. the engine alone: eager, CUDA graphs (ours-accel, --compile "$MODE"), timm, transformers
 step raw 100 "$PY" -m bench.raw --device "$DEV" --shapes "$SHAPE" --dtypes "$DTYPE" --batch-sizes "$RAW_BATCHES" \
