@@ -165,14 +165,18 @@ class Batcher:
         """Measured images per second through the forward (0 before the first batch)."""
         return self._rate
 
-    def admit(self, n: int) -> Admission:
-        """Reserve room for n images, or raise `Overloaded` at once (the whole request, before any work)."""
+    def check_room(self, n: int = 1) -> None:
+        """Raise `Overloaded` if n more images would not fit (nothing is reserved: see `admit`)."""
         if self._admitted + n > self.max_queue:
             raise Overloaded(
                 self.retry_after(n),
                 f"model {self.name!r} has {self._admitted} images queued (at most {self.max_queue}); "
                 "retry after the time in the Retry-After header",
             )
+
+    def admit(self, n: int) -> Admission:
+        """Reserve room for n images, or raise `Overloaded` at once (the whole request, before any work)."""
+        self.check_room(n)
         self._admitted += n
         self._arriving += n
         self._on_depth(self._admitted)

@@ -63,17 +63,35 @@ async def infer(
     """Read the request's images and run `task` on each; errors as API.md says."""
     state = state_of(request)
     settings = state.settings
+    refuse_when_full(served)
     uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_images_per_request)
     note(request.scope, model=served.name, images=len(uploads))
     if one_image and len(uploads) != 1:
         raise invalid(f"format=png draws one image; this request has {len(uploads)} (use format=json for several)")
-    try:
-        admission = served.batcher.admit(len(uploads))
-    except Overloaded as e:
-        raise ApiError(503, "overloaded", str(e), headers={"Retry-After": str(e.retry_after)}) from None
-    with admission:
+    with admit(served, len(uploads)) as admission:
         work = _decode_and_run(request, state, served, uploads, task, preview, admission)
         return await _guarded(request, work, settings.request_timeout_s)
+
+
+def refuse_when_full(served: ServedModel) -> None:
+    """503 before the body is parsed when the queue has no room left at all: under overload, every refused
+    request would otherwise cost its whole parse first (about 1 ms for 32 images), time the accepted ones need."""
+    try:
+        served.batcher.check_room(1)
+    except Overloaded as e:
+        raise _overloaded(e) from None
+
+
+def admit(served: ServedModel, n: int) -> Admission:
+    """Room for n images in the model's queue, or 503 `overloaded` with a Retry-After."""
+    try:
+        return served.batcher.admit(n)
+    except Overloaded as e:
+        raise _overloaded(e) from None
+
+
+def _overloaded(e: Overloaded) -> ApiError:
+    return ApiError(503, "overloaded", str(e), headers={"Retry-After": str(e.retry_after)})
 
 
 async def _decode_and_run(

@@ -36,13 +36,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from app.batching import Admission, ForwardFailed, Overloaded, Stopped
+from app.batching import Admission, ForwardFailed, Stopped
 from app.decode import ImageError
 from app.http.errors import ApiError, internal_error, invalid
 from app.http.inputs import read_body, too_many
 from app.http.middleware import note, request_id_of
 from app.http.pipeline import _guarded as guarded  # the deadline and disconnect guard that /v1 uses
-from app.http.pipeline import image_decoder, image_error_index, state_of, to_item
+from app.http.pipeline import admit, image_decoder, image_error_index, refuse_when_full, state_of, to_item
 from app.http.responses import FastJSON
 from app.http.state import ServedModel, ServerState
 from app.http.v1 import require_api_key, require_ready
@@ -210,6 +210,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     settings = state.settings
     served = find_model(state, name, version)
     note(request.scope, model=served.name)
+    refuse_when_full(served)
     body = await read_body(request, settings.max_upload_bytes)
     body = decompress(body, request.headers.get("content-encoding"), settings.max_upload_bytes)
     req = parse_request(body, request.headers.get(HEADER_LENGTH))
@@ -218,11 +219,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     n = tensor.shape[0]
     note(request.scope, images=n)
     task = Tensors(tuple(dict.fromkeys(o.name for o in outputs)))
-    try:
-        admission = served.batcher.admit(n)
-    except Overloaded as e:
-        raise ApiError(503, "overloaded", str(e), headers={"Retry-After": str(e.retry_after)}) from None
-    with admission:
+    with admit(served, n) as admission:
         timeout = min(settings.request_timeout_s, req.timeout_s or settings.request_timeout_s)  # the shorter wins
         results = await guarded(request, _run(request, state, served, tensor, task, admission), timeout)
     header = {"model_name": served.name, "model_version": VERSION}

@@ -83,6 +83,34 @@ def test_a_burst_beyond_max_queue_gets_503_with_retry_after_and_nothing_else_fai
     assert after.status_code == 200
 
 
+def test_a_full_queue_refuses_before_reading_the_images(checkpoints, pngs):
+    """Under overload the refusal comes first: a request is not parsed (nor its images checked) only to be
+    refused, so a body that would be a 400 or 422 gets the 503 too, and the refusal reserves nothing."""
+    app = create_app(settings_for(checkpoints, "tiny", max_queue=4, max_images_per_request=2))
+
+    async def main():
+        async with serve(app) as client:
+            served = app.state.vit.models["tiny"]
+            with served.batcher.admit(served.batcher.max_queue):  # the queue is full
+                refused = [
+                    await classify(client, b"not an image at all"),
+                    await client.post(
+                        "/v1/classify", content=b"--x--", headers={"content-type": "multipart/form-data"}
+                    ),
+                    await client.post("/v2/models/tiny/infer", content=b"{not json"),
+                ]
+                depth = served.batcher.depth
+            return refused, depth, await classify(client, b"not an image at all"), await classify(client, pngs[0])
+
+    refused, depth, bad_after, good_after = asyncio.run(main())
+    for r in refused:
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
+    assert refused[0].json()["error"]["code"] == "overloaded"
+    assert depth == 4  # only the test's own reservation: the refusals held no room
+    assert bad_after.status_code == 400  # with room again, the same body is read and refused for what it is
+    assert good_after.status_code == 200
+
+
 def test_a_truncated_jpeg_fails_alone_beside_good_requests(checkpoints, real_photos, pngs):
     app = create_app(settings_for(checkpoints, "tiny", max_wait_ms=100), loader=wrapping_loader(delay=0.05))
     jpeg = encode(real_photos["coffee"], "JPEG")
