@@ -50,14 +50,16 @@ if [ "$SMOKE" = 1 ]; then
   # the script's plumbing only: no compiling at start-up on a shared 2-core CPU (tests/test_accel.py covers it)
   DEV=cpu DTYPE=float32 SHAPE=ti16 SECS=2 RAW_BATCHES=1,2 RAW_COMPILE_BATCHES=1 CONC=1,2 MB=4 PROCS=1 DECODE=1
   SERVER_LOADS=640x480:1:1,640x480:4:2,4000x3000:1:2 RAW_IMPLS=ours,hf,timm COMPILE_IMPLS=ours-accel MODE=off
-  JPEG_SIZES=64x48 VARIANT_LOADS=640x480:1:2,640x480:4:2 WORKERS=2
+  JPEG_SIZES=64x48 VARIANT_LOADS=640x480:1:2,640x480:4:2 ATTENTION_LOADS=640x480:1:2 WORKERS=2
 else
   # the issue's targets first: single images at c=1 and c=256, 32-image requests at c=16 (512 images in
-  # flight); then 4000x3000 single images at c=64. Each load's row is saved as soon as it ends.
+  # flight: one process's queue of 256 sheds some); then 32-image requests at c=4 (128 in flight, nothing shed:
+  # the load to compare /v1/attention with), 4000x3000 single images at c=64. Each row is saved as it ends.
   DEV=cuda DTYPE=bfloat16 SHAPE=b16 SECS=5 RAW_BATCHES=1,8,32,64,256 RAW_COMPILE_BATCHES=1,256 CONC=1,64,256
-  MB=64 PROCS=4 DECODE=10 SERVER_LOADS=640x480:1:1,640x480:1:256,640x480:32:16,4000x3000:1:64
+  MB=64 PROCS=4 DECODE=10 SERVER_LOADS=640x480:1:1,640x480:1:256,640x480:32:16,640x480:32:4,4000x3000:1:64
   RAW_IMPLS=ours,ours-accel,hf,timm COMPILE_IMPLS=ours-accel,timm-compile MODE=auto
-  JPEG_SIZES=640x480,4000x3000 VARIANT_LOADS=640x480:1:256,640x480:32:16 WORKERS=4
+  JPEG_SIZES=640x480,4000x3000 VARIANT_LOADS=640x480:1:256,640x480:32:16 ATTENTION_LOADS=640x480:1:256,640x480:32:4
+  WORKERS=4
 fi
 
 echo "== environment"
@@ -93,11 +95,11 @@ step jpeg-decoders 60 "$PY" -m bench.jpeg_decoders --device "$DEV" --dtype "$DTY
 # 6. the server's variants at the heaviest loads: the HTTP side spread over several worker processes (each with its
 # own model and batcher), the attention endpoint (rollout over every layer's attention) instead of classify, and
 # JPEGs decoded by Pillow in the pool (the exact path) instead of nvJPEG
-for variant in "workers-$WORKERS --server-arg=--workers=$WORKERS" "attention --endpoint=/v1/attention" \
-  "jpeg-pil --server-arg=--jpeg-decoder=pil"; do
-  set -- $variant
+for variant in "workers-$WORKERS --server-arg=--workers=$WORKERS $VARIANT_LOADS" \
+  "attention --endpoint=/v1/attention $ATTENTION_LOADS" "jpeg-pil --server-arg=--jpeg-decoder=pil $VARIANT_LOADS"; do
+  set -- $variant  # name, flag, loads
   step "server-$1" 80 "$PY" -m bench.server --spawn --device "$DEV" --dtype "$DTYPE" --shape "$SHAPE" \
-    --compile "$MODE" --max-batch-size "$MB" --loads "$VARIANT_LOADS" --seconds "$SECS" --procs "$PROCS" \
+    --compile "$MODE" --max-batch-size "$MB" --loads "$3" --seconds "$SECS" --procs "$PROCS" \
     --server-arg=--decode-workers="$DECODE" "$2" --out "$DEST/server-$1.json"
 done
 
