@@ -1,12 +1,14 @@
 """The road every /v1 inference request travels: read the images, admit, decode in the pool, batch, answer.
 
-Limits come first and cost nothing: the body cap and image count while reading, then admission to the
-model's queue (503 overloaded, before any decoding), then the deadline (counted from the moment the
-body has been read) and the client's disconnect, either of which drops the request's unfinished work.
+Limits come first and cost nothing: a queue with no room left refuses before the body is parsed, then the body
+cap and image count while reading, then admission to the model's queue (503 overloaded, before any decoding),
+then the deadline (counted from the moment the body has been read) and the client's disconnect, either of which
+drops the request's unfinished work.
 
-JPEGs on the device path (`--jpeg-decoder`, `app.gpu_decode.use_for`) have only their header checked in the
-pool and are queued compressed; their batch decodes them. One that turns out undecodable then comes back as
-that image's `ImageError` (400, naming it), while the rest of its batch is answered.
+JPEGs on the device path (`--jpeg-decoder`, `app.gpu_decode.use_for`) have only their header checked (on a
+thread, `Decoder.pixels_or_jpeg`) and are queued compressed; their batch decodes them. One that turns out
+undecodable then comes back as that image's `ImageError` (400, naming it), while the rest of its batch is
+answered.
 
 Memory held by a full queue is bounded: every queued item belongs to an admitted request (at most
 `max-queue` images), and holds either h x w x 3 bytes of model-input pixels or, on the device path, a
