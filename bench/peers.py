@@ -4,8 +4,11 @@
     python -m bench.peers --quick             # c=1 and c=4, 4 s each
     python -m bench.peers --device cuda       # GPU: c=1, 64, 256; LitServe batches 64 with a 5 ms timeout
 
-Peers (bench/peer_apps.py), each started here on loopback, one at a time (so none competes with another for
-cores): a plain FastAPI endpoint around transformers' ViTForImageClassification, and LitServe with its batching.
+Peers (bench/peer_apps.py), started here on loopback: a plain FastAPI endpoint around transformers'
+ViTForImageClassification, and LitServe with its batching. All servers are up for the whole run and the loads
+are interleaved (a change in the machine's load hits them alike); while one is loaded, the others are paused
+(SIGSTOP to their process groups, SIGCONT after), so none takes cores from the one measured (LitServe's idle
+worker polls its queue every millisecond). `--no-pause-idle` leaves them running.
 Ratios are vitserve over each peer: images/s (higher is better for us) and p50 latency (lower is better for us).
 """
 
@@ -15,6 +18,7 @@ import argparse
 import contextlib
 import itertools
 import os
+import signal
 import sys
 import time
 
@@ -45,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--raw", action="store_true", help="time our forward alone just before and after each of our loads")
     p.add_argument("--raw-seconds", type=float, default=4.0, help="length of each raw window")
     p.add_argument("--ready-timeout", type=float, default=900.0)
+    p.add_argument(
+        "--pause-idle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pause the servers not under load (SIGSTOP / SIGCONT)",
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -83,6 +93,26 @@ class Peer(Spawned):
         self._t0 = time.perf_counter()
         self.proc = spawn(cmd, {"PYTHONUNBUFFERED": "1"}, self.log)
         return self
+
+
+@contextlib.contextmanager
+def paused(process_groups: list[int], settle_s: float = 1.0):
+    """Stop these servers' process groups (each server is its own session: `loadgen.spawn`) for the block, and
+    give them `settle_s` after resuming (timers that fired during the pause, a batch loop catching up) before
+    the next load, which may be one of theirs."""
+    stopped = []
+    try:
+        for pgid in process_groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGSTOP)
+                stopped.append(pgid)
+        yield
+    finally:
+        for pgid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGCONT)
+        if stopped:
+            time.sleep(settle_s)
 
 
 def ratios(ours: list[dict], theirs: list[dict], name: str) -> list[dict]:
@@ -133,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     kinds = [k for k in args.peers.split(",") if k]
     rows: dict[str, list[dict]] = {"vitserve": [], **{k: [] for k in kinds}}
     save(result, rows, kinds, args, complete=False)  # a file from the start, even if no server comes up
-    # Every server is up for the whole run, idle while another is loaded; each load runs against all of them in
+    # Every server is up for the whole run, paused while another is loaded; each load runs against all of them in
     # turn, so a change in the machine's load during the run hits them alike.
     with contextlib.ExitStack() as stack:
         # start every server at once (start-ups overlap), then wait for each
@@ -172,8 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
                         result["raw_windows"].append(raw.measure(args.raw_seconds))
                         return result["raw_windows"][-1]
 
-                # `one` holds a single load, so this saves after every load
-                rows[name] += run_matrix(url, endpoint, pid, one, name, between)
+                idle = [other_pid for other, _, _, other_pid in servers if other != name] if args.pause_idle else []
+                with paused(idle):  # `one` holds a single load, so this saves after every load
+                    rows[name] += run_matrix(url, endpoint, pid, one, name, between)
                 save(result, rows, kinds, args, complete=False)
     return save(result, rows, kinds, args, complete=True)
 

@@ -237,3 +237,36 @@ def test_sigterm_stops_the_servers_a_bench_started(tmp_path):
     assert proc.wait(timeout=20) == 128 + signal.SIGTERM
     # the server was our grandchild: once stopped and reaped by its parent, its pid is gone
     assert not Path(f"/proc/{server_pid}").exists()
+
+
+def test_peers_pause_the_servers_not_under_load():
+    """`bench.peers` stops the idle servers' process groups for the length of a load and always resumes them."""
+    from bench.peers import paused
+
+    ticker = "import time\nwhile True: time.sleep(0.01)"
+    proc = subprocess.Popen([sys.executable, "-c", ticker], start_new_session=True)
+
+    def state() -> str:
+        letter = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return "stopped" if letter in "Tt" else "running"
+
+    def wait_for(expected: str) -> str:  # a signal takes effect asynchronously
+        for _ in range(200):
+            if state() == expected:
+                break
+            time.sleep(0.01)
+        return state()
+
+    try:
+        assert wait_for("running") == "running"
+        with paused([proc.pid]):
+            assert wait_for("stopped") == "stopped"
+        assert wait_for("running") == "running"
+        with pytest.raises(RuntimeError), paused([proc.pid]):
+            raise RuntimeError("a load that fails")
+        assert wait_for("running") == "running"  # resumed after an error too
+        with paused([2**22 + 12345]):  # a server that has already gone is no error
+            pass
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
