@@ -61,14 +61,6 @@ class Decoded:
 
 
 @dataclass(frozen=True)
-class JpegHeader:
-    """What the pool learnt from a JPEG's header for the device path (the bytes stay with the caller)."""
-
-    size: tuple[int, int]  # (width, height) upright
-    orientation: int  # EXIF orientation, 1 when absent or broken
-
-
-@dataclass(frozen=True)
 class Encoded:
     """A checked JPEG queued compressed, decoded with its batch on the model's device (`app.gpu_decode`).
 
@@ -239,20 +231,12 @@ def ends_complete(jpeg: bytes) -> bool:
     return jpeg.rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
-def probe_jpeg(
-    data: bytes, cfg: PreprocessConfig, max_pixels: int, draft: bool = True, device_max_pixels: int = DEVICE_MAX_PIXELS
-) -> Decoded | JpegHeader:
-    """A JPEG that the device path takes -> its checked header (nothing decoded); anything else -> decoded here
-    (`decode_to_pixels`). Every check of the PIL path runs first, with the same errors."""
-    header = jpeg_header(data, cfg, max_pixels, device_max_pixels)
-    return decode_to_pixels(data, cfg, max_pixels, draft) if header is None else header
-
-
-def jpeg_header(
+def jpeg_for_device(
     data: bytes, cfg: PreprocessConfig, max_pixels: int, device_max_pixels: int = DEVICE_MAX_PIXELS
-) -> JpegHeader | None:
-    """The checked header of a JPEG that the device path takes (Pillow reads the markers only: ~25 us), or None
-    for anything that must be decoded on the CPU instead."""
+) -> Encoded | None:
+    """A JPEG that the device path takes, its header checked (Pillow reads the markers only: ~25 us) and nothing
+    decoded; None for anything that must be decoded on the CPU instead. Every check of the PIL path up to the
+    decode runs here, with the same errors."""
     if sniff(data) != "JPEG" or not ends_complete(data):
         return None
     image = open_checked(data, max_pixels)
@@ -267,7 +251,7 @@ def jpeg_header(
             f"the image's aspect ratio ({size[0]} x {size[1]}) is too extreme: resizing it for the model "
             f"would take {rw * rh:,} pixels"
         )
-    return JpegHeader(size, orientation(image))
+    return Encoded(data, size, orientation(image), max_pixels)
 
 
 def _draft_target(size: tuple[int, int], cfg: PreprocessConfig) -> tuple[int, int]:
@@ -347,10 +331,8 @@ class Decoder:
         (pickling, pipes, the pool's bookkeeping) than reading the markers does, and a thread still keeps a
         file with an absurd number of markers from stalling the loop."""
         loop = asyncio.get_running_loop()
-        header = await loop.run_in_executor(self._header_thread, jpeg_header, data, cfg, self.max_pixels)
-        if header is None:
-            return await self.pixels(data, cfg)
-        return Encoded(data, header.size, header.orientation, self.max_pixels)
+        queued = await loop.run_in_executor(self._header_thread, jpeg_for_device, data, cfg, self.max_pixels)
+        return queued if queued is not None else await self.pixels(data, cfg)
 
     async def preview(self, data: bytes) -> Decoded:
         return await self._run(decode_preview, data, self.max_pixels)

@@ -10,7 +10,8 @@ What can differ from the PIL path (`--jpeg-decoder pil`):
 - the resize: the same kernels and the same two rounded passes as Pillow, in float32 instead of fixed point, so
   an output pixel that lands on a rounding boundary can differ by one level;
 - a JPEG too corrupt for nvJPEG is decoded by Pillow instead (`app.tasks`). A truncated one (no end marker),
-  which nvJPEG might fill in where Pillow refuses it, never comes here: `app.decode.probe_jpeg` leaves it to Pillow.
+  which nvJPEG might fill in where Pillow refuses it, never comes here: `app.decode.jpeg_for_device` leaves it
+  to Pillow.
 
 GPU memory is bounded per call: JPEGs are decoded in chunks of at most `CHUNK_PIXELS` pixels, and resized in
 groups of at most `GROUP_PIXELS` (float32) pixels, whatever the batch size.

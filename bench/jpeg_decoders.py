@@ -72,10 +72,10 @@ def measure(fn, seconds: float, device: torch.device) -> float:  # type: ignore[
 
 def compare(model, datas: list[bytes], args: argparse.Namespace) -> dict:  # type: ignore[no-untyped-def]
     from app import gpu_decode
-    from app.decode import Encoded, decode_to_pixels, probe_jpeg
+    from app.decode import decode_to_pixels, jpeg_for_device
 
     cfg, device, limit = model.preprocess_config, model.device, 40_000_000
-    encoded = [Encoded(d, (h := probe_jpeg(d, cfg, limit)).size, h.orientation, limit) for d in datas]
+    encoded = [jpeg_for_device(d, cfg, limit) for d in datas]
     out, rows, errors = gpu_decode.decode_batch(encoded, cfg, device)
     assert not errors, errors
     device_pixels = np.empty((len(datas), *out.shape[1:]), np.uint8)

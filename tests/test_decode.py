@@ -215,48 +215,65 @@ def test_pools_give_the_same_pixels_and_typed_errors(cat, kind):
     assert np.array_equal(good.pixels, decode_to_pixels(data, CFG, LIMIT).pixels)
 
 
-# -- the device path's probe: header checked here, the JPEG decoded later with its batch ---------------------
+# -- the device path's check: header read here, the JPEG decoded later with its batch ---------------------------
 
 
-def test_probe_takes_a_checked_jpeg_without_decoding_it_and_decodes_everything_else(cat):
-    from app.decode import Decoded, JpegHeader, probe_jpeg
+def pixels_or_jpeg(data: bytes, max_pixels: int = LIMIT):  # type: ignore[no-untyped-def]
+    """What the server's decode step gives for `data` on the device path (decoding inline what it does not take)."""
+
+    async def main():  # type: ignore[no-untyped-def]
+        decoder = Decoder(max_pixels, workers=0, kind="thread")
+        try:
+            return await decoder.pixels_or_jpeg(data, CFG)
+        finally:
+            decoder.close()
+
+    return asyncio.run(main())
+
+
+def test_the_device_takes_a_checked_jpeg_without_decoding_it_and_everything_else_is_decoded_here(cat):
+    from app.decode import Decoded, Encoded, jpeg_for_device
 
     exif = Image.Exif()
     exif[0x0112] = 6
-    header = probe_jpeg(encode(cat, "JPEG", exif=exif), CFG, LIMIT)
-    assert header == JpegHeader((cat.height, cat.width), 6)  # upright size, orientation to apply
-    assert isinstance(probe_jpeg(encode(cat.convert("L"), "JPEG"), CFG, LIMIT), JpegHeader)
+    rotated = encode(cat, "JPEG", exif=exif)
+    queued = jpeg_for_device(rotated, CFG, LIMIT)
+    assert queued == Encoded(rotated, (cat.height, cat.width), 6, LIMIT)  # upright size, orientation to apply
+    assert isinstance(jpeg_for_device(encode(cat.convert("L"), "JPEG"), CFG, LIMIT), Encoded)
     for data in (encode(cat, "PNG"), encode(cat.convert("CMYK"), "JPEG")):  # not for the device: decoded here
-        got = probe_jpeg(data, CFG, LIMIT)
+        assert jpeg_for_device(data, CFG, LIMIT) is None
+        got = pixels_or_jpeg(data)
         assert isinstance(got, Decoded) and np.array_equal(got.pixels, decode_to_pixels(data, CFG, LIMIT).pixels)
     big = encode(cat, "JPEG")
-    assert isinstance(probe_jpeg(big, CFG, LIMIT, device_max_pixels=cat.width * cat.height - 1), Decoded)
+    assert jpeg_for_device(big, CFG, LIMIT, device_max_pixels=cat.width * cat.height - 1) is None
     padded = encode(cat, "JPEG") + b"\x00" * 16  # zero padding after the end marker: still the device's
-    assert isinstance(probe_jpeg(padded, CFG, LIMIT), JpegHeader)
+    assert isinstance(jpeg_for_device(padded, CFG, LIMIT), Encoded)
     trailing = encode(cat, "JPEG") + b"camera data"  # data after the end marker: Pillow decodes it, as before
-    assert isinstance(probe_jpeg(trailing, CFG, LIMIT), Decoded)
+    assert jpeg_for_device(trailing, CFG, LIMIT) is None
+    assert isinstance(pixels_or_jpeg(trailing), Decoded)
 
 
 def test_a_truncated_jpeg_is_left_to_pillow_which_refuses_it(cat):
-    """A device decoder may fill in a cut-off JPEG; Pillow refuses it, and the probe sends it there."""
-    from app.decode import probe_jpeg
+    """A device decoder may fill in a cut-off JPEG; Pillow refuses it, and the check sends it there."""
+    from app.decode import jpeg_for_device
 
     data = encode(cat, "JPEG")
+    assert jpeg_for_device(data[: len(data) * 3 // 4], CFG, LIMIT) is None
     with pytest.raises(InvalidImage, match="truncated"):
-        probe_jpeg(data[: len(data) * 3 // 4], CFG, LIMIT)
+        pixels_or_jpeg(data[: len(data) * 3 // 4])
 
 
-def test_probe_refuses_what_the_pil_path_refuses(cat):
-    from app.decode import probe_jpeg
+def test_the_device_check_refuses_what_the_pil_path_refuses(cat):
+    from app.decode import jpeg_for_device
 
     data = encode(cat, "JPEG")
     with pytest.raises(ImageTooLarge):
-        probe_jpeg(data, CFG, max_pixels=cat.width * cat.height - 1)
+        jpeg_for_device(data, CFG, max_pixels=cat.width * cat.height - 1)
     with pytest.raises(InvalidImage):
-        probe_jpeg(data[:4] + b"\x00" * 64, CFG, LIMIT)  # JPEG magic, no header
+        jpeg_for_device(data[:4] + b"\x00" * 64 + b"\xff\xd9", CFG, LIMIT)  # JPEG magic and end, no header
     strip = encode(Image.new("RGB", (4000, 1)), "JPEG")
     with pytest.raises(InvalidImage, match="too extreme"):
-        probe_jpeg(strip, CFG, max_pixels=100_000)
+        jpeg_for_device(strip, CFG, max_pixels=100_000)
 
 
 @pytest.mark.parametrize("kind,workers", [("thread", 1), ("thread", 0), ("process", 1)])

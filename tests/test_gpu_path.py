@@ -85,12 +85,12 @@ def _jpegs() -> list[bytes]:
 @pytest.mark.filterwarnings("ignore:The given buffer is not writable")
 def test_nvjpeg_batches_match_the_cpu_decoder_within_a_few_grey_levels():
     from app import gpu_decode
-    from app.decode import Encoded, probe_jpeg
+    from app.decode import jpeg_for_device
     from app.preprocess import PreprocessConfig
 
     cfg = PreprocessConfig(resize=256, crop=(224, 224), interpolation="bicubic")
     datas = _jpegs()
-    encoded = [Encoded(d, (h := probe_jpeg(d, cfg, 10**8)).size, h.orientation, 10**8) for d in datas]
+    encoded = [jpeg_for_device(d, cfg, 10**8) for d in datas]
     results = {}
     for device in ("cpu", "cuda"):
         out, rows, errors = gpu_decode.decode_batch(encoded, cfg, torch.device(device))
@@ -105,14 +105,14 @@ def test_nvjpeg_batches_match_the_cpu_decoder_within_a_few_grey_levels():
 @pytest.mark.filterwarnings("ignore:The given buffer is not writable")
 def test_a_cuda_batch_of_jpegs_and_pixels_with_a_corrupt_one(tiny_checkpoint, bogus_huffman_table):
     import app
-    from app.decode import Encoded, ImageError, probe_jpeg
+    from app.decode import ImageError, jpeg_for_device
     from app.tasks import Classify, Item, forward_batch, prepare_batch
 
     model = app.load_model(str(tiny_checkpoint), device="cuda", dtype="bfloat16")
     cfg = model.preprocess_config
     datas = _jpegs()
     datas[1] = bogus_huffman_table(datas[1])  # the header intact, the image data undecodable
-    items = [Item(Encoded(d, (h := probe_jpeg(d, cfg, 10**8)).size, h.orientation, 10**8), Classify(2)) for d in datas]
+    items = [Item(jpeg_for_device(d, cfg, 10**8), Classify(2)) for d in datas]
     items.append(Item(np.zeros((*cfg.output_size, 3), np.uint8), Classify(2)))
     prepared = prepare_batch(model, items)
     assert prepared.ready is not None and prepared.inputs.dtype == torch.bfloat16

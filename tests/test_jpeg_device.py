@@ -16,7 +16,7 @@ from PIL import Image
 
 import app
 from app import gpu_decode
-from app.decode import Encoded, ImageError, decode_to_pixels, probe_jpeg
+from app.decode import Encoded, ImageError, decode_to_pixels, jpeg_for_device
 from app.preprocess import PreprocessConfig
 from app.tasks import Classify, Item, forward_batch, prepare_batch, run_batch
 
@@ -63,8 +63,9 @@ def encode(image: Image.Image, **kw) -> bytes:
 
 
 def queued(data: bytes, cfg: PreprocessConfig) -> Encoded:
-    header = probe_jpeg(data, cfg, LIMIT)
-    return Encoded(data, header.size, header.orientation, LIMIT)
+    encoded = jpeg_for_device(data, cfg, LIMIT)
+    assert encoded is not None
+    return encoded
 
 
 def device_pixels(datas: list[bytes], cfg: PreprocessConfig) -> np.ndarray:

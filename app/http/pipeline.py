@@ -134,8 +134,8 @@ async def _decode_and_run(
 
 
 def image_decoder(state: ServerState, served: ServedModel) -> Callable[[bytes], Awaitable[Decoded | Encoded]]:
-    """The decode step for a model: pixels from the pool, or on the device path (`--jpeg-decoder`) a JPEG checked
-    in the pool and queued compressed for its batch to decode."""
+    """The decode step for a model: pixels from the pool, or on the device path (`--jpeg-decoder`) a JPEG whose
+    header is checked and which is queued compressed for its batch to decode."""
     decoder = state.decoder
     assert decoder is not None
     cfg = served.model.preprocess_config
