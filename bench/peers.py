@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
             servers.append((kind, peer.url, "/predict", peer.proc.pid))
         if args.raw:
             raw = RawForward(ours.ckpt, args)
-            result["raw_windows"] = []
+            result["raw_windows"] = raw.windows
         save(result, rows, kinds, args, complete=False)
         for _round, size, ipr, c in itertools.product(
             range(args.rounds), args.sizes.split(","), args.images_per_request.split(","), args.concurrency.split(",")
@@ -195,12 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
             for name, url, endpoint, pid in servers:
                 if name == "litserve" and int(ipr) > 1:
                     continue  # LitServe's API here takes one image per request
-                between = None
-                if args.raw and name == "vitserve":  # raw windows just before and after each of our loads
-
-                    def between() -> dict:
-                        result["raw_windows"].append(raw.measure(args.raw_seconds))
-                        return result["raw_windows"][-1]
+                # raw windows just before and after each of our loads
+                between = raw.measure if args.raw and name == "vitserve" else None
 
                 idle = [other_pid for other, _, _, other_pid in servers if other != name] if args.pause_idle else []
                 with paused(idle):  # `one` holds a single load, so this saves after every load

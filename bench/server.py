@@ -128,17 +128,19 @@ class RawForward:
 
         from app.engine import load_model
 
-        self.batch = args.max_batch_size
+        self.batch, self.seconds = args.max_batch_size, args.raw_seconds
+        self.windows: list[dict] = []  # every measurement, in order
         self.model = load_model(str(ckpt), device=args.device, dtype=args.dtype, compile=args.compile)
         self.build = self.model.warmup([self.batch])
         self.x = torch.randn(self.batch, 3, 224, 224, device=self.model.device)
 
-    def measure(self, seconds: float) -> dict:
-        """Time the forward for about `seconds` (at least 3 calls)."""
+    def measure(self) -> dict:
+        """Time the forward for about `--raw-seconds` (at least 3 calls); kept in `windows` too."""
         fns = {"ours": lambda: self.model(self.x)}
-        timing = common.time_interleaved(fns, str(self.model.device), 3, seconds, warmup=1)["ours"]
+        timing = common.time_interleaved(fns, str(self.model.device), 3, self.seconds, warmup=1)["ours"]
         out = timing.as_dict(self.batch)
         out.update({"strategy": self.model.accel_strategy, "loadavg": os.getloadavg()[0]})
+        self.windows.append(out)
         return out
 
 
@@ -297,13 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
             if args.raw:
                 raw = RawForward(server.ckpt, args)
                 result["raw_build_s"] = {str(k): round(v, 1) for k, v in raw.build.items()}
-                windows: list[dict] = []
-
-                def between() -> dict:
-                    windows.append(raw.measure(args.raw_seconds))
-                    return windows[-1]
-
-                result["raw_windows"] = windows
+                result["raw_windows"] = raw.windows
+                between = raw.measure
             save(result, rounds, args, complete=False)  # the start-up, even if no load finishes
             for _ in range(args.rounds):
                 rounds.append([])
