@@ -63,8 +63,9 @@ def _load_pickle(path: Path, source: str) -> object:
             f"{source}: {path.name} holds pickled objects other than tensors ({found.group(1)}), which vitserve "
             f"refuses to load (torch.load weights_only=True); re-save only the state dict, or convert to .safetensors"
         ) from None
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as e:
-        # UnicodeDecodeError is a ValueError
+    except Exception as e:
+        # Any failure to parse the file means it cannot be read: on garbage, torch's safe unpickler raises
+        # whatever its state machine hits (IndexError, KeyError, ValueError, EOFError, zipfile errors, ...).
         raise CheckpointError(
             f"{source}: {path.name} is not a readable PyTorch checkpoint (truncated or corrupt? {_first_line(e)})"
         ) from None
