@@ -52,6 +52,7 @@ SCALARS = {
     "--compile": ("compile", "auto (default: oneDNN linears on a CPU, CUDA graphs on a GPU), on (torch.compile), off"),
     "--workers": ("workers", "server processes on one socket, each with its own models (default 1)"),
     "--threads": ("threads", "intra-op threads for the forward (default: the CPUs available, cgroup quota included)"),
+    "--lanes": ("lanes", "CPU forwards of one model at once, sharing --threads (default 2 with 2+ threads; GPU: 1)"),
 }
 
 

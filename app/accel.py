@@ -28,10 +28,12 @@ Nothing here runs at import: thread counts and dynamo's cache limit are only tou
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -388,3 +390,35 @@ def set_threads(intra_op: int | None = None, inter_op: int | None = None) -> Non
             torch.set_num_interop_threads(inter_op)
         except RuntimeError:  # already started: it can only be set before the first parallel work
             log.warning("inter-op threads already started; keeping %d", torch.get_num_interop_threads())
+
+
+def per_thread_intra_op() -> bool:
+    """Whether `torch.set_num_threads` applies to the calling thread only: true with OpenMP (the thread count is
+    an OpenMP setting of each thread), which Linux and Windows builds of torch use."""
+    return "OpenMP" in torch.__config__.parallel_info().split("ATen parallel backend:")[-1].splitlines()[0]
+
+
+class ThreadShare:
+    """The forward's intra-op threads shared among the forwards running at once (`Batcher` lanes): one forward
+    alone gets all of them, two at once half each. Needs `per_thread_intra_op()`."""
+
+    def __init__(self, threads: int):
+        self.threads = max(1, threads)
+        self._running = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[int]:
+        """Count this forward as running, set the calling thread's share, and yield it."""
+        with self._lock:
+            self._running += 1
+            share = max(1, self.threads // self._running)
+        # torch sets up each thread once, on its first query, from the last count set by any thread: have that
+        # happen before ours, not after
+        torch.get_num_threads()
+        torch.set_num_threads(share)
+        try:
+            yield share
+        finally:
+            with self._lock:
+                self._running -= 1

@@ -1,7 +1,7 @@
 """Dynamic batching, per model: admission, batch formation, deadlines, cancellation, fault isolation.
 
 Nothing here knows FastAPI or torch. A `Batcher` is handed a `run_batch(items) -> results` callable
-(see `app.tasks`) and calls it on one dedicated thread, off the event loop:
+(see `app.tasks`) and calls it on its own forward thread(s), off the event loop:
 
 - `admit(n)` reserves room for a request's n images before any work is done on them, or raises
   `Overloaded` with a Retry-After estimate; the room is held while the images decode, wait and run,
@@ -12,6 +12,9 @@ Nothing here knows FastAPI or torch. A `Batcher` is handed a `run_batch(items) -
   has waited `max_wait_s` or no admitted image is still on its way (decoding): waiting then would only add
   latency, since nothing more can join the batch soon. While one batch runs, the next one fills (and, once
   full, is sealed and queued behind it), so the forward thread never waits for the event loop.
+- with `lanes` > 1 (the CPU: `app.tasks.forward_lanes`), that many forwards may run at once, each on its own
+  thread. A lane that frees up beside a running forward takes a full batch, or a partial one only once it has
+  waited `max_wait_s` and nothing more is on its way, so lanes do not chop the queue into small batches.
 - cancelling `run` (a timeout, a client that went away) removes its items that have not started.
 - a batch whose forward raises is split in halves and retried; only items that fail alone get an
   error (`ForwardFailed`), so one poisoned item never takes its batch-mates down with it.
@@ -102,6 +105,7 @@ class Batcher:
         max_batch_size: int = 8,
         max_wait_s: float = 0.005,
         max_queue: int = 256,
+        lanes: int = 1,
         pipeline_depth: int = 2,
         on_batch: Callable[[int], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
@@ -112,7 +116,8 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
-        self.pipeline_depth = max(1, pipeline_depth)  # batches handed to the thread: 1 running + queued
+        self.lanes = max(1, lanes)  # forwards that may run at once, one thread each
+        self.pipeline_depth = max(1, pipeline_depth)  # batches handed to a lane: 1 running + queued
         self._on_batch = on_batch or (lambda n: None)
         self._on_depth = on_depth or (lambda n: None)
         self._queue: deque[Entry] = deque()
@@ -129,7 +134,7 @@ class Batcher:
     def start(self) -> None:
         """Start the worker on the running event loop (and the forward thread)."""
         self._wake = asyncio.Event()
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{self.name}")
+        self._thread = ThreadPoolExecutor(self.lanes, thread_name_prefix=f"forward-{self.name}")
         if self.prepare is not None:
             self._prepare_thread = ThreadPoolExecutor(1, thread_name_prefix=f"prepare-{self.name}")
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
@@ -150,7 +155,8 @@ class Batcher:
         self._thread = self._prepare_thread = None
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn(*args)` on the forward thread (warm-up: CUDA graphs and compiled code stay on one thread)."""
+        """Run `fn(*args)` on a forward thread (warm-up: CUDA graphs and compiled code stay on their thread; a
+        model served on the GPU or compiled has one lane)."""
         assert self._thread is not None, "start() the batcher first"
         return await asyncio.get_running_loop().run_in_executor(self._thread, lambda: fn(*args))
 
@@ -247,17 +253,23 @@ class Batcher:
                 full = len(ready) >= self.max_batch_size
                 waited_enough = time.monotonic() >= first.enqueued + self.max_wait_s
                 nothing_coming = self._arriving == 0
-                idle = self._running == 0
-                room_behind = self._running < self.pipeline_depth
-                if (idle and (full or waited_enough or nothing_coming)) or (full and room_behind):
+                if self._seal(full, waited_enough, nothing_coming):
                     for entry in ready:
                         self._queue.remove(entry)
                     return ready
-                if self._running == 0:
+                if self._running < self.lanes and not waited_enough:
                     timeout = first.enqueued + self.max_wait_s - time.monotonic()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _seal(self, full: bool, waited_enough: bool, nothing_coming: bool) -> bool:
+        """Whether the batch at the head of the queue should go now."""
+        if self._running == 0:  # an idle model: no reason to wait for more than max_wait, or for nothing
+            return full or waited_enough or nothing_coming
+        if self._running < self.lanes:  # a free lane beside a running forward: no small batches
+            return full or (waited_enough and nothing_coming)
+        return full and self._running < self.lanes + self.pipeline_depth - 1  # queued behind, ready to go
 
     def _prepare_live(self, batch: list[Entry]) -> tuple[list[int], Callable[[], Any]]:
         """On the prepare thread: prepare the entries not dropped yet; returns them and a thunk that gives the
@@ -320,7 +332,8 @@ class Batcher:
         else:
             results, elapsed = future.result()
             ran = sum(not isinstance(r, Stopped) for r in results)
-            rate = ran / max(elapsed, 1e-6)
+            # lanes still running ran beside this batch: the model's rate is about that many times the batch's
+            rate = ran / max(elapsed, 1e-6) * min(self.lanes, self._running + 1)
             if ran:
                 self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
         for entry, result in zip(batch, results, strict=True):

@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1)
     # intra-op threads for the forward; None: OMP_NUM_THREADS where set, else the available CPUs / workers
     threads: int | None = Field(None, ge=1)
+    # forwards of one model that may run at once on the CPU, sharing `threads`; None: 2 where there are 2+
+    # threads (app.tasks.forward_lanes); always 1 on a GPU and under torch.compile
+    lanes: int | None = Field(None, ge=1)
 
     @field_validator("model", "arch", "image_size", mode="before")
     @classmethod

@@ -209,13 +209,44 @@ class Predictions:
     scores: np.ndarray  # float32 (k,), softmax probabilities, highest first
 
 
-def batch_steps(model) -> dict[str, Callable]:  # type: ignore[no-untyped-def]
+def forward_lanes(model, threads: int, requested: int | None = None) -> int:  # type: ignore[no-untyped-def]
+    """How many forwards of `model` may run at once (`Batcher(lanes=...)`), sharing its `threads` intra-op
+    threads: `requested` (`--lanes`), else 2 on a CPU with two threads or more.
+
+    On a CPU, two forwards with half the threads each get through more images than one with all of them: the
+    threads of one forward meet at a barrier some hundred times a forward, and every time the decoding, the
+    HTTP side or anything else preempts one of them, the others wait (bench/results/README.md, "Lanes"). One
+    lane on a GPU (one stream; CUDA graphs replay from shared buffers), under `torch.compile` (inductor fixes its
+    kernels' thread count when it compiles them) and where torch's thread count is not per thread.
+    """
+    from app.accel import per_thread_intra_op, resolve_strategy
+
+    if _on_cuda(model) or not per_thread_intra_op():
+        return 1
+    if resolve_strategy(getattr(model, "compile_mode", "off"), torch.device("cpu")) not in ("eager", "onednn"):
+        return 1
+    if requested is not None:
+        return requested
+    return 2 if threads >= 2 else 1
+
+
+def batch_steps(model, lanes: int = 1, threads: int = 1) -> dict[str, Callable]:  # type: ignore[no-untyped-def]
     """The `Batcher` arguments for `model`: on CUDA a prepare step (stack, pinned copy, decode, normalise on a
     side stream) that the batcher runs on its own thread beside the forward; on the CPU one step, as nothing
-    there would overlap (the forward already uses every core)."""
+    there would overlap (the forward already uses every core), with `lanes` > 1 sharing `threads` among the
+    forwards running at once."""
     if _on_cuda(model):
         return {"run_batch": partial(forward_batch, model), "prepare": partial(prepare_batch, model)}
+    if lanes > 1:
+        from app.accel import ThreadShare
+
+        return {"run_batch": partial(_run_batch_shared, model, ThreadShare(threads))}
     return {"run_batch": partial(run_batch, model)}
+
+
+def _run_batch_shared(model, share, items: list[Item]) -> list[object]:  # type: ignore[no-untyped-def]
+    with share.slot():
+        return run_batch(model, items)
 
 
 def run_batch(model, items: list[Item]) -> list[object]:  # type: ignore[no-untyped-def]

@@ -242,3 +242,77 @@ def test_fast_path_module_is_what_gets_accelerated():
     with torch.inference_mode():
         assert_same(fast(x), eager(net, x))
     assert isinstance(accelerate(net, "cpu", torch.float32, 2, mode="off"), Accelerated)
+
+
+# -- lanes: forwards that share the intra-op threads ----------------------------------------------------------
+
+needs_per_thread = pytest.mark.skipif(not accel.per_thread_intra_op(), reason="torch's threads are not per thread")
+
+
+def _in_thread(fn):
+    """fn() on a fresh thread (its intra-op threads set there never touch the caller's); returns its result."""
+    import threading
+
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(value=fn()))
+    thread.start()
+    thread.join(30)
+    return out["value"]
+
+
+@needs_per_thread
+def test_thread_share_gives_a_lone_forward_every_thread_and_two_at_once_half_each():
+    import threading
+
+    share = accel.ThreadShare(4)
+    first_in, second_done = threading.Event(), threading.Event()
+
+    def first():
+        with share.slot() as n:
+            first_in.set()
+            second_done.wait(10)
+            return n, torch.get_num_threads()
+
+    def second():
+        first_in.wait(10)
+        with share.slot() as n:
+            seen = n, torch.get_num_threads()
+        second_done.set()
+        return seen
+
+    mine = torch.get_num_threads()
+    results: dict = {}
+    threads = [threading.Thread(target=lambda f=f: results.update({f.__name__: f()})) for f in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == {"first": (4, 4), "second": (2, 2)}
+    assert _in_thread(lambda: _slot_alone(share)) == (4, 4)  # both gone: a lone forward gets all four again
+    assert torch.get_num_threads() == mine  # the caller's own setting is untouched
+
+
+def _slot_alone(share):
+    with share.slot() as n:
+        return n, torch.get_num_threads()
+
+
+def test_forward_lanes_two_on_a_cpu_one_on_a_gpu_or_under_compile(tmp_path):
+    from app.checkpoints import native
+    from app.engine import load_model
+    from app.preprocess import PreprocessConfig
+    from app.tasks import forward_lanes
+
+    net = tiny_vit(num_classes=5)
+    pre = PreprocessConfig.from_dict({"resize": [32, 32], "crop": None, "mean": [0.5] * 3, "std": [0.5] * 3})
+    path = tmp_path / "tiny.safetensors"
+    native.save(path, net.cfg, net.state_dict(), pre, [f"c{i}" for i in range(5)])
+    auto = load_model(str(path), compile="auto")
+    compiled = load_model(str(path), compile="on")
+    if accel.per_thread_intra_op():
+        assert forward_lanes(auto, threads=2) == 2
+        assert forward_lanes(auto, threads=8, requested=3) == 3
+    assert forward_lanes(auto, threads=1) == 1
+    assert forward_lanes(compiled, threads=8, requested=4) == 1 or not accel.has_cpp_compiler()
+    if torch.cuda.is_available():
+        assert forward_lanes(load_model(str(path), device="cuda"), threads=8, requested=4) == 1

@@ -277,6 +277,80 @@ def test_forwards_run_on_one_dedicated_thread_and_the_next_batch_is_sealed_while
     assert [len(x) for x in rec.batches] == [2, 2, 2]
 
 
+def test_with_two_lanes_two_batches_run_at_once_on_two_threads():
+    both = threading.Barrier(2, timeout=5)  # passes only when two forwards are in progress together
+    threads: set[int] = set()
+
+    def run(items: list) -> list:
+        threads.add(threading.get_ident())
+        both.wait()
+        return [x * 2 for x in items]
+
+    async def main():
+        b = make(run, max_batch_size=2, lanes=2)
+        b.start()
+        out = await asyncio.gather(*(b.run([i]) for i in range(4)))
+        await b.stop()
+        return out
+
+    assert run_async(main()) == [[2 * i] for i in range(4)]
+    assert len(threads) == 2
+
+
+class HoldFirst(Recorder):
+    """A Recorder whose first forward holds its lane until `release` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def __call__(self, items: list) -> list:
+        if 1 in items:
+            self.release.wait(5)
+        return super().__call__(items)
+
+
+def test_a_free_lane_beside_a_running_forward_waits_for_a_full_batch_while_images_are_on_their_way():
+    rec = HoldFirst()
+
+    async def main():
+        b = make(rec, max_batch_size=3, max_wait_s=0.01, lanes=2)
+        b.start()
+        first = asyncio.ensure_future(b.run([1]))  # an idle model: runs at once, alone
+        await asyncio.sleep(0.05)
+        coming = b.admit(2)
+        with b.admit(1) as here:
+            second = asyncio.ensure_future(b.run([2], admission=here))
+            await asyncio.sleep(0.2)  # far beyond max_wait: still waiting, two images are on their way
+            assert rec.batches == []  # and the first forward is still held
+            with coming:
+                rest = await asyncio.wait_for(asyncio.gather(second, b.run([3, 4], admission=coming)), 3)
+        rec.release.set()
+        out = [await first, *rest]
+        await b.stop()
+        return out
+
+    assert run_async(main()) == [[2], [4], [6, 8]]
+    assert sorted(map(sorted, rec.batches)) == [[1], [2, 3, 4]]  # the free lane took the whole batch
+
+
+def test_a_free_lane_takes_a_partial_batch_once_nothing_more_is_on_its_way():
+    rec = HoldFirst()
+
+    async def main():
+        b = make(rec, max_batch_size=3, max_wait_s=0.01, lanes=2)
+        b.start()
+        first = asyncio.ensure_future(b.run([1]))
+        await asyncio.sleep(0.05)
+        second = await asyncio.wait_for(b.run([2]), 3)  # runs on the free lane while the first is held
+        rec.release.set()
+        out = [await first, second]
+        await b.stop()
+        return out
+
+    assert run_async(main()) == [[2], [4]]
+
+
 class Staged:
     """A prepare/forward pair: prepare tags the items (and may be poisoned), forward doubles them; both record
     their thread and what they saw. `overlap` is set when a prepare ran while a forward was in progress."""

@@ -26,8 +26,16 @@ KSERVE = ROOT / "deploy" / "kserve"
 PORT = 8000
 # Settings the deployment files leave unset on purpose: unset means "every model in the repository",
 # "inferred", "the checkpoint's", "no key" (Kubernetes takes it from an optional Secret), "min(4, CPUs)" or
-# "the CPUs available, shared among the workers".
-UNSET_ON_PURPOSE = {"VIT_MODEL", "VIT_ARCH", "VIT_IMAGE_SIZE", "VIT_API_KEY", "VIT_DECODE_WORKERS", "VIT_THREADS"}
+# "the CPUs available, shared among the workers" or "2 on a CPU with 2+ threads".
+UNSET_ON_PURPOSE = {
+    "VIT_MODEL",
+    "VIT_ARCH",
+    "VIT_IMAGE_SIZE",
+    "VIT_API_KEY",
+    "VIT_DECODE_WORKERS",
+    "VIT_THREADS",
+    "VIT_LANES",
+}
 # Settings whose value in a container deliberately differs from the command line's default.
 CONTAINER_VALUES = {"VIT_HOST": "0.0.0.0", "VIT_MODELS_DIR": None, "VIT_MAX_BATCH_SIZE": None}
 

@@ -19,7 +19,7 @@ from app.batching import Batcher
 from app.checkpoints.detect import default_models_dir, list_repository, model_name
 from app.http.state import ServedModel, ServerState
 from app.settings import ModelSpec, Settings
-from app.tasks import ATTENTION, FAST, batch_steps, run_batch, warmup_items
+from app.tasks import ATTENTION, FAST, batch_steps, forward_lanes, run_batch, warmup_items
 
 log = logging.getLogger("vitserve")
 
@@ -138,12 +138,17 @@ async def load_one(state: ServerState, p: Planned, loader: Loader, models_dir: P
     model = await asyncio.to_thread(loader, p.spec, settings, models_dir)
     device = getattr(getattr(model, "device", None), "type", "cpu")
     max_batch = settings.batch_size_for(device)
+    threads = settings.forward_threads
+    lanes = forward_lanes(model, threads, settings.lanes)
+    if settings.lanes is not None and lanes != settings.lanes:
+        log.warning("model %s: --lanes applies on a CPU without torch.compile only; 1 lane", p.name)
     batcher = Batcher(
-        **batch_steps(model),
+        **batch_steps(model, lanes, threads),
         name=p.name,
         max_batch_size=max_batch,
         max_wait_s=settings.max_wait_ms / 1000.0,
         max_queue=settings.max_queue,
+        lanes=lanes,
         on_batch=metrics.batch_size.labels(p.name).observe,
         on_depth=metrics.queue_depth.labels(p.name).set,
     )
@@ -157,5 +162,7 @@ async def load_one(state: ServerState, p: Planned, loader: Loader, models_dir: P
         raise
     seconds = time.monotonic() - started
     metrics.load_seconds.labels(p.name).set(seconds)
-    log.info("model %s loaded from %s in %.2f s (max batch %d)", p.name, p.spec.spec, seconds, max_batch)
+    log.info(
+        "model %s loaded from %s in %.2f s (max batch %d, lanes %d)", p.name, p.spec.spec, seconds, max_batch, lanes
+    )
     return ServedModel(p.name, model, batcher, p.spec.spec)

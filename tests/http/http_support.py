@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 import time
 from pathlib import Path
 
@@ -88,17 +89,29 @@ class Wrapped:
         self.delay = delay
         self.poison = poison
         self.batch_sizes: list[int] = []
+        self.forwards: list[tuple[int, int]] = []  # (thread, its intra-op threads) per forward
+        self.most_at_once = 0
+        self._running = 0
+        self._lock = threading.Lock()
 
     def __getattr__(self, name: str):
         return getattr(self._model, name)
 
     def __call__(self, pixels: torch.Tensor, attentions: bool = False):
         self.batch_sizes.append(int(pixels.shape[0]))
-        if self.delay:
-            time.sleep(self.delay)
-        if self.poison and bool((pixels.flatten(1) >= 0.999).all(dim=1).any()):
-            raise RuntimeError("injected fault: a white image")
-        return self._model(pixels, attentions)
+        with self._lock:
+            self._running += 1
+            self.most_at_once = max(self.most_at_once, self._running)
+            self.forwards.append((threading.get_ident(), torch.get_num_threads()))
+        try:
+            if self.delay:
+                time.sleep(self.delay)
+            if self.poison and bool((pixels.flatten(1) >= 0.999).all(dim=1).any()):
+                raise RuntimeError("injected fault: a white image")
+            return self._model(pixels, attentions)
+        finally:
+            with self._lock:
+                self._running -= 1
 
 
 def wrapping_loader(created: list | None = None, **kw):

@@ -62,6 +62,33 @@ def test_concurrent_requests_share_a_forward(checkpoints, pngs):
     assert metric(text, "vit_images_total", model="tiny", endpoint="/v1/classify") == 7
 
 
+def test_two_lanes_run_two_forwards_at_once_and_answer_as_one_lane_does(checkpoints, pngs):
+    def answers_with(lanes: int):
+        created = []
+        settings = settings_for(checkpoints, "tiny", lanes=lanes, max_batch_size=2, max_wait_ms=20)
+        app = create_app(settings, loader=wrapping_loader(created, delay=0.1))
+
+        async def main():
+            async with serve(app) as client:
+                created[0].forwards.clear()  # forget the warm-up
+                created[0].most_at_once = 0
+                got = await asyncio.gather(*(classify(client, pngs[i % 4], "/v1/classify?top_k=10") for i in range(8)))
+                return [r.json()["results"][0]["predictions"] for r in got]
+
+        return asyncio.run(main()), created[0]
+
+    one, single = answers_with(1)
+    two, wrapped = answers_with(2)
+    assert single.most_at_once == 1
+    assert wrapped.most_at_once == 2 and len({thread for thread, _ in wrapped.forwards}) == 2
+    threads = settings_for(checkpoints, "tiny").forward_threads
+    seen = {n for _, n in wrapped.forwards}
+    assert max(seen) <= threads and max(1, threads // 2) in seen  # two forwards at once share the threads
+    for a, b in zip(one, two, strict=True):
+        assert [p["index"] for p in a] == [p["index"] for p in b]
+        assert [p["score"] for p in a] == pytest.approx([p["score"] for p in b], abs=1e-5)
+
+
 def test_a_burst_beyond_max_queue_gets_503_with_retry_after_and_nothing_else_fails(checkpoints, pngs):
     settings = settings_for(checkpoints, "tiny", max_queue=4, max_images_per_request=2, max_batch_size=2)
     app = create_app(settings, loader=wrapping_loader(delay=0.1))
@@ -172,7 +199,7 @@ def test_504_timeout_drops_the_work(checkpoints, pngs):
 
 def test_a_client_that_disconnects_has_its_queued_work_dropped(checkpoints, pngs):
     created = []
-    settings = settings_for(checkpoints, "tiny", max_batch_size=1, max_wait_ms=0)
+    settings = settings_for(checkpoints, "tiny", max_batch_size=1, max_wait_ms=0, lanes=1)  # one forward at a time
     app = create_app(settings, loader=wrapping_loader(created, delay=0.4))
 
     async def main():
