@@ -127,21 +127,48 @@ class RawForward:
         import torch
 
         from app.engine import load_model
+        from app.tasks import forward_lanes
 
         self.batch, self.seconds = args.max_batch_size, args.raw_seconds
         self.windows: list[dict] = []  # every measurement, in order
         self.model = load_model(str(ckpt), device=args.device, dtype=args.dtype, compile=args.compile)
         self.build = self.model.warmup([self.batch])
         self.x = torch.randn(self.batch, 3, 224, 224, device=self.model.device)
+        self.threads = torch.get_num_threads()
+        self.lanes = forward_lanes(self.model, self.threads)  # what the spawned server runs by default
 
     def measure(self) -> dict:
-        """Time the forward for about `--raw-seconds` (at least 3 calls); kept in `windows` too."""
+        """Time the forward for about `--raw-seconds` (at least 3 calls); kept in `windows` too. With lanes (a
+        CPU), also `lanes_images_per_s`: that many forwards at once sharing the threads, as the server runs them."""
         fns = {"ours": lambda: self.model(self.x)}
         timing = common.time_interleaved(fns, str(self.model.device), 3, self.seconds, warmup=1)["ours"]
         out = timing.as_dict(self.batch)
         out.update({"strategy": self.model.accel_strategy, "loadavg": os.getloadavg()[0]})
+        if self.lanes > 1:
+            out["lanes"], out["lanes_images_per_s"] = self.lanes, round(self._lanes_rate(), 2)
         self.windows.append(out)
         return out
+
+    def _lanes_rate(self) -> float:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from app.accel import ThreadShare
+
+        share = ThreadShare(self.threads)
+        deadline = time.perf_counter() + self.seconds
+
+        def lane(_: int) -> int:
+            images = 0
+            while time.perf_counter() < deadline:
+                with share.slot():
+                    self.model(self.x)
+                images += self.batch
+            return images
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(self.lanes) as pool:
+            images = sum(pool.map(lane, range(self.lanes)))
+        return images / (time.perf_counter() - start)
 
 
 def load_plan(args: argparse.Namespace) -> list[tuple[str, int, int]]:
@@ -193,6 +220,10 @@ def run_matrix(
             raw_after = between()
             raw = (raw_before["images_per_s"] + raw_after["images_per_s"]) / 2
             row.update({"raw_images_per_s": round(raw, 2), "server_over_raw": round(row["images_per_s"] / raw, 3)})
+            if "lanes_images_per_s" in raw_after:
+                lanes = (raw_before["lanes_images_per_s"] + raw_after["lanes_images_per_s"]) / 2
+                row["raw_lanes_images_per_s"] = round(lanes, 2)
+                row["server_over_raw_lanes"] = round(row["images_per_s"] / lanes, 3)
             raw_before = raw_after
         rows.append(row)
         print_row(row)
@@ -213,7 +244,13 @@ def median_rows(rows: list[dict]) -> list[dict]:
             out.append(group[0])
             continue
         mid = dict(sorted(group, key=lambda r: r["images_per_s"])[len(group) // 2])
-        for key in ("images_per_s", "raw_images_per_s", "server_over_raw"):
+        for key in (
+            "images_per_s",
+            "raw_images_per_s",
+            "server_over_raw",
+            "raw_lanes_images_per_s",
+            "server_over_raw_lanes",
+        ):
             if key in mid:
                 mid[key] = round(statistics.median(r[key] for r in group), 3)
         mid["latency_ms"] = {
@@ -230,6 +267,8 @@ def median_rows(rows: list[dict]) -> list[dict]:
 def print_row(r: dict) -> None:
     lat = r["latency_ms"]
     vs_raw = f"  raw {r['raw_images_per_s']:.1f} img/s -> x{r['server_over_raw']:.2f}" if "server_over_raw" in r else ""
+    if "server_over_raw_lanes" in r:
+        vs_raw += f", lanes {r['raw_lanes_images_per_s']:.1f} -> x{r['server_over_raw_lanes']:.2f}"
     print(
         f"# {r['server']:>10} {r['image']:>9} x{r['images_per_request']:<2} c={r['concurrency']:<3} "
         f"{r['images_per_s']:>9.1f} img/s  p50 {lat['p50']:>8.1f} ms  p99 {lat['p99']:>8.1f} ms  "
@@ -243,6 +282,8 @@ def table_rows(rows: list[dict]) -> str:
     cols = ["server", "image", "x", "c", "img/s", "req/s", "p50", "p90", "p99", "errors", "rss MiB", "pss MiB", "load"]
     if any("server_over_raw" in r for r in rows):
         cols += ["raw img/s", "server/raw"]
+    if any("server_over_raw_lanes" in r for r in rows):
+        cols += ["raw lanes img/s", "server/raw lanes"]
     out = [
         {
             "server": r["server"],
@@ -260,6 +301,8 @@ def table_rows(rows: list[dict]) -> str:
             "load": round(r["loadavg"], 2),
             "raw img/s": r.get("raw_images_per_s"),
             "server/raw": r.get("server_over_raw"),
+            "raw lanes img/s": r.get("raw_lanes_images_per_s"),
+            "server/raw lanes": r.get("server_over_raw_lanes"),
         }
         for r in rows
     ]

@@ -92,6 +92,22 @@ def test_raw_bench_runs_and_reports_agreement():
     assert "ours-accel/timm" in entry["ratios"]
 
 
+def test_raw_windows_time_the_forward_alone_and_as_the_servers_lanes_run_it(tmp_path):
+    import argparse
+
+    from bench.server import RawForward
+
+    ckpt = common.write_native_checkpoint("ti16", tmp_path)
+    args = argparse.Namespace(max_batch_size=2, raw_seconds=0.3, device="cpu", dtype="float32", compile="auto")
+    raw = RawForward(ckpt, args)
+    window = raw.measure()
+    assert window["images_per_s"] > 0 and raw.windows == [window]
+    if raw.lanes > 1:  # a CPU with 2+ threads: the server's default lanes, timed the same way
+        assert window["lanes"] == raw.lanes and window["lanes_images_per_s"] > 0
+    else:
+        assert "lanes_images_per_s" not in window
+
+
 def test_the_prebuilt_multipart_body_is_read_as_the_images_it_holds():
     """The load generator encodes its body once; a real multipart parser (Starlette's) must read every image."""
     from starlette.applications import Starlette
