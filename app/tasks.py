@@ -230,17 +230,15 @@ def forward_lanes(model, threads: int, requested: int | None = None) -> int:  # 
     return 2 if threads >= 2 else 1
 
 
-def batch_steps(model, lanes: int = 1, threads: int = 1) -> dict[str, Callable]:  # type: ignore[no-untyped-def]
+def batch_steps(model, share=None) -> dict[str, Callable]:  # type: ignore[no-untyped-def]
     """The `Batcher` arguments for `model`: on CUDA a prepare step (stack, pinned copy, decode, normalise on a
     side stream) that the batcher runs on its own thread beside the forward; on the CPU one step, as nothing
-    there would overlap (the forward already uses every core), with `lanes` > 1 sharing `threads` among the
-    forwards running at once."""
+    there would overlap (the forward already uses every core). `share` (an `app.accel.ThreadShare`, with lanes):
+    the intra-op threads that every forward running at once in this process shares."""
     if _on_cuda(model):
         return {"run_batch": partial(forward_batch, model), "prepare": partial(prepare_batch, model)}
-    if lanes > 1:
-        from app.accel import ThreadShare
-
-        return {"run_batch": partial(_run_batch_shared, model, ThreadShare(threads))}
+    if share is not None:
+        return {"run_batch": partial(_run_batch_shared, model, share)}
     return {"run_batch": partial(run_batch, model)}
 
 

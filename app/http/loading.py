@@ -132,18 +132,26 @@ async def load_all(state: ServerState, loader: Loader, on_fatal: Callable[[str],
             on_fatal(message)
 
 
+def thread_share(state: ServerState):  # type: ignore[no-untyped-def]
+    """The one `ThreadShare` of this process: every model's lanes share the forward's threads."""
+    if state.thread_share is None:
+        from app.accel import ThreadShare
+
+        state.thread_share = ThreadShare(state.settings.forward_threads)
+    return state.thread_share
+
+
 async def load_one(state: ServerState, p: Planned, loader: Loader, models_dir: Path) -> ServedModel:
     settings, metrics = state.settings, state.metrics
     started = time.monotonic()
     model = await asyncio.to_thread(loader, p.spec, settings, models_dir)
     device = getattr(getattr(model, "device", None), "type", "cpu")
     max_batch = settings.batch_size_for(device)
-    threads = settings.forward_threads
-    lanes = forward_lanes(model, threads, settings.lanes)
+    lanes = forward_lanes(model, settings.forward_threads, settings.lanes)
     if settings.lanes is not None and lanes != settings.lanes:
         log.warning("model %s: --lanes applies on a CPU without torch.compile only; 1 lane", p.name)
     batcher = Batcher(
-        **batch_steps(model, lanes, threads),
+        **batch_steps(model, thread_share(state) if lanes > 1 else None),
         name=p.name,
         max_batch_size=max_batch,
         max_wait_s=settings.max_wait_ms / 1000.0,

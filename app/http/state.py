@@ -57,6 +57,7 @@ class ServerState:
     draining: bool = False
     load_error: str | None = None
     inflight: int = 0  # HTTP requests being answered
+    thread_share: Any = None  # app.accel.ThreadShare: the forward's threads, shared by every model's CPU lanes
     on_drain: list[Callable[[], None]] = field(default_factory=list)
 
     @property

@@ -89,6 +89,26 @@ def test_two_lanes_run_two_forwards_at_once_and_answer_as_one_lane_does(checkpoi
         assert [p["score"] for p in a] == pytest.approx([p["score"] for p in b], abs=1e-5)
 
 
+def test_the_lanes_of_two_models_share_one_set_of_threads(checkpoints, pngs):
+    threads = settings_for(checkpoints).forward_threads
+    if threads < 2:
+        pytest.skip("needs two or more intra-op threads to share")
+    created = []
+    app = create_app(settings_for(checkpoints, "tiny", "other", lanes=2), loader=wrapping_loader(created, delay=0.3))
+
+    async def main():
+        async with serve(app) as client:
+            for model in created:
+                model.forwards.clear()
+            urls = ["/v1/classify?model=tiny", "/v1/classify?model=other&top_k=3"]
+            answers = await asyncio.gather(*(classify(client, pngs[0], url) for url in urls))  # one each, at once
+            return [r.status_code for r in answers]
+
+    assert asyncio.run(main()) == [200, 200]
+    (a,), (b,) = (m.forwards for m in created)  # one forward per model, each alone in its own batcher
+    assert sorted([a[1], b[1]]) == [threads // 2, threads]  # the second to start got half: one set of threads
+
+
 def test_a_burst_beyond_max_queue_gets_503_with_retry_after_and_nothing_else_fails(checkpoints, pngs):
     settings = settings_for(checkpoints, "tiny", max_queue=4, max_images_per_request=2, max_batch_size=2)
     app = create_app(settings, loader=wrapping_loader(delay=0.1))
