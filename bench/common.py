@@ -73,13 +73,26 @@ def random_state_dict(shape: str, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def write_native_checkpoint(shape: str, folder: str | Path, seed: int = 0, name: str = "model") -> Path:
-    """A native vitserve checkpoint with random weights (ImageNet-style preprocessing) in `folder`."""
+    """A native vitserve checkpoint with random weights (ImageNet-style preprocessing) in `folder`; shape `micro`:
+    a one-block ViT on 32x32 inputs, whose forward costs next to nothing (to time the server around a model)."""
     from app.checkpoints import native
     from app.preprocess import PreprocessConfig
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.safetensors"
+    if shape == "micro":
+        import torch
+
+        from app.model import VisionTransformer, ViTConfig
+
+        torch.manual_seed(seed)
+        cfg = ViTConfig(
+            image_size=(32, 32), patch_size=16, embed_dim=32, depth=1, num_heads=2, mlp_dim=64, num_classes=10
+        )
+        pre = PreprocessConfig.from_dict({"resize": 32, "crop": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3})
+        native.save(path, cfg, VisionTransformer(cfg).state_dict(), pre, [f"class_{i}" for i in range(10)])
+        return path
     preprocess = PreprocessConfig.from_dict(
         {
             "resize": 248,

@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pid", type=int, default=None, help="with --url: the server's pid, for its memory")
     p.add_argument("--device", default="cpu", help="for --spawn: cpu, cuda, auto")
     p.add_argument("--dtype", default=None, help="for --spawn: default float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--shape", default="s16", help="for --spawn: ti16, s16, b16")
+    p.add_argument(
+        "--shape", default="s16", help="for --spawn: ti16, s16, b16, or micro (the server around a free model)"
+    )
     p.add_argument("--compile", default="auto", help="for --spawn: the server's --compile (off, auto, on)")
     p.add_argument("--max-batch-size", type=int, default=None, help="for --spawn")
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for the spawned server (repeat)")

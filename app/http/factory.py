@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -48,6 +49,7 @@ def create_app(
             for served in state.models.values():
                 await served.batcher.stop()
             state.decoder.close()
+            gc.unfreeze()  # what start-up froze (loading.keep_out_of_garbage_collection) can be collected again
 
     app = FastAPI(
         title="vitserve",

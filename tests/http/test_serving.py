@@ -109,6 +109,23 @@ def test_the_lanes_of_two_models_share_one_set_of_threads(checkpoints, pngs):
     assert sorted([a[1], b[1]]) == [threads // 2, threads]  # the second to start got half: one set of threads
 
 
+def test_start_up_objects_are_kept_out_of_garbage_collection_while_serving(checkpoints, pngs):
+    import gc
+
+    app = create_app(settings_for(checkpoints, "tiny"))
+
+    async def main():
+        async with serve(app) as client:
+            frozen = gc.get_freeze_count()
+            status = (await classify(client, pngs[0])).status_code
+        return frozen, status
+
+    frozen, status = asyncio.run(main())
+    assert status == 200
+    assert frozen > 10_000  # torch, the model, the app: the full collections no longer walk them
+    assert gc.get_freeze_count() == 0  # given back at shutdown
+
+
 def test_a_burst_beyond_max_queue_gets_503_with_retry_after_and_nothing_else_fails(checkpoints, pngs):
     settings = settings_for(checkpoints, "tiny", max_queue=4, max_images_per_request=2, max_batch_size=2)
     app = create_app(settings, loader=wrapping_loader(delay=0.1))
