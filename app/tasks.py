@@ -215,7 +215,7 @@ def forward_lanes(model, threads: int, requested: int | None = None) -> int:  # 
 
     On a CPU, two forwards with half the threads each get through more images than one with all of them: the
     threads of one forward meet at a barrier some hundred times a forward, and every time the decoding, the
-    HTTP side or anything else preempts one of them, the others wait (bench/results/README.md, "Lanes"). One
+    HTTP side or anything else preempts one of them, the others wait (bench/results/README.md, fourth session). One
     lane on a GPU (one stream; CUDA graphs replay from shared buffers), under `torch.compile` (inductor fixes its
     kernels' thread count when it compiles them) and where torch's thread count is not per thread.
     """
@@ -223,7 +223,11 @@ def forward_lanes(model, threads: int, requested: int | None = None) -> int:  # 
 
     if _on_cuda(model) or not per_thread_intra_op():
         return 1
-    if resolve_strategy(getattr(model, "compile_mode", "off"), torch.device("cpu")) not in ("eager", "onednn"):
+    try:
+        strategy = resolve_strategy(getattr(model, "compile_mode", "off"), torch.device("cpu"))
+    except ValueError:  # a mode this CPU cannot build: the model's warm-up reports it
+        return 1
+    if strategy not in ("eager", "onednn"):
         return 1
     if requested is not None:
         return requested
