@@ -298,16 +298,21 @@ class Watcher:
 
     peak_rss_mib: the server process itself; peak_tree_pss_mib: its process tree (decode pools, LitServe's
     workers) by proportional set size, so pages shared between the processes are not counted twice.
+    main_thread_cpu_s: CPU time of the server's main thread during the load (Linux): uvicorn's event loop,
+    where the HTTP side of every request runs.
     """
 
     def __init__(self, pid: int | None, gpu: bool, interval_s: float = 0.25):
         self.pid, self.gpu, self.interval_s = pid, gpu and shutil.which("nvidia-smi") is not None, interval_s
         self.peak_rss = self.peak_pss = self.peak_gpu_mib = 0
+        self._cpu_start: float | None = None
+        self._cpu: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def __enter__(self) -> Watcher:
         self.peak_rss = self.peak_pss = self.peak_gpu_mib = 0
+        self._cpu_start = main_thread_cpu_s(self.pid) if self.pid else None
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -316,12 +321,16 @@ class Watcher:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        end = main_thread_cpu_s(self.pid) if self.pid else None
+        self._cpu = None if end is None or self._cpu_start is None else end - self._cpu_start
 
     def report(self) -> dict:
         out = {}
         if self.pid:
             out["peak_rss_mib"] = round(self.peak_rss / 2**20, 1)
             out["peak_tree_pss_mib"] = round(self.peak_pss / 2**20, 1)
+            if self._cpu is not None:
+                out["main_thread_cpu_s"] = round(self._cpu, 3)
         if self.gpu:
             out["peak_gpu_used_mib"] = self.peak_gpu_mib
         return out
@@ -336,6 +345,15 @@ class Watcher:
                 self.peak_gpu_mib = max(self.peak_gpu_mib, gpu_used_mib())
                 last_gpu = time.time()
             self._stop.wait(self.interval_s)
+
+
+def main_thread_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process's main thread (its thread id is its pid); None off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
 
 
 def memory_of(pid: int) -> tuple[int, int]:

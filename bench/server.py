@@ -217,6 +217,8 @@ def run_matrix(
         with Watcher(pid, args.cuda) as w:
             row = run_load(load)
         row.update(w.report())
+        if row.get("main_thread_cpu_s") is not None and row["ok"]:
+            row["main_thread_cpu_ms_per_request"] = round(row["main_thread_cpu_s"] * 1000 / row["ok"], 3)
         row.update({"server": label, "image": size, "jpeg_bytes": len(jpeg), "loadavg": os.getloadavg()[0]})
         if between is not None:
             raw_after = between()
@@ -281,7 +283,8 @@ def print_row(r: dict) -> None:
 
 
 def table_rows(rows: list[dict]) -> str:
-    cols = ["server", "image", "x", "c", "img/s", "req/s", "p50", "p90", "p99", "errors", "rss MiB", "pss MiB", "load"]
+    cols = ["server", "image", "x", "c", "img/s", "req/s", "p50", "p90", "p99", "errors", "rss MiB", "pss MiB"]
+    cols += ["loop ms/req", "load"]
     if any("server_over_raw" in r for r in rows):
         cols += ["raw img/s", "server/raw"]
     if any("server_over_raw_lanes" in r for r in rows):
@@ -300,6 +303,7 @@ def table_rows(rows: list[dict]) -> str:
             "errors": r["errors"] or "-",
             "rss MiB": r.get("peak_rss_mib"),
             "pss MiB": r.get("peak_tree_pss_mib"),
+            "loop ms/req": r.get("main_thread_cpu_ms_per_request"),
             "load": round(r["loadavg"], 2),
             "raw img/s": r.get("raw_images_per_s"),
             "server/raw": r.get("server_over_raw"),

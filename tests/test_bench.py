@@ -108,6 +108,26 @@ def test_raw_windows_time_the_forward_alone_and_as_the_servers_lanes_run_it(tmp_
         assert "lanes_images_per_s" not in window
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_main_thread_cpu_counts_the_main_thread_only():
+    from bench.loadgen import main_thread_cpu_s
+
+    def spin(seconds: float) -> None:
+        end = time.process_time() + seconds
+        while time.process_time() < end:
+            pass
+
+    start = main_thread_cpu_s(os.getpid())
+    worker = threading.Thread(target=spin, args=(0.3,))
+    worker.start()
+    worker.join()
+    after_worker = main_thread_cpu_s(os.getpid())
+    spin(0.3)
+    after_main = main_thread_cpu_s(os.getpid())
+    assert after_worker - start < 0.15  # another thread's work is not counted
+    assert after_main - after_worker > 0.2
+
+
 def test_the_prebuilt_multipart_body_is_read_as_the_images_it_holds():
     """The load generator encodes its body once; a real multipart parser (Starlette's) must read every image."""
     from starlette.applications import Starlette

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-from typing import Annotated, Literal
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
+from fastapi.routing import APIRoute
 from PIL import Image
 from starlette.responses import Response
 
@@ -23,9 +25,7 @@ from app.preprocess import seen_region
 from app.tasks import AttentionDistance, AttentionMap, Classify, Embed, Predictions
 
 
-# The dependencies are `async def` on purpose: FastAPI runs a plain `def` dependency on a worker thread, two
-# thread hops per request that cost the event loop more than the checks themselves.
-async def require_api_key(request: Request) -> None:
+def require_api_key(request: Request) -> None:
     """With --api-key, every /v1 request needs `Authorization: Bearer <key>` (compared in constant time)."""
     key = state_of(request).settings.api_key
     if not key:
@@ -40,13 +40,29 @@ async def require_api_key(request: Request) -> None:
         )
 
 
-async def require_ready(request: Request) -> None:
+def require_ready(request: Request) -> None:
     state = state_of(request)
     if not state.accepting:
         raise ApiError(503, "not_ready", state.not_ready_reason(), headers={"Retry-After": "1"})
 
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key), Depends(require_ready)])
+class CheckedRoute(APIRoute):
+    """A /v1 route that checks the API key, then readiness, before FastAPI reads its parameters. Plain calls
+    rather than router dependencies: FastAPI solves each dependency much as it solves a route, and on the event
+    loop that cost as much as the rest of our request handling (bench/results/README.md, fourth session)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Response:
+            require_api_key(request)
+            require_ready(request)
+            return await handler(request)
+
+        return checked
+
+
+router = APIRouter(prefix="/v1", route_class=CheckedRoute)
 
 ModelName = Annotated[str | None, Query(description="a loaded model's name (default: the default model)")]
 Format = Annotated[Literal["json", "png"], Query(description="json, or png (one image only)")]

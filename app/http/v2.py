@@ -109,7 +109,14 @@ def _path_shaped(v1_handler):  # type: ignore[no-untyped-def]
 router = APIRouter(prefix="/v2", route_class=V2Route, tags=["v2"])
 Name = Annotated[str, Path(description="a loaded model's name")]
 Version = Annotated[str, Path(description="the model's version (always 1)")]
-protected = [Depends(require_api_key), Depends(require_ready)]
+
+
+async def _checked(request: Request) -> None:  # async: FastAPI runs a plain `def` dependency on a worker thread
+    require_api_key(request)
+    require_ready(request)
+
+
+protected = [Depends(_checked)]
 
 
 # -- server ----------------------------------------------------------------------------------------------
