@@ -26,7 +26,19 @@ class ServedModel:
 
     @property
     def info(self) -> dict:
-        return {"name": self.name, **self.model.info}
+        """The ModelInfo of API.md, and (beyond it) how this server runs the model."""
+        return {"name": self.name, **self.model.info, "serving": self.serving}
+
+    @property
+    def serving(self) -> dict:
+        b = self.batcher
+        return {
+            "max_batch_size": b.max_batch_size,
+            "max_wait_ms": b.max_wait_s * 1000.0,
+            "max_queue": b.max_queue,
+            "lanes": b.lanes,  # forwards at once (app.tasks.forward_lanes)
+            "fast_path": getattr(self.model, "accel_strategy", "eager"),  # app.accel: onednn, cudagraph, ...
+        }
 
     @property
     def config(self) -> Any:

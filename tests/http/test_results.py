@@ -198,6 +198,9 @@ def test_model_info(client, checkpoints):
     assert info["preprocess"]["crop"] == [32, 32] and info["preprocess"]["interpolation"] == "bicubic"
     assert len(info["preprocess"]["mean"]) == len(info["preprocess"]["std"]) == 3
     assert client.get("/v1/models/headless").json()["num_classes"] == 0
+    serving = info["serving"]  # beyond the contract: how the server runs the model
+    assert (serving["max_batch_size"], serving["max_queue"]) == (8, 256)  # the CPU's defaults
+    assert serving["lanes"] in (1, 2) and serving["fast_path"] in ("eager", "onednn")
 
 
 def test_health_readiness_and_docs(client):

@@ -73,6 +73,7 @@ def test_two_lanes_run_two_forwards_at_once_and_answer_as_one_lane_does(checkpoi
                 created[0].forwards.clear()  # forget the warm-up
                 created[0].most_at_once = 0
                 got = await asyncio.gather(*(classify(client, pngs[i % 4], "/v1/classify?top_k=10") for i in range(8)))
+                assert (await client.get("/v1/models/tiny")).json()["serving"]["lanes"] == lanes
                 return [r.json()["results"][0]["predictions"] for r in got]
 
         return asyncio.run(main()), created[0]
