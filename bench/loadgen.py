@@ -299,7 +299,8 @@ class Watcher:
     peak_rss_mib: the server process itself; peak_tree_pss_mib: its process tree (decode pools, LitServe's
     workers) by proportional set size, so pages shared between the processes are not counted twice.
     main_thread_cpu_s: CPU time of the server's main thread during the load (Linux): uvicorn's event loop,
-    where the HTTP side of every request runs.
+    where the HTTP side of every request runs. With `--workers` the pid is the supervisor's, whose main thread
+    serves no request: the figure then says nothing about the workers.
     """
 
     def __init__(self, pid: int | None, gpu: bool, interval_s: float = 0.25):

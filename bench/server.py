@@ -135,7 +135,7 @@ class RawForward:
         self.windows: list[dict] = []  # every measurement, in order
         self.model = load_model(str(ckpt), device=args.device, dtype=args.dtype, compile=args.compile)
         self.build = self.model.warmup([self.batch])
-        self.x = torch.randn(self.batch, 3, 224, 224, device=self.model.device)
+        self.x = torch.randn(self.batch, 3, *self.model.config.image_size, device=self.model.device)  # micro: 32x32
         self.threads = torch.get_num_threads()
         self.lanes = forward_lanes(self.model, self.threads)  # what the spawned server runs by default
 
