@@ -145,13 +145,18 @@ class Model:
         self.labels = ckpt.labels if len(ckpt.labels) == n else [f"class_{i}" for i in range(n)]
         self.sha256 = file_sha256(ckpt.weights_path)
         self.compile_mode = compile  # app.accel: off, auto, on (or a strategy name)
-        self._fast = None  # the accelerated fast path, built by warmup()
+        self._fast = None  # the accelerated fast path, set up by accelerate() or warmup()
 
-    def warmup(self, batch_sizes: Sequence[int] | int) -> dict[int, float]:
-        """Build the fast path for these batch sizes (compile / capture each bucket); seconds per bucket."""
+    def accelerate(self, batch_sizes: Sequence[int] | int) -> None:
+        """Set up the fast path for these batch sizes; each bucket is built (compiled / captured) on first use."""
         from app.accel import accelerate
 
         self._fast = accelerate(self.net, self.device, self.dtype, batch_sizes, self.compile_mode)
+
+    def warmup(self, batch_sizes: Sequence[int] | int) -> dict[int, float]:
+        """Set up the fast path and build every bucket now (compile / capture each); seconds per bucket."""
+        self.accelerate(batch_sizes)
+        assert self._fast is not None
         return self._fast.warmup()
 
     @property

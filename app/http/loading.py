@@ -176,6 +176,8 @@ async def load_one(state: ServerState, p: Planned, loader: Loader, models_dir: P
     try:
         if settings.warmup:
             await batcher.call(warm_up, model, max_batch, settings.jpeg_decoder)
+        elif hasattr(model, "accelerate"):  # no warm-up, but still the fast path: its buckets built on first use
+            await batcher.call(model.accelerate, warmup_sizes(max_batch))
     except BaseException:
         await batcher.stop()
         raise

@@ -127,6 +127,26 @@ def test_start_up_objects_are_kept_out_of_garbage_collection_while_serving(check
     assert gc.get_freeze_count() == 0  # given back at shutdown
 
 
+def test_without_warm_up_the_fast_path_still_serves(checkpoints, pngs):
+    from app.accel import has_onednn_linear
+
+    def classify_with(warmup: bool):
+        app = create_app(settings_for(checkpoints, "tiny", warmup=warmup))
+
+        async def main():
+            async with serve(app) as client:
+                answer = (await classify(client, pngs[0], "/v1/classify?top_k=10")).json()
+                return answer["results"][0]["predictions"], (await client.get("/v1/models/tiny")).json()["serving"]
+
+        return asyncio.run(main())
+
+    cold, cold_serving = classify_with(False)
+    warm, warm_serving = classify_with(True)
+    assert cold_serving["fast_path"] == warm_serving["fast_path"] == ("onednn" if has_onednn_linear() else "eager")
+    assert [p["index"] for p in cold] == [p["index"] for p in warm]
+    assert [p["score"] for p in cold] == pytest.approx([p["score"] for p in warm], abs=1e-5)
+
+
 def test_a_burst_beyond_max_queue_gets_503_with_retry_after_and_nothing_else_fails(checkpoints, pngs):
     settings = settings_for(checkpoints, "tiny", max_queue=4, max_images_per_request=2, max_batch_size=2)
     app = create_app(settings, loader=wrapping_loader(delay=0.1))
