@@ -7,7 +7,8 @@ model's dtype on its device -> (tokens, logits or None), the same function as
 - `eager`: the module as it is (what `mode="off"` gives; also the fallback when a speed-up cannot be built).
 - `onednn` (CPU): the same modules, but every linear layer runs through oneDNN with its weight pre-packed once,
   the MLP's exact GELU fused into its first linear layer and each residual addition into the layer before it.
-  No compiling: ready in well under a second.
+  No compiling: ready in well under a second. The attention path (forwards that return the weights) runs on
+  these layers too (`Accelerated.attention_net`); under the other strategies it runs on the module as it is.
   Measured here (AMD EPYC, AVX-512): eager PyTorch sends float32 linears to MKL, which runs these shapes about
   25-35% slower than oneDNN on this CPU; ONNX Runtime's own GEMMs are as fast as oneDNN's (bench/cpu_variants.py).
 - `compile` (CPU): `torch.compile` with inductor and freezing (weights become constants and are pre-packed).
@@ -199,6 +200,12 @@ class Accelerated:
         logits = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         return tokens, logits
 
+    @property
+    def attention_net(self) -> nn.Module:
+        """The module for forwards that return attention weights, which the buckets do not cover: the oneDNN copy
+        under `onednn`, the served module itself under every other strategy."""
+        return self.fast.net
+
     def warmup(self) -> dict[int, float]:
         """Build every bucket, largest first (CUDA graphs then share one memory pool); seconds per bucket.
 
@@ -310,16 +317,17 @@ class OneDNNLinear(nn.Module):
 
 class OneDNNBlock(nn.Module):
     """A transformer `Block` whose two residual additions ride on the output projections (`OneDNNLinear.plus`):
-    two passes over the activations, and two parallel regions, fewer per block. Fast path only (no weights)."""
+    two passes over the activations, and two parallel regions, fewer per block. Returns the attention weights
+    when asked, as `Block` does, so the attention path runs on these layers too."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
         self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
 
-    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, None]:
-        out, _ = self.attn.attend(self.norm1(x))
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out, weights = self.attn.attend(self.norm1(x), need_weights)
         x = self.attn.proj.plus(out, x)
-        return self.mlp.fc2.plus(self.mlp.fc1(self.norm2(x)), x), None  # fc1 carries the fused GELU
+        return self.mlp.fc2.plus(self.mlp.fc1(self.norm2(x)), x), weights  # fc1 carries the fused GELU
 
 
 def onednn_copy(net: nn.Module, rows_hint: int) -> nn.Module:
@@ -327,7 +335,7 @@ def onednn_copy(net: nn.Module, rows_hint: int) -> nn.Module:
     additions into the projections before them).
 
     The copy holds packed weights instead of the linear layers' own; the other parameters are copied too
-    (small: norms, embeddings, the patch projection). `net` itself is left as it is (the attention path uses it).
+    (small: norms, embeddings, the patch projection). `net` itself is left as it is.
     """
     import copy
 

@@ -26,15 +26,16 @@ def cls_attention(attentions: list[torch.Tensor], layer: int = -1, head: int | N
 def rollout(attentions: list[torch.Tensor]) -> torch.Tensor:
     """(B, N) attention rollout (Abnar & Zuidema, 2020): class-token row of A_L ... A_1 over patches,
 
-    where A_l is the head-mean attention plus the identity, rows renormalised to sum to one.
+    where A_l is the head-mean attention plus the identity, rows renormalised to sum to one. Only that one row is
+    wanted, so it is carried from the last layer down as a row vector, e_cls A_L ... A_1: T^2 work a layer, not T^3.
     """
-    result = None
-    for weights in attentions:  # first layer to last
+    row = None
+    for weights in reversed(attentions):  # last layer first
         a = weights.float().mean(dim=1)  # (B, T, T)
         a = a + torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
         a = a / a.sum(dim=-1, keepdim=True)
-        result = a if result is None else a @ result  # later layers multiply from the left
-    return normalize_max(result[:, 0, 1:])
+        row = a[:, :1] if row is None else row @ a  # (B, 1, T)
+    return normalize_max(row[:, 0, 1:])
 
 
 def patch_centres(grid: tuple[int, int], patch_size: int, device: torch.device | None = None) -> torch.Tensor:

@@ -191,9 +191,10 @@ class Model:
             tokens, logits = self._fast(x)
             maps = None
         else:
-            features = self.net.forward_features(x, attentions=attentions)
+            net = self._fast.attention_net if self._fast is not None else self.net
+            features = net.forward_features(x, attentions=attentions)
             tokens, maps = features.tokens, features.attentions
-            logits = self.net.forward_head(tokens)
+            logits = net.forward_head(tokens)
         tokens = tokens.float()
         return Output(
             logits=logits.float() if logits is not None else None,

@@ -29,6 +29,18 @@ def tiny_vit(num_classes: int = 10, seed: int = 0) -> VisionTransformer:
     return net.eval()
 
 
+def tiny_checkpoint(tmp_path, num_classes: int = 5, seed: int = 1) -> str:
+    """`tiny_vit` saved as a native checkpoint, for the tests that load it through the engine."""
+    from app.checkpoints import native
+    from app.preprocess import PreprocessConfig
+
+    net = tiny_vit(num_classes=num_classes, seed=seed)
+    pre = PreprocessConfig.from_dict({"resize": [32, 32], "crop": None, "mean": [0.5] * 3, "std": [0.5] * 3})
+    path = tmp_path / "tiny.safetensors"
+    native.save(path, net.cfg, net.state_dict(), pre, [f"c{i}" for i in range(num_classes)])
+    return str(path)
+
+
 def eager(net: VisionTransformer, x: torch.Tensor):
     with torch.inference_mode():
         tokens = net.forward_features(x).tokens
@@ -111,6 +123,29 @@ def test_onednn_matches_eager_at_any_batch_size(num_classes):
 
 
 @needs_onednn
+def test_onednn_attention_path_gives_the_eager_maps_and_logits(tmp_path):
+    from app.engine import load_model
+
+    path = tiny_checkpoint(tmp_path, seed=2)
+    plain = load_model(path, device="cpu", dtype="float32")
+    fast = load_model(path, device="cpu", dtype="float32", compile="auto")
+    fast.warmup(4)
+    assert fast.accel_strategy == "onednn"
+    ran = []  # the attention path runs on the oneDNN copy, not on the served module's own layers
+    fast._fast.attention_net.blocks[0].register_forward_hook(lambda *_: ran.append("onednn"))
+    fast.net.blocks[0].register_forward_hook(lambda *_: ran.append("eager"))
+
+    x = torch.randn(3, 3, 32, 32)
+    want, got = plain(x, attentions=True), fast(x, attentions=True)
+    assert ran == ["onednn"]
+    torch.testing.assert_close(got.logits, want.logits, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got.tokens, want.tokens, atol=ATOL, rtol=RTOL)
+    assert len(got.attentions) == 2
+    for g, w in zip(got.attentions, want.attentions, strict=True):
+        torch.testing.assert_close(g, w, atol=ATOL, rtol=RTOL)
+
+
+@needs_onednn
 def test_onednn_bfloat16_close_to_float32():
     net = tiny_vit()
     x = torch.randn(3, 3, 32, 32)
@@ -164,20 +199,14 @@ def test_padding_rows_do_not_change_real_rows(compiled):
 
 @needs_cxx
 def test_engine_warmup_uses_the_compiled_path_and_keeps_attentions(tmp_path):
-    from app.checkpoints import native
     from app.engine import load_model
-    from app.preprocess import PreprocessConfig
 
-    net = tiny_vit(num_classes=5, seed=1)
-    pre = PreprocessConfig.from_dict({"resize": [32, 32], "crop": None, "mean": [0.5] * 3, "std": [0.5] * 3})
-    path = tmp_path / "tiny.safetensors"
-    native.save(path, net.cfg, net.state_dict(), pre, [f"c{i}" for i in range(5)])
-
-    plain = load_model(str(path), device="cpu", dtype="float32")
-    auto = load_model(str(path), device="cpu", dtype="float32", compile="auto")
+    path = tiny_checkpoint(tmp_path)
+    plain = load_model(path, device="cpu", dtype="float32")
+    auto = load_model(path, device="cpu", dtype="float32", compile="auto")
     auto.warmup(4)
     assert auto.accel_strategy == ("onednn" if accel.has_onednn_linear() else "eager")
-    fast = load_model(str(path), device="cpu", dtype="float32", compile="on")
+    fast = load_model(path, device="cpu", dtype="float32", compile="on")
     assert fast.accel_strategy == "eager"
     seconds = fast.warmup([1, 2])
     assert sorted(seconds) == [1, 2]
@@ -298,17 +327,12 @@ def _slot_alone(share):
 
 
 def test_forward_lanes_two_on_a_cpu_one_on_a_gpu_or_under_compile(tmp_path):
-    from app.checkpoints import native
     from app.engine import load_model
-    from app.preprocess import PreprocessConfig
     from app.tasks import forward_lanes
 
-    net = tiny_vit(num_classes=5)
-    pre = PreprocessConfig.from_dict({"resize": [32, 32], "crop": None, "mean": [0.5] * 3, "std": [0.5] * 3})
-    path = tmp_path / "tiny.safetensors"
-    native.save(path, net.cfg, net.state_dict(), pre, [f"c{i}" for i in range(5)])
-    auto = load_model(str(path), compile="auto")
-    compiled = load_model(str(path), compile="on")
+    path = tiny_checkpoint(tmp_path, seed=0)
+    auto = load_model(path, compile="auto")
+    compiled = load_model(path, compile="on")
     if accel.per_thread_intra_op():
         assert forward_lanes(auto, threads=2) == 2
         assert forward_lanes(auto, threads=8, requested=3) == 3
