@@ -301,15 +301,20 @@ def _embed(model, out, index: list[int], tasks: list[Embed]) -> list[np.ndarray]
     return list(rows.cpu().numpy())
 
 
+def _rows(maps: list[torch.Tensor], index: list[int]) -> list[torch.Tensor]:
+    """Each layer's attention at the batch rows `index`; the maps themselves when that is every row in order (the
+    usual batch, of one kind of request), since a copy of every layer's maps costs a few percent of the forward."""
+    return maps if index == list(range(maps[0].shape[0])) else [a[index] for a in maps]
+
+
 def _attention_map(model, out, index: list[int], tasks: list[AttentionMap]) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
     grid = tuple(model.config.grid)
-    attns = [a[index] for a in out.attentions]
     maps: list[torch.Tensor | None] = [None] * len(tasks)
     by_kind: dict[tuple, list[int]] = defaultdict(list)
     for j, t in enumerate(tasks):
         by_kind[(t.method, t.layer, t.head) if t.method == "cls" else ("rollout",)].append(j)
     for kind, js in by_kind.items():
-        sub = [a[js] for a in attns]
+        sub = _rows(out.attentions, [index[j] for j in js])
         heat = analysis.rollout(sub) if kind[0] == "rollout" else analysis.cls_attention(sub, kind[1], kind[2])
         for j, h in zip(js, heat, strict=True):
             maps[j] = h
@@ -318,7 +323,7 @@ def _attention_map(model, out, index: list[int], tasks: list[AttentionMap]) -> l
 
 
 def _attention_distance(model, out, index: list[int], tasks: list[AttentionDistance]) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
-    attns = [a[index] for a in out.attentions]
+    attns = _rows(out.attentions, index)
     dist = analysis.attention_distance(attns, tuple(model.config.grid), model.config.patch_size)
     return list(dist.float().cpu().numpy())
 
@@ -336,7 +341,7 @@ def _tensors(model, out, index: list[int], tasks: list[Tensors]) -> list[dict[st
         computed["embedding"] = out.embedding[index].float().cpu().numpy()
     rows = [j for j, t in enumerate(tasks) if "attention_rollout" in t.outputs]
     if rows:  # as /v1/attention?method=rollout: only the rows that asked for it
-        attns = [a[index][rows] for a in out.attentions]
+        attns = _rows(out.attentions, [index[j] for j in rows])
         heat = analysis.rollout(attns).reshape(len(rows), *model.config.grid).float().cpu().numpy()
         computed["attention_rollout"] = np.zeros((len(tasks), *heat.shape[1:]), np.float32)
         computed["attention_rollout"][rows] = heat

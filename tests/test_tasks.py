@@ -1,0 +1,43 @@
+"""app.tasks: a batch of mixed requests answers each one as it would be answered alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.engine import load_model
+from app.tasks import ATTENTION, AttentionDistance, AttentionMap, Item, Tensors, batch_key, run_batch
+
+
+@pytest.fixture
+def model(tiny_checkpoint, perturb):
+    loaded = load_model(str(tiny_checkpoint / "model.safetensors"), device="cpu", dtype="float32", compile="auto")
+    perturb(loaded.net)  # an untrained head and embeddings would give near-uniform attention everywhere
+    loaded.warmup(8)
+    return loaded
+
+
+def test_a_mixed_attention_batch_answers_each_item_as_alone(model):
+    h, w = model.preprocess_config.output_size
+    rng = np.random.default_rng(0)
+    tasks = [
+        AttentionMap("rollout"),
+        AttentionMap("cls", layer=0, head=1),
+        AttentionDistance(),
+        Tensors(("logits", "attention_rollout")),
+        AttentionMap("cls", layer=-1, head=None),
+        AttentionMap("rollout"),
+    ]
+    items = [Item(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), t) for t in tasks]
+    assert {batch_key(item) for item in items} == {ATTENTION}  # the batcher would put them in one batch
+    together = run_batch(model, items)
+    for item, got in zip(items, together, strict=True):
+        (alone,) = run_batch(model, [item])
+        if isinstance(alone, dict):
+            assert got.keys() == alone.keys()
+            for name in alone:
+                np.testing.assert_allclose(got[name], alone[name], atol=1e-5, rtol=1e-4)
+        else:
+            np.testing.assert_allclose(got, alone, atol=1e-5, rtol=1e-4)
+    # and the items really differ, so an answer given to the wrong row would show
+    assert not np.allclose(together[0], together[5], atol=1e-3)
