@@ -10,7 +10,8 @@
 #   GPU_SH_ONLY="server server-workers-4 server-attention" GPU_SH_BUDGET=200 bash bench/gpu.sh
 #
 # Each step has its own time limit and writes its own JSON, so a step that fails or overruns costs only itself.
-# Order: most important first (the CUDA tests, the engine eager and compiled, the server and its variants, the peers).
+# Order: most important first (the CUDA tests, the engine eager and compiled, the server and its variants, the peers;
+# last, the box's CPU with one, two and four forward lanes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -51,6 +52,7 @@ if [ "$SMOKE" = 1 ]; then
   DEV=cpu DTYPE=float32 SHAPE=ti16 SECS=2 RAW_BATCHES=1,2 RAW_COMPILE_BATCHES=1 CONC=1,2 MB=4 PROCS=1 DECODE=1
   SERVER_LOADS=640x480:1:1,640x480:4:2,4000x3000:1:2 RAW_IMPLS=ours,hf,timm COMPILE_IMPLS=ours-accel MODE=off
   JPEG_SIZES=64x48 VARIANT_LOADS=640x480:1:2,640x480:4:2 ATTENTION_LOADS=640x480:1:2 WORKERS=2
+  CPU_SHAPE=ti16 CPU_LOADS=640x480:1:2 MODE_CPU=off
 else
   # the issue's targets first: single images at c=1 and c=256, 32-image requests at c=16 (512 images in
   # flight: one process's queue of 256 sheds some); then 32-image requests at c=4 (128 in flight, nothing shed:
@@ -59,7 +61,7 @@ else
   MB=64 PROCS=4 DECODE=10 SERVER_LOADS=640x480:1:1,640x480:1:256,640x480:32:16,640x480:32:4,4000x3000:1:64
   RAW_IMPLS=ours,ours-accel,hf,timm COMPILE_IMPLS=ours-accel,timm-compile MODE=auto
   JPEG_SIZES=640x480,4000x3000 VARIANT_LOADS=640x480:1:256,640x480:32:16 ATTENTION_LOADS=640x480:1:256,640x480:32:4
-  WORKERS=4
+  WORKERS=4 CPU_SHAPE=s16 CPU_LOADS=640x480:1:16,640x480:32:2 MODE_CPU=auto
 fi
 
 echo "== environment"
@@ -108,6 +110,14 @@ step peers 170 "$PY" -m bench.peers --device "$DEV" --dtype "$DTYPE" --shape "$S
 # 7. --jpeg-decoder torchvision (nvJPEG) against pil on real photos: pixels, logits, top-1 agreement, images/s
 step jpeg-decoders 60 "$PY" -m bench.jpeg_decoders --device "$DEV" --dtype "$DTYPE" --shape "$SHAPE" \
   --sizes "$JPEG_SIZES" --batch "$MB" --seconds 3 --out "$DEST/jpeg_decoders.json"
+
+# 8. the box's CPU (16 cores) with one, two and four forward lanes (--lanes), S/16 float32: the lanes were only ever
+# measured on a 2-core machine. Last: ask for it by name (GPU_SH_ONLY) when the budget allows.
+for lanes in 1 2 4; do
+  step "cpu-lanes-$lanes" 45 "$PY" -m bench.server --spawn --device cpu --dtype float32 --shape "$CPU_SHAPE" \
+    --compile "$MODE_CPU" --loads "$CPU_LOADS" --seconds "$SECS" --procs 1 --raw --raw-seconds 3 \
+    --server-arg=--lanes="$lanes" --out "$DEST/cpu-lanes-$lanes.json"
+done
 
 echo "== done in $(elapsed) s; results in $DEST"
 ls -la "$DEST"
