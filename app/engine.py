@@ -139,6 +139,10 @@ class Model:
         self.device = device
         self.dtype = dtype
         self.net = net.to(device=device, dtype=dtype)
+        if device.type == "cuda" and dtype == torch.float32:
+            # float32 means float32: cuDNN runs convolutions (the patch projection) in TF32 unless told not to
+            # (matmuls are float32 by default), which would put the logits ~1e-3 away from the CPU and the libraries
+            torch.backends.cudnn.allow_tf32 = False
         self.preprocess_config = preprocess_for_size(ckpt.preprocess, self.config.image_size)
         self.normalizer = Normalizer(self.preprocess_config).to(device)
         n = self.config.num_classes

@@ -125,9 +125,10 @@ def test_device_and_dtype_choices(tiny_checkpoint):
 def test_cuda_matches_cpu(tiny_checkpoint, pixels):
     exact = app.load_model(str(tiny_checkpoint))(pixels, attentions=True)
     model = app.load_model(str(tiny_checkpoint), device="cuda", dtype="float32")
+    assert not torch.backends.cudnn.allow_tf32  # the patch projection in float32, not TF32
     out = model(pixels, attentions=True)
     assert out.logits.device.type == "cuda"
-    torch.testing.assert_close(out.logits.cpu(), exact.logits, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(out.logits.cpu(), exact.logits, atol=1e-4, rtol=1e-3)
     half = app.load_model(str(tiny_checkpoint), device="cuda", dtype="auto")(pixels)
     torch.testing.assert_close(half.logits.cpu(), exact.logits, atol=0.1, rtol=0.05)
 

@@ -97,7 +97,9 @@ def test_nvjpeg_batches_match_the_cpu_decoder_within_a_few_grey_levels():
         assert not errors and out.device.type == device
         results[device] = out.cpu()[np.argsort(rows)].to(torch.int16)
     diff = (results["cuda"] - results["cpu"]).abs()
-    assert diff.max() <= 8 and diff.float().mean() < 1.0  # nvJPEG's IDCT and chroma upsampling
+    # nvJPEG's IDCT and chroma upsampling: on the H200, bench.jpeg_decoders measured up to 13 grey levels apart at
+    # 640x480 (0.31 on average); a wrong channel order, crop or resize would move the mean by tens
+    assert diff.max() <= 16 and diff.float().mean() < 1.0
 
 
 @cuda
