@@ -18,7 +18,6 @@ reference to its request's body (at most `max-upload-bytes` each, held for the r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -167,23 +166,34 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def _guarded(request: Request, work, timeout: float) -> Outcome:  # type: ignore[no-untyped-def]
-    """Run `work` until it finishes, the deadline passes (504) or the client disconnects (dropped)."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_wait_disconnect(request))
+async def _guarded(request: Request, work: Awaitable[Outcome], timeout: float) -> Outcome:
+    """Run `work` until it finishes, the deadline passes (504) or the client disconnects (dropped).
+
+    The work runs in this task, under a timeout; one watcher task cancels it if the client goes away. (A task for
+    the work as well, with `asyncio.wait` over both, cost 34-43 us a request instead of 15.)
+    """
+    this = asyncio.current_task()
+    assert this is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _wait_disconnect(request)
+        gone = True
+        this.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        done, _ = await asyncio.wait({task, watch}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        async with asyncio.timeout(timeout):
+            return await work
+    except TimeoutError:
+        raise ApiError(
+            504, "timeout", f"the request took longer than the {timeout:g} s limit; its unfinished work was dropped"
+        ) from None
+    except asyncio.CancelledError:
+        if not gone:
+            raise  # not ours: the server is stopping
+        this.uncancel()
+        raise ClientDisconnect() from None
     finally:
-        for t in (task, watch):
-            if not t.done():
-                t.cancel()
-        for t in (task, watch):
-            with contextlib.suppress(BaseException):
-                await t
-    if task in done:
-        return task.result()
-    if watch in done:
-        raise ClientDisconnect()
-    raise ApiError(
-        504, "timeout", f"the request took longer than the {timeout:g} s limit; its unfinished work was dropped"
-    )
+        watcher.cancel()
