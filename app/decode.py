@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import multiprocessing
 import signal
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -38,6 +40,7 @@ WHITE = (255, 255, 255)
 PREVIEW_SIDE = 1024  # longest side of the image an overlay is drawn on
 DEVICE_MAX_PIXELS = 1 << 25  # largest JPEG (33.5 M pixels) decoded on the model's device; larger ones here
 DEVICE_JPEG_MODES = ("RGB", "L")  # colour JPEGs (YCbCr) and grey ones; CMYK / YCCK stay with Pillow
+log = logging.getLogger(__name__)
 
 
 class ImageError(Exception):
@@ -285,7 +288,13 @@ def _noop() -> int:
 
 
 class Decoder:
-    """Runs the decode functions off the event loop: `await decoder.pixels(data, cfg)`."""
+    """Runs the decode functions off the event loop: `await decoder.pixels(data, cfg)`.
+
+    A decoding process that dies (a codec crash on a crafted file, the OOM killer, a stray kill) breaks a process
+    pool for good, and every later image would fail with it. So the pool is replaced at once, and each image the
+    crash took down is decoded again on its own, one at a time, in a process of its own: the image that crashed
+    it (if any) is the only one refused (400), and the images beside it are answered.
+    """
 
     def __init__(
         self,
@@ -300,15 +309,19 @@ class Decoder:
         self.kind = kind
         self._pool: Executor | None = None
         self._header_thread = ThreadPoolExecutor(1, thread_name_prefix="jpeg-header")
+        self._alone: ProcessPoolExecutor | None = None  # after a crash: one image at a time (see the class)
+        self._alone_lock = asyncio.Lock()
+        self.restarts = 0  # process pools replaced after a crash
         if workers > 0 and kind == "process":
-            context = multiprocessing.get_context("forkserver")
-            # the fork server imports us once; each worker then forks from it, already warm
-            context.set_forkserver_preload(["app.decode"])
-            self._pool = ProcessPoolExecutor(
-                workers, mp_context=context, initializer=_init_worker, initargs=(max_pixels,)
-            )
+            self._pool = self._process_pool(workers)
         elif workers > 0:
             self._pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+
+    def _process_pool(self, workers: int) -> ProcessPoolExecutor:
+        context = multiprocessing.get_context("forkserver")
+        # the fork server imports us once; each worker then forks from it, already warm
+        context.set_forkserver_preload(["app.decode"])
+        return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(self.max_pixels,))
 
     async def start(self) -> None:
         """Start every worker now (a process pool starts them on first use otherwise)."""
@@ -316,9 +329,35 @@ class Decoder:
             await asyncio.gather(*(self._run(_noop) for _ in range(self.workers)))
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
-        if self._pool is None:
+        pool = self._pool
+        if pool is None:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, partial(fn, *args))
+        except BrokenProcessPool:
+            self._replace(pool)
+            return await self._run_alone(fn, *args)
+
+    def _replace(self, broken: Executor) -> None:
+        """A fresh pool in place of `broken`, by the first of the images it failed to notice."""
+        if self._pool is broken:
+            log.error("a decoding process died; replacing the pool and decoding each image it held on its own")
+            self._pool = self._process_pool(self.workers)
+            self.restarts += 1
+            broken.shutdown(wait=False, cancel_futures=True)
+
+    async def _run_alone(self, fn, *args):  # type: ignore[no-untyped-def]
+        """One image, alone in its process: if that process dies too, this image is what kills it."""
+        async with self._alone_lock:
+            if self._alone is None:
+                self._alone = self._process_pool(1)
+            alone = self._alone
+            try:
+                return await asyncio.get_running_loop().run_in_executor(alone, partial(fn, *args))
+            except BrokenProcessPool:
+                self._alone = None
+                alone.shutdown(wait=False, cancel_futures=True)
+                raise InvalidImage("the image crashed the decoder") from None
 
     async def pixels(self, data: bytes, cfg: PreprocessConfig) -> Decoded:
         return await self._run(decode_to_pixels, data, cfg, self.max_pixels, self.draft)
@@ -340,6 +379,7 @@ class Decoder:
     def close(self) -> None:
         """Stop the workers (queued jobs are cancelled; a running decode is bounded by the pixel limit)."""
         self._header_thread.shutdown(wait=True, cancel_futures=True)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        for pool in (self._pool, self._alone):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = self._alone = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import signal
 import struct
 import zlib
 
@@ -213,6 +215,55 @@ def test_pools_give_the_same_pixels_and_typed_errors(cat, kind):
 
     good = asyncio.run(main())
     assert np.array_equal(good.pixels, decode_to_pixels(data, CFG, LIMIT).pixels)
+
+
+def with_decoder(body, workers: int = 2):  # type: ignore[no-untyped-def]
+    """`await body(decoder)` on a started process-pool `Decoder`, closed afterwards."""
+
+    async def main():  # type: ignore[no-untyped-def]
+        decoder = Decoder(LIMIT, workers=workers, kind="process")
+        try:
+            await decoder.start()
+            return await body(decoder)
+        finally:
+            decoder.close()
+
+    return asyncio.run(main())
+
+
+def test_a_decoding_process_that_dies_takes_only_its_own_image_with_it(cat):
+    """A crash is played by `os._exit` run in a decoding process (as a codec segfault on a crafted file would end)."""
+    data = encode(cat, "PNG")
+
+    async def crash_beside_six(decoder):  # type: ignore[no-untyped-def]
+        beside = [decoder.pixels(data, CFG) for _ in range(6)]
+        results = await asyncio.gather(decoder._run(os._exit, 1), *beside, return_exceptions=True)
+        after = await decoder.pixels(data, CFG)  # the replaced pool serves what comes next
+        return results, after, decoder.restarts
+
+    (crashed, *beside), after, restarts = with_decoder(crash_beside_six)
+    assert isinstance(crashed, InvalidImage) and "crashed the decoder" in str(crashed)
+    expected = decode_to_pixels(data, CFG, LIMIT).pixels
+    for got in [*beside, after]:
+        assert not isinstance(got, BaseException), got
+        assert np.array_equal(got.pixels, expected)
+    assert restarts == 1
+
+
+def test_a_killed_decoding_process_is_replaced(cat):
+    # what the OOM killer or a stray `kill -9` does to an idle worker: without the replacement, the pool would
+    # refuse every later image
+    data = encode(cat, "JPEG")
+
+    async def kill_one_then_decode(decoder):  # type: ignore[no-untyped-def]
+        victim = next(iter(decoder._pool._processes.values()))
+        os.kill(victim.pid, signal.SIGKILL)
+        await asyncio.get_running_loop().run_in_executor(None, victim.join, 10)
+        return [await decoder.pixels(data, CFG) for _ in range(3)], decoder.restarts
+
+    got, restarts = with_decoder(kill_one_then_decode)
+    assert restarts == 1
+    assert all(np.array_equal(g.pixels, decode_to_pixels(data, CFG, LIMIT).pixels) for g in got)
 
 
 # -- the device path's check: header read here, the JPEG decoded later with its batch ---------------------------

@@ -8,6 +8,8 @@ images (a server-side failure tied to one item). Requests are concurrent on one 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 
 import pytest
@@ -209,6 +211,23 @@ def test_a_truncated_jpeg_fails_alone_beside_good_requests(checkpoints, real_pho
     answers = asyncio.run(main())
     assert [r.status_code for r in answers] == [200, 200, 400, 200, 200]
     assert answers[2].json()["error"]["code"] == "invalid_image"
+
+
+def test_the_server_keeps_answering_after_a_decoding_process_is_killed(checkpoints, pngs):
+    app = create_app(settings_for(checkpoints, "tiny", decode_pool="process", decode_workers=2))
+
+    async def main():
+        async with serve(app) as client:
+            decoder = app.state.vit.decoder
+            for worker in list(decoder._pool._processes.values()):  # the OOM killer's way, both at once
+                os.kill(worker.pid, signal.SIGKILL)
+                worker.join(10)
+            answers = await asyncio.gather(*(classify(client, p) for p in pngs))
+            return answers, decoder.restarts
+
+    answers, restarts = asyncio.run(main())
+    assert [r.status_code for r in answers] == [200] * len(pngs)
+    assert restarts == 1
 
 
 def test_a_forward_fault_is_split_off_and_fails_alone_with_500(checkpoints, pngs):
