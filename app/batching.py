@@ -5,7 +5,9 @@ Nothing here knows FastAPI or torch. A `Batcher` is handed a `run_batch(items) -
 
 - `admit(n)` reserves room for a request's n images before any work is done on them, or raises
   `Overloaded` with a Retry-After estimate; the room is held while the images decode, wait and run,
-  and given back when the request is answered (or dropped).
+  and given back when the request is answered (or dropped). `reserve()` takes room for one image before a
+  request's body is even read, and `Admission.expect(n)` grows it once the body says how many images it holds:
+  so bodies being read count against `max_queue` too, and the memory they hold is bounded with the queue's.
 - `run(items, key)` queues the items and returns their results in order. Items with the same `key`
   may share a forward; a request with many items may span several batches.
 - the worker seals a batch when it is full, or when the forward thread is free and either the oldest item
@@ -70,11 +72,22 @@ class Entry:
 class Admission:
     """Room for `n` images in a batcher's queue; give it back with `release()` (or use `with`)."""
 
-    def __init__(self, batcher: Batcher, n: int):
+    def __init__(self, batcher: Batcher, n: int, on_the_way: int | None = None):
         self._batcher = batcher
         self.n = n
-        self.on_the_way = n  # images not handed to `Batcher.run` yet (still decoding)
+        self.on_the_way = n if on_the_way is None else on_the_way  # images not handed to `Batcher.run` yet
         self._released = False
+
+    def expect(self, n: int) -> None:
+        """The request turned out to hold n images: grow the room to n (or raise `Overloaded`, keeping what it had),
+        all of them now on their way to the queue."""
+        batcher = self._batcher
+        if n > self.n:
+            batcher.check_room(n - self.n)
+        batcher._admitted += n - self.n
+        batcher._arriving += n - self.on_the_way
+        self.n = self.on_the_way = n
+        batcher._on_depth(batcher._admitted)
 
     def arrived(self, n: int) -> None:
         """n of its images reached the queue (`Batcher.run` calls this)."""
@@ -187,6 +200,14 @@ class Batcher:
         self._arriving += n
         self._on_depth(self._admitted)
         return Admission(self, n)
+
+    def reserve(self) -> Admission:
+        """Room for one image while a request's body is read, or raise `Overloaded`; `Admission.expect(n)` grows it
+        once the images are known. Not counted as on its way (an upload may take long; see `_seal`)."""
+        self.check_room(1)
+        self._admitted += 1
+        self._on_depth(self._admitted)
+        return Admission(self, 1, on_the_way=0)
 
     def _release(self, n: int) -> None:
         self._admitted -= n

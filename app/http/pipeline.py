@@ -1,9 +1,10 @@
 """The road every /v1 inference request travels: read the images, admit, decode in the pool, batch, answer.
 
-Limits come first and cost nothing: a queue with no room left refuses before the body is parsed, then the body
-cap and image count while reading, then admission to the model's queue (503 overloaded, before any decoding),
-then the deadline (counted from the moment the body has been read) and the client's disconnect, either of which
-drops the request's unfinished work.
+Limits come first and cost nothing: a request takes a place in the model's queue before its body is read (503
+overloaded when there is none, so bodies in flight are bounded by `max-queue` too), then the body cap and image
+count while reading, then room for all its images (503 again, before any decoding), then the deadline (counted
+from the moment the body has been read) and the client's disconnect, either of which drops the request's
+unfinished work.
 
 JPEGs on the device path (`--jpeg-decoder`, `app.gpu_decode.use_for`) have only their header checked (on a
 thread, `Decoder.pixels_or_jpeg`) and are queued compressed; their batch decodes them. One that turns out
@@ -12,7 +13,8 @@ answered.
 
 Memory held by a full queue is bounded: every queued item belongs to an admitted request (at most
 `max-queue` images), and holds either h x w x 3 bytes of model-input pixels or, on the device path, a
-reference to its request's body (at most `max-upload-bytes` each, held for the request's life anyway).
+reference to its request's body (at most `max-upload-bytes` each, held for the request's life anyway); and
+at most `max-queue` bodies are being read at once.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 
@@ -32,6 +35,8 @@ from app.http.inputs import Upload, read_uploads
 from app.http.middleware import note, request_id_of
 from app.http.state import ServedModel, ServerState
 from app.tasks import Item, Task
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -64,29 +69,31 @@ async def infer(
     """Read the request's images and run `task` on each; errors as API.md says."""
     state = state_of(request)
     settings = state.settings
-    refuse_when_full(served)
-    uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_images_per_request)
-    note(request.scope, model=served.name, images=len(uploads))
-    if one_image and len(uploads) != 1:
-        raise invalid(f"format=png draws one image; this request has {len(uploads)} (use format=json for several)")
-    with admit(served, len(uploads)) as admission:
+    with reserve(served) as admission:
+        uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_images_per_request)
+        note(request.scope, model=served.name, images=len(uploads))
+        if one_image and len(uploads) != 1:
+            raise invalid(f"format=png draws one image; this request has {len(uploads)} (use format=json for several)")
+        expect(admission, len(uploads))
         work = _decode_and_run(request, state, served, uploads, task, preview, admission)
-        return await _guarded(request, work, settings.request_timeout_s)
+        return await guarded(request, work, settings.request_timeout_s)
 
 
-def refuse_when_full(served: ServedModel) -> None:
-    """503 before the body is parsed when the queue has no room left at all: under overload, every refused
-    request would otherwise cost its whole parse first (about 1 ms for 32 images), time the accepted ones need."""
+def reserve(served: ServedModel) -> Admission:
+    """A place in the model's queue before the body is read, or 503 `overloaded` with a Retry-After.
+
+    Before reading: under overload a refused request then costs no parse (about 1 ms for 32 images, time the
+    accepted ones need), and bodies being read count against `max-queue`, which bounds the memory they hold."""
     try:
-        served.batcher.check_room(1)
+        return served.batcher.reserve()
     except Overloaded as e:
         raise _overloaded(e) from None
 
 
-def admit(served: ServedModel, n: int) -> Admission:
-    """Room for n images in the model's queue, or 503 `overloaded` with a Retry-After."""
+def expect(admission: Admission, n: int) -> None:
+    """Room for the request's n images (its place grown), or 503 `overloaded` with a Retry-After."""
     try:
-        return served.batcher.admit(n)
+        admission.expect(n)
     except Overloaded as e:
         raise _overloaded(e) from None
 
@@ -166,7 +173,7 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def _guarded(request: Request, work: Awaitable[Outcome], timeout: float) -> Outcome:
+async def guarded(request: Request, work: Awaitable[T], timeout: float) -> T:
     """Run `work` until it finishes, the deadline passes (504) or the client disconnects (dropped).
 
     The work runs in this task, under a timeout; one watcher task cancels it if the client goes away. (A task for

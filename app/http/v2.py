@@ -41,8 +41,7 @@ from app.decode import ImageError
 from app.http.errors import ApiError, internal_error, invalid
 from app.http.inputs import read_body, too_many
 from app.http.middleware import note, request_id_of
-from app.http.pipeline import _guarded as guarded  # the deadline and disconnect guard that /v1 uses
-from app.http.pipeline import admit, image_decoder, image_error_index, refuse_when_full, state_of, to_item
+from app.http.pipeline import expect, guarded, image_decoder, image_error_index, reserve, state_of, to_item
 from app.http.responses import FastJSON
 from app.http.state import ServedModel, ServerState
 from app.http.v1 import require_api_key, require_ready
@@ -217,16 +216,16 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     settings = state.settings
     served = find_model(state, name, version)
     note(request.scope, model=served.name)
-    refuse_when_full(served)
-    body = await read_body(request, settings.max_upload_bytes)
-    body = decompress(body, request.headers.get("content-encoding"), settings.max_upload_bytes)
-    req = parse_request(body, request.headers.get(HEADER_LENGTH))
-    tensor = the_images(req.inputs, served, state)
-    outputs = requested_outputs(req.outputs, served)
-    n = tensor.shape[0]
-    note(request.scope, images=n)
-    task = Tensors(tuple(dict.fromkeys(o.name for o in outputs)))
-    with admit(served, n) as admission:
+    with reserve(served) as admission:
+        body = await read_body(request, settings.max_upload_bytes)
+        body = decompress(body, request.headers.get("content-encoding"), settings.max_upload_bytes)
+        req = parse_request(body, request.headers.get(HEADER_LENGTH))
+        tensor = the_images(req.inputs, served, state)
+        outputs = requested_outputs(req.outputs, served)
+        n = tensor.shape[0]
+        note(request.scope, images=n)
+        task = Tensors(tuple(dict.fromkeys(o.name for o in outputs)))
+        expect(admission, n)
         timeout = min(settings.request_timeout_s, req.timeout_s or settings.request_timeout_s)  # the shorter wins
         results = await guarded(request, _run(request, state, served, tensor, task, admission), timeout)
     header = {"model_name": served.name, "model_version": VERSION}

@@ -165,8 +165,9 @@ def white(size=(64, 48)) -> bytes:
 async def asgi_call(app, method: str, path: str, headers: dict[str, str], chunks, disconnect=None) -> dict:
     """Call the ASGI app directly, feeding the body chunk by chunk (as a server streams it).
 
-    Returns status, headers, body and how many body chunks the app pulled. With `disconnect` (an
-    asyncio.Event), the client "goes away" when it is set, after the body has been sent.
+    Returns status, headers, body and how many body chunks the app pulled. `chunks` may be an async iterable (a
+    slow client). With `disconnect` (an asyncio.Event), the client "goes away" when it is set, after the body has
+    been sent.
     """
     path, _, query = path.partition("?")
     scope = {
@@ -183,7 +184,7 @@ async def asgi_call(app, method: str, path: str, headers: dict[str, str], chunks
         "client": ("127.0.0.1", 1234),
         "server": ("vitserve", 80),
     }
-    chunks = iter(chunks)
+    chunks = aiter(chunks) if hasattr(chunks, "__aiter__") else iter(chunks)
     pulled = 0
     done = False
     out: dict = {"status": None, "headers": {}, "body": b""}
@@ -191,7 +192,7 @@ async def asgi_call(app, method: str, path: str, headers: dict[str, str], chunks
     async def receive():
         nonlocal pulled, done
         if not done:
-            chunk = next(chunks, None)
+            chunk = await anext(chunks, None) if hasattr(chunks, "__anext__") else next(chunks, None)
             if chunk is not None:
                 pulled += 1
                 return {"type": "http.request", "body": chunk, "more_body": True}

@@ -170,6 +170,32 @@ def test_a_burst_beyond_max_queue_gets_503_with_retry_after_and_nothing_else_fai
     assert after.status_code == 200
 
 
+def test_bodies_being_read_hold_places_in_the_queue(checkpoints, pngs):
+    """max-queue bounds the bodies being read too (and so the memory they hold): two slow uploads fill a queue of
+    two, and a third request is refused before a byte of its body is read; once they are answered, room is back."""
+    app = create_app(settings_for(checkpoints, "tiny", max_queue=2, max_images_per_request=1))
+
+    async def held(data: bytes, gate: asyncio.Event):
+        yield data[:100]
+        await gate.wait()  # the rest comes later, as from a slow client
+        yield data[100:]
+
+    async def main():
+        async with serve(app) as client:
+            batcher = app.state.vit.models["tiny"].batcher
+            gate = asyncio.Event()
+            slow = [asyncio.ensure_future(asgi_call(app, "POST", "/v1/classify", RAW, held(p, gate))) for p in pngs[:2]]
+            await until(lambda: batcher.depth == 2)
+            third = await asgi_call(app, "POST", "/v1/classify", RAW, [pngs[2]])
+            gate.set()
+            return third, await asyncio.gather(*slow), await classify(client, pngs[2]), batcher.depth
+
+    third, slow, after, depth = asyncio.run(main())
+    assert third["status"] == 503 and third["pulled"] == 0
+    assert [r["status"] for r in slow] == [200, 200]
+    assert after.status_code == 200 and depth == 0
+
+
 def test_a_full_queue_refuses_before_reading_the_images(checkpoints, pngs):
     """Under overload the refusal comes first: a request is not parsed (nor its images checked) only to be
     refused, so a body that would be a 400 or 422 gets the 503 too, and the refusal reserves nothing."""
