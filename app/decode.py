@@ -302,6 +302,7 @@ class Decoder:
         workers: int = 2,
         kind: Literal["process", "thread"] = "process",
         draft: bool = True,
+        on_restart: Callable[[], None] | None = None,
     ):
         self.max_pixels = max_pixels
         self.draft = draft
@@ -312,6 +313,7 @@ class Decoder:
         self._alone: ProcessPoolExecutor | None = None  # after a crash: one image at a time (see the class)
         self._alone_lock = asyncio.Lock()
         self.restarts = 0  # process pools replaced after a crash
+        self.on_restart = on_restart  # told of each (the server counts them in /metrics)
         if workers > 0 and kind == "process":
             self._pool = self._process_pool(workers)
         elif workers > 0:
@@ -344,6 +346,8 @@ class Decoder:
             log.error("a decoding process died; replacing the pool and decoding each image it held on its own")
             self._pool = self._process_pool(self.workers)
             self.restarts += 1
+            if self.on_restart is not None:
+                self.on_restart()
             broken.shutdown(wait=False, cancel_futures=True)
 
     async def _run_alone(self, fn, *args):  # type: ignore[no-untyped-def]

@@ -25,7 +25,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 class Metrics:
     """vit_requests_total, vit_request_duration_seconds, vit_images_total, vit_batch_size, vit_queue_depth,
-    vit_model_load_seconds."""
+    vit_model_load_seconds; beyond API.md, vit_decoder_restarts_total."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -61,6 +61,9 @@ class Metrics:
             ["model"],
             registry=r,
             multiprocess_mode="livemax",
+        )
+        self.decoder_restarts = Counter(
+            "vit_decoder_restarts", "decoding process pools replaced after one of their processes died", registry=r
         )
         # several processes (--workers): the exposition is the aggregate of every process's files
         self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None

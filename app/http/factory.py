@@ -38,7 +38,11 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.decoder = Decoder(
-            settings.max_image_pixels, settings.decode_workers, settings.decode_pool_kind, settings.jpeg_draft
+            settings.max_image_pixels,
+            settings.decode_workers,
+            settings.decode_pool_kind,
+            settings.jpeg_draft,
+            on_restart=state.metrics.decoder_restarts.inc,
         )
         loading = asyncio.create_task(load_all(state, loader or engine_loader, on_fatal), name="load-models")
         try:

@@ -249,11 +249,11 @@ def test_the_server_keeps_answering_after_a_decoding_process_is_killed(checkpoin
                 os.kill(worker.pid, signal.SIGKILL)
                 worker.join(10)
             answers = await asyncio.gather(*(classify(client, p) for p in pngs))
-            return answers, decoder.restarts
+            return answers, (await client.get("/metrics")).text
 
-    answers, restarts = asyncio.run(main())
+    answers, text = asyncio.run(main())
     assert [r.status_code for r in answers] == [200] * len(pngs)
-    assert restarts == 1
+    assert metric(text, "vit_decoder_restarts_total") == 1
 
 
 def test_a_forward_fault_is_split_off_and_fails_alone_with_500(checkpoints, pngs):
