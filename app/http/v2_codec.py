@@ -224,7 +224,8 @@ def _numeric_json(data: object, datatype: str, where: str) -> np.ndarray:
         if array.dtype.kind == "f" or array.min() < 0 or array.max() > 255:
             raise invalid(f"{where}: UINT8 data must be whole numbers from 0 to 255")
         return array.astype(np.uint8).ravel()
-    return array.astype(np.float32).ravel()
+    with np.errstate(over="ignore"):  # beyond float32's range becomes inf, which the FP32 input check refuses
+        return array.astype(np.float32).ravel()
 
 
 def _bytes_elements(chunk: memoryview, where: str) -> list[bytes]:

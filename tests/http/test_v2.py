@@ -339,6 +339,17 @@ def test_fp32_at_another_size_is_400(triton):
     assert e.status() == "400" and "32 x 32" in e.message()
 
 
+def test_fp32_that_is_not_finite_is_400(triton, server):
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    x[0, 1, 2, 3] = np.nan
+    e = failure(triton, "tiny", [httpclient.InferInput("x", [1, 3, 32, 32], "FP32").set_data_from_numpy(x)])
+    assert e.status() == "400" and "NaN or infinite" in e.message()
+    # JSON numbers beyond float32's range become infinite: refused the same way
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [1e300] * 3072}]}
+    r = httpx.post(f"{server}/v2/models/tiny/infer", json=body, headers=auth(), timeout=30)
+    assert r.status_code == 400 and "NaN or infinite" in r.json()["error"]
+
+
 def test_limits_are_413(triton, server, pngs):
     many = [pngs[0]] * (MAX_IMAGES + 1)
     e = failure(triton, "tiny", [bytes_input(many, True)])
