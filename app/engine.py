@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ class Output:
     logits: torch.Tensor | None  # (B, num_classes), float32, or None without a head
     embedding: torch.Tensor  # (B, D) float32: the class token after the final LayerNorm
     tokens: torch.Tensor  # (B, 1 + gh*gw, D) float32: every final-normed token
-    attentions: list[torch.Tensor] | None = None  # depth x (B, heads, T, T) float32, when asked
+    attentions: list[torch.Tensor | None] | None = None  # depth x (B, heads, T, T) float32, when asked
 
 
 def resolve_device(device: str) -> torch.device:
@@ -189,14 +189,16 @@ class Model:
 
     # -- forward -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def __call__(self, pixels: torch.Tensor, attentions: bool = False) -> Output:
+    def __call__(self, pixels: torch.Tensor, attentions: bool = False, layers: Collection[int] | None = None) -> Output:
+        """The forward; with `attentions`, every layer's attention maps, or only those of `layers` (0-based; the
+        others are None and run the fused attention kernel)."""
         x = pixels.to(self.device, self.dtype, non_blocking=True)
         if self._fast is not None and not attentions:
             tokens, logits = self._fast(x)
             maps = None
         else:
             net = self._fast.attention_net if self._fast is not None else self.net
-            features = net.forward_features(x, attentions=attentions)
+            features = net.forward_features(x, attentions=attentions, layers=layers)
             tokens, maps = features.tokens, features.attentions
             logits = net.forward_head(tokens)
         tokens = tokens.float()
@@ -204,7 +206,7 @@ class Model:
             logits=logits.float() if logits is not None else None,
             embedding=tokens[:, 0],
             tokens=tokens,
-            attentions=[a.float() for a in maps] if attentions else None,
+            attentions=[None if a is None else a.float() for a in maps] if attentions else None,
         )
 
     @property

@@ -269,7 +269,7 @@ def forward_batch(model, prepared: Prepared) -> list[object]:  # type: ignore[no
     attentions = any(item.task.key == ATTENTION for item in row_items)
     with torch.inference_mode():
         _await_prepared(model, prepared)
-        out = model(prepared.inputs, attentions=attentions)
+        out = model(prepared.inputs, attentions=attentions, layers=_layers_read(model, row_items))
         groups: dict[type, list[int]] = defaultdict(list)
         for r, item in enumerate(row_items):
             groups[type(item.task)].append(r)
@@ -278,6 +278,19 @@ def forward_batch(model, prepared: Prepared) -> list[object]:  # type: ignore[no
             for r, result in zip(index, HANDLERS[kind](model, out, index, tasks), strict=True):
                 results[prepared.rows[r]] = result
     return results
+
+
+def _layers_read(model, items: list[Item]) -> set[int] | None:  # type: ignore[no-untyped-def]
+    """The layers whose attention maps the batch reads: one each for class-token maps, all (None) for the rollout and
+    the distances. The other layers keep the fused attention kernel (materialised weights cost a few percent of
+    the forward on a CPU, about half of it on a GPU)."""
+    layers: set[int] = set()
+    for item in items:
+        if isinstance(item.task, AttentionMap) and item.task.method == "cls":
+            layers.add(item.task.layer % model.config.depth)
+        elif item.task.key == ATTENTION:
+            return None
+    return layers
 
 
 def _classify(model, out, index: list[int], tasks: list[Classify]) -> list[Predictions]:  # type: ignore[no-untyped-def]
@@ -301,10 +314,12 @@ def _embed(model, out, index: list[int], tasks: list[Embed]) -> list[np.ndarray]
     return list(rows.cpu().numpy())
 
 
-def _rows(maps: list[torch.Tensor], index: list[int]) -> list[torch.Tensor]:
-    """Each layer's attention at the batch rows `index`; the maps themselves when that is every row in order (the
-    usual batch, of one kind of request), since a copy of every layer's maps costs a few percent of the forward."""
-    return maps if index == list(range(maps[0].shape[0])) else [a[index] for a in maps]
+def _rows(maps: list[torch.Tensor | None], index: list[int]) -> list[torch.Tensor | None]:
+    """Each computed layer's attention at the batch rows `index`; the maps themselves when that is every row in
+    order (the usual batch, of one kind of request), since a copy of every layer's maps costs a few percent of the
+    forward."""
+    rows = next(a.shape[0] for a in maps if a is not None)
+    return maps if index == list(range(rows)) else [None if a is None else a[index] for a in maps]
 
 
 def _attention_map(model, out, index: list[int], tasks: list[AttentionMap]) -> list[np.ndarray]:  # type: ignore[no-untyped-def]

@@ -68,6 +68,17 @@ def test_forward_features_same_tokens_with_and_without_attentions(make_tiny_vit,
     torch.testing.assert_close(logits, model(x), **TOL)
 
 
+def test_forward_features_computes_only_the_layers_asked(make_tiny_vit, tiny_config):
+    model = make_tiny_vit()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        every = model.forward_features(x, attentions=True)
+        last = model.forward_features(x, attentions=True, layers={tiny_config.depth - 1})
+    assert [a is None for a in last.attentions] == [True] * (tiny_config.depth - 1) + [False]
+    torch.testing.assert_close(last.attentions[-1], every.attentions[-1], **TOL)
+    torch.testing.assert_close(last.tokens, every.tokens, **TOL)
+
+
 def test_headless_model_returns_the_class_token(make_tiny_vit, tiny_config):
     model = make_tiny_vit(ViTConfig.from_dict({**tiny_config.to_dict(), "num_classes": 0}))
     x = torch.randn(1, 3, 32, 32)

@@ -41,3 +41,16 @@ def test_a_mixed_attention_batch_answers_each_item_as_alone(model):
             np.testing.assert_allclose(got, alone, atol=1e-5, rtol=1e-4)
     # and the items really differ, so an answer given to the wrong row would show
     assert not np.allclose(together[0], together[5], atol=1e-3)
+
+
+def test_class_token_maps_compute_only_the_layers_they_read(model):
+    h, w = model.preprocess_config.output_size
+    pixels = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    computed = []  # per block run: did it materialise its attention weights?
+    for block in model._fast.attention_net.blocks:
+        block.register_forward_hook(lambda module, args, out: computed.append(out[1] is not None))
+    run_batch(model, [Item(pixels, AttentionMap("cls", layer=0)), Item(pixels, AttentionMap("cls", layer=0, head=1))])
+    assert computed == [True, False]  # layer 1 kept the fused kernel
+    computed.clear()
+    run_batch(model, [Item(pixels, AttentionMap("cls", layer=0)), Item(pixels, AttentionMap("rollout"))])
+    assert computed == [True, True]  # the rollout reads every layer

@@ -11,6 +11,7 @@ Parameter names follow timm's `VisionTransformer`, which is also our native chec
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -161,14 +162,17 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    def forward_features(self, x: torch.Tensor, attentions: bool = False) -> Features:
-        """(B, 3, H, W) pixels -> final-normed tokens, and every layer's attention when asked."""
+    def forward_features(
+        self, x: torch.Tensor, attentions: bool = False, layers: Collection[int] | None = None
+    ) -> Features:
+        """(B, 3, H, W) pixels -> final-normed tokens, and every layer's attention when asked (only `layers`' when
+        given, None for the others: they keep the fused attention kernel)."""
         x = self.patch_embed(x)  # (B, N, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1 + N, D)
         maps = [] if attentions else None
-        for block in self.blocks:
-            x, weights = block(x, need_weights=attentions)
+        for i, block in enumerate(self.blocks):
+            x, weights = block(x, need_weights=attentions and (layers is None or i in layers))
             if maps is not None:
                 maps.append(weights)
         return Features(self.norm(x), maps)

@@ -97,7 +97,7 @@ class Wrapped:
     def __getattr__(self, name: str):
         return getattr(self._model, name)
 
-    def __call__(self, pixels: torch.Tensor, attentions: bool = False):
+    def __call__(self, pixels: torch.Tensor, attentions: bool = False, layers=None):
         self.batch_sizes.append(int(pixels.shape[0]))
         with self._lock:
             self._running += 1
@@ -108,7 +108,7 @@ class Wrapped:
                 time.sleep(self.delay)
             if self.poison and bool((pixels.flatten(1) >= 0.999).all(dim=1).any()):
                 raise RuntimeError("injected fault: a white image")
-            return self._model(pixels, attentions)
+            return self._model(pixels, attentions, layers)
         finally:
             with self._lock:
                 self._running -= 1
