@@ -312,8 +312,7 @@ class Decoder:
         self._header_thread = ThreadPoolExecutor(1, thread_name_prefix="jpeg-header")
         self._alone: ProcessPoolExecutor | None = None  # after a crash: one image at a time (see the class)
         self._alone_lock = asyncio.Lock()
-        self.restarts = 0  # process pools replaced after a crash
-        self.on_restart = on_restart  # told of each (the server counts them in /metrics)
+        self.on_restart = on_restart  # told of each pool replaced after a crash (the server counts them in /metrics)
         if workers > 0 and kind == "process":
             self._pool = self._process_pool(workers)
         elif workers > 0:
@@ -345,7 +344,6 @@ class Decoder:
         if self._pool is broken:
             log.error("a decoding process died; replacing the pool and decoding each image it held on its own")
             self._pool = self._process_pool(self.workers)
-            self.restarts += 1
             if self.on_restart is not None:
                 self.on_restart()
             broken.shutdown(wait=False, cancel_futures=True)

@@ -218,17 +218,19 @@ def test_pools_give_the_same_pixels_and_typed_errors(cat, kind):
 
 
 def with_decoder(body, workers: int = 2):  # type: ignore[no-untyped-def]
-    """`await body(decoder)` on a started process-pool `Decoder`, closed afterwards."""
+    """`await body(decoder)` on a started process-pool `Decoder`, closed afterwards; also how many times it
+    replaced its pool."""
+    restarts = []
 
     async def main():  # type: ignore[no-untyped-def]
-        decoder = Decoder(LIMIT, workers=workers, kind="process")
+        decoder = Decoder(LIMIT, workers=workers, kind="process", on_restart=lambda: restarts.append(1))
         try:
             await decoder.start()
             return await body(decoder)
         finally:
             decoder.close()
 
-    return asyncio.run(main())
+    return asyncio.run(main()), len(restarts)
 
 
 def test_a_decoding_process_that_dies_takes_only_its_own_image_with_it(cat):
@@ -239,9 +241,9 @@ def test_a_decoding_process_that_dies_takes_only_its_own_image_with_it(cat):
         beside = [decoder.pixels(data, CFG) for _ in range(6)]
         results = await asyncio.gather(decoder._run(os._exit, 1), *beside, return_exceptions=True)
         after = await decoder.pixels(data, CFG)  # the replaced pool serves what comes next
-        return results, after, decoder.restarts
+        return results, after
 
-    (crashed, *beside), after, restarts = with_decoder(crash_beside_six)
+    ((crashed, *beside), after), restarts = with_decoder(crash_beside_six)
     assert isinstance(crashed, InvalidImage) and "crashed the decoder" in str(crashed)
     expected = decode_to_pixels(data, CFG, LIMIT).pixels
     for got in [*beside, after]:
@@ -259,7 +261,7 @@ def test_a_killed_decoding_process_is_replaced(cat):
         victim = next(iter(decoder._pool._processes.values()))
         os.kill(victim.pid, signal.SIGKILL)
         await asyncio.get_running_loop().run_in_executor(None, victim.join, 10)
-        return [await decoder.pixels(data, CFG) for _ in range(3)], decoder.restarts
+        return [await decoder.pixels(data, CFG) for _ in range(3)]
 
     got, restarts = with_decoder(kill_one_then_decode)
     assert restarts == 1
