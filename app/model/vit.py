@@ -134,7 +134,7 @@ class Block(nn.Module):
 @dataclass
 class Features:
     tokens: torch.Tensor  # (B, 1 + gh*gw, D), after the final LayerNorm
-    attentions: list[torch.Tensor] | None = field(default=None)  # depth x (B, heads, T, T)
+    attentions: list[torch.Tensor | None] | None = field(default=None)  # depth x (B, heads, T, T); None: not asked
 
 
 class VisionTransformer(nn.Module):
