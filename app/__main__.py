@@ -33,7 +33,7 @@ SCALARS = {
     "--host": ("host", "address to listen on (default 127.0.0.1)"),
     "--port": ("port", "port to listen on (default 8000)"),
     "--device": ("device", "cpu, cuda, cuda:N or auto (default)"),
-    "--dtype": ("dtype", "float32, bfloat16, float16 or auto (default)"),
+    "--dtype": ("dtype", "float32, bfloat16, float16, float8 (GPUs with float8 tensor cores) or auto (default)"),
     "--max-batch-size": ("max_batch_size", "most images in one forward pass (default 32 on a GPU, 8 on the CPU)"),
     "--max-wait-ms": ("max_wait_ms", "longest an image waits for its batch to fill (default 5)"),
     "--max-queue": ("max_queue", "per model: most images accepted and not yet answered (default 256)"),

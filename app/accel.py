@@ -40,6 +40,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from app.model.float8 import Float8Linear
+
 log = logging.getLogger(__name__)
 
 Mode = Literal["off", "auto", "on"]
@@ -385,6 +387,8 @@ def accelerate(
     device = torch.device(device)
     buckets = default_buckets(batch_sizes) if isinstance(batch_sizes, int) else sorted(set(batch_sizes))
     strategy = resolve_strategy(mode, device)
+    if strategy == "onednn" and any(isinstance(m, Float8Linear) for m in net.modules()):
+        strategy = "eager"  # oneDNN would only take the head: the float8 layers are not nn.Linear
     cfg = net.cfg
     return Accelerated(FastPath(net), strategy, device, dtype, buckets, tuple(cfg.image_size), cfg.in_chans)
 

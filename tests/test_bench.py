@@ -92,6 +92,19 @@ def test_raw_bench_runs_and_reports_agreement():
     assert "ours-accel/timm" in entry["ratios"]
 
 
+def test_float8_bench_reports_accuracy_agreement_and_speed():
+    from bench import float8
+
+    result = float8.main(["--device", "cpu", "--shape", "ti16", "--batch-sizes", "1", "--seconds", "0"])
+    digits = result["digits"]
+    assert digits["images"] == 1000 and digits["float32"]["accuracy"] > 0.95
+    assert abs(digits["float8"]["accuracy"] - digits["float32"]["accuracy"]) < 0.01
+    assert 0 < digits["bfloat16"]["logits_mean_abs_diff"] < digits["float8"]["logits_mean_abs_diff"]
+    assert result["photos"]["float8"]["embedding_cosine_min"] > 0.9
+    (row,) = result["speed"]
+    assert row["float8"]["images_per_s"] > 0 and row["strategy"]["float8"] == "eager"
+
+
 def test_raw_windows_time_the_forward_alone_and_as_the_servers_lanes_run_it(tmp_path):
     import argparse
 

