@@ -152,11 +152,12 @@ def serve(
     make_server: Callable[..., Any] | None = None,
     report_fatal: Callable[[str], None] | None = None,
 ) -> int:
-    """Run one server process until it stops; its exit status: 0, or 1 when a model cannot be loaded.
+    """Run one server process until it stops; its exit status: 0, or 1 when a model cannot be loaded or its
+    device fails for good while serving (a sticky CUDA error: only a new process gets a working device).
 
     sockets: listening sockets opened by a supervisor (`--workers`), else uvicorn binds host:port itself.
     make_server(config, state, drain_timeout_s): the server class (default GracefulServer).
-    report_fatal(message): also told when a model cannot be loaded.
+    report_fatal(message): also told of either.
     """
     import uvicorn
 

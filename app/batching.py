@@ -19,7 +19,9 @@ Nothing here knows FastAPI or torch. A `Batcher` is handed a `run_batch(items) -
   waited `max_wait_s` and nothing more is on its way, so lanes do not chop the queue into small batches.
 - cancelling `run` (a timeout, a client that went away) removes its items that have not started.
 - a batch whose forward raises is split in halves and retried; only items that fail alone get an
-  error (`ForwardFailed`), so one poisoned item never takes its batch-mates down with it.
+  error (`ForwardFailed`), so one poisoned item never takes its batch-mates down with it. Unless `fatal(error)`
+  gives a reason that no retry can succeed (the device itself is lost): then the batch fails at once, with
+  `Stopped(reason)`.
 - with a `prepare(items) -> prepared` callable, `run_batch` takes the prepared batch instead of the items,
   and prepare runs on a second thread as soon as a batch is sealed: the next batch is assembled (stacked,
   copied to the GPU, decoded) while the current one runs. A failure in either step falls back to the
@@ -122,6 +124,7 @@ class Batcher:
         pipeline_depth: int = 2,
         on_batch: Callable[[int], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
+        fatal: Callable[[Exception], str | None] | None = None,
     ):
         self.run_batch = run_batch
         self.prepare = prepare
@@ -133,6 +136,8 @@ class Batcher:
         self.pipeline_depth = max(1, pipeline_depth)  # batches handed to a lane: 1 running + queued
         self._on_batch = on_batch or (lambda n: None)
         self._on_depth = on_depth or (lambda n: None)
+        # after a forward fails: why no retry can succeed (the device is lost), or None; such a batch is not split
+        self._fatal = fatal or (lambda e: None)
         self._queue: deque[Entry] = deque()
         self._admitted = 0
         self._arriving = 0  # admitted images not queued yet
@@ -334,6 +339,8 @@ class Batcher:
             self._on_batch(len(items))
             return results
         except Exception as e:
+            if reason := self._fatal(e):
+                return [Stopped(reason)] * len(items)
             if len(items) == 1:
                 log.error("model %s: forward failed for an item even alone: %r", self.name, e, exc_info=e)
                 return [ForwardFailed(f"{type(e).__name__}: {e}")]

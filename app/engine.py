@@ -220,6 +220,19 @@ class Model:
             attentions=[None if a is None else a.float() for a in maps] if attentions else None,
         )
 
+    def device_error(self) -> str | None:
+        """Why the device can no longer run anything, or None while it can. Called after a forward fails: a CUDA
+        error such as an illegal memory access or a device-side assert is sticky (every later call in this
+        process fails as well), and only a new process gets a working device again; an out-of-memory error is
+        not (this returns None, and smaller batches may well succeed)."""
+        if self.device.type != "cuda":
+            return None
+        try:
+            torch.ones(1, device=self.device).add_(1).cpu()  # the copy waits for the device: a sticky error shows
+        except Exception as e:  # torch.AcceleratorError (a RuntimeError before torch 2.8)
+            return f"{type(e).__name__}: {' '.join(str(e).split())}"
+        return None
+
     @property
     def info(self) -> dict:
         cfg = self.config

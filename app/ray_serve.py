@@ -160,8 +160,8 @@ def deployment(settings: Settings, num_replicas: int | None = None, **options: A
     class VitServe:
         def check_health(self) -> None:
             state = self.app.state.vit  # type: ignore[attr-defined]
-            if state.load_error:
-                raise RuntimeError(state.load_error)
+            if problem := state.load_error or state.device_error:  # Ray then replaces this replica
+                raise RuntimeError(problem)
 
     return serve.deployment(VitServe, **defaults)
 

@@ -57,7 +57,7 @@ class Worker:
     process: BaseProcess
     control: Connection
     ready: bool = False
-    fatal: str | None = None  # the message of a model that could not be loaded
+    fatal: str | None = None  # why it stopped: a model that could not be loaded, a device that failed for good
 
     @property
     def name(self) -> str:
@@ -239,7 +239,8 @@ class Supervisor:
         if not worker.ready:
             self.fail(worker, code)
             return
-        log.warning("supervisor: %s %s; starting a new one", worker.name, describe_exit(code))
+        why = f" ({worker.fatal})" if worker.fatal else ""  # a device that failed for good, say
+        log.warning("supervisor: %s %s%s; starting a new one", worker.name, describe_exit(code), why)
         self.workers.append(self.start(worker.index, hold=True))
 
     def fail(self, worker: Worker, code: int | None = None) -> None:

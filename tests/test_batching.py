@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from app.batching import Batcher, ForwardFailed, Overloaded
+from app.batching import Batcher, ForwardFailed, Overloaded, Stopped
 
 
 class Recorder:
@@ -285,6 +285,19 @@ def test_a_failing_item_is_isolated_by_splitting_the_batch():
     # [0 1 2 3] failed -> [0 1] ok, [2 3] failed -> [2] ok, [3] fails alone
     assert rec.batches == [[0, 1, 2, 3], [0, 1], [2, 3], [2], [3]]
     assert sizes == [2, 1]  # only successful forwards are counted
+
+
+def test_a_failure_that_no_retry_can_fix_fails_the_batch_at_once():
+    rec, errors = Recorder(poison=3), []
+
+    def fatal(error: Exception) -> str | None:
+        errors.append(error)
+        return "the device is lost"
+
+    out, sizes = run_four_single_items(rec, fatal=fatal)
+    assert all(isinstance(o, Stopped) and "device is lost" in str(o) for o in out)
+    assert rec.batches == [[0, 1, 2, 3]] and sizes == []  # not split into retries that could only fail
+    assert [str(e) for e in errors] == ["poisoned batch"]
 
 
 def test_forwards_run_on_one_dedicated_thread_and_the_next_batch_is_sealed_while_one_runs():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -131,6 +133,30 @@ def test_cuda_matches_cpu(tiny_checkpoint, pixels):
     torch.testing.assert_close(out.logits.cpu(), exact.logits, atol=1e-4, rtol=1e-3)
     half = app.load_model(str(tiny_checkpoint), device="cuda", dtype="auto")(pixels)
     torch.testing.assert_close(half.logits.cpu(), exact.logits, atol=0.1, rtol=0.05)
+
+
+def test_a_working_device_has_no_device_error(tiny_checkpoint):
+    assert app.load_model(str(tiny_checkpoint)).device_error() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_device_error_reports_a_sticky_fault(tiny_checkpoint):
+    # a device-side assert poisons the process's CUDA context for good: in a child process, not this one
+    code = (
+        "import sys, torch, app\n"
+        "model = app.load_model(sys.argv[1], device='cuda')\n"
+        "assert model.device_error() is None\n"
+        "try:\n"
+        "    torch.zeros(4, device='cuda')[torch.tensor([10], device='cuda')].cpu()  # an index out of bounds\n"
+        "except Exception:\n"
+        "    pass\n"
+        "print('device error:', model.device_error())\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_checkpoint)], capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == 0, child.stderr
+    assert "device error: " in child.stdout and "device error: None" not in child.stdout
 
 
 def test_strict_loading_never_half_loads(make_tiny_vit, tiny_config):

@@ -31,9 +31,9 @@ def create_app(
 ) -> FastAPI:
     """The service. `loader(spec, settings, models_dir) -> Model` replaces `app.engine.load_model` (tests
     inject slow or faulty models through it); `on_fatal(message)` is called when a model cannot be loaded
-    (the command line stops the server with status 1)."""
+    or its device fails for good while serving (the command line stops the server with status 1)."""
     settings = settings or Settings()
-    state = ServerState(settings, Metrics())
+    state = ServerState(settings, Metrics(), on_fatal=on_fatal)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -44,7 +44,7 @@ def create_app(
             settings.jpeg_draft,
             on_restart=state.metrics.decoder_restarts.inc,
         )
-        loading = asyncio.create_task(load_all(state, loader or engine_loader, on_fatal), name="load-models")
+        loading = asyncio.create_task(load_all(state, loader or engine_loader), name="load-models")
         try:
             yield
         finally:

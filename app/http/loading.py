@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +106,8 @@ def one_line(error: BaseException) -> str:
     return f"{kind}: {text}" if text else kind
 
 
-async def load_all(state: ServerState, loader: Loader, on_fatal: Callable[[str], None] | None) -> None:
-    """Load, warm up and publish every model; on any failure log one line and call `on_fatal`."""
+async def load_all(state: ServerState, loader: Loader) -> None:
+    """Load, warm up and publish every model; on any failure log one line and call `state.on_fatal`."""
     settings = state.settings
     current = "start-up"
     try:
@@ -130,8 +131,21 @@ async def load_all(state: ServerState, loader: Loader, on_fatal: Callable[[str],
         message = f"cannot load {current}: {one_line(e)}" if current != "start-up" else f"start-up error: {one_line(e)}"
         state.load_error = message
         log.error("%s", message)
-        if on_fatal is not None:
-            on_fatal(message)
+        if state.on_fatal is not None:
+            state.on_fatal(message)
+
+
+def device_lost(state: ServerState, loop: asyncio.AbstractEventLoop, name: str, model, error: Exception) -> str | None:  # type: ignore[no-untyped-def]
+    """`Batcher(fatal=...)`, on the forward thread after `model`'s forward raised `error`: the reason when the
+    device is lost for good (`Model.device_error`), and then the server stops (`ServerState.device_lost`) while
+    the batch's requests get 503; None for any other failure (the batcher retries its halves)."""
+    check = getattr(model, "device_error", None)
+    reason = check() if check is not None else None
+    if reason is None:
+        return None
+    message = f"model {name!r}: its device failed and cannot recover ({reason}); stopping for a new process"
+    loop.call_soon_threadsafe(state.device_lost, message)
+    return message
 
 
 def keep_out_of_garbage_collection() -> None:
@@ -170,6 +184,7 @@ async def load_one(state: ServerState, p: Planned, loader: Loader, models_dir: P
         lanes=lanes,
         on_batch=metrics.batch_size.labels(p.name).observe,
         on_depth=metrics.queue_depth.labels(p.name).set,
+        fatal=partial(device_lost, state, asyncio.get_running_loop(), p.name, model),
     )
     metrics.queue_depth.labels(p.name).set(0)  # present from the start, not from the first request
     batcher.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,8 @@ from app.batching import Batcher
 from app.decode import Decoder
 from app.metrics import Metrics
 from app.settings import Settings
+
+log = logging.getLogger("vitserve")
 
 
 @dataclass
@@ -68,20 +71,35 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     load_error: str | None = None
+    device_error: str | None = None  # a model's device failed for good while serving (`device_lost`)
     inflight: int = 0  # HTTP requests being answered
     thread_share: Any = None  # app.accel.ThreadShare: the forward's threads, shared by every model's CPU lanes
     on_drain: list[Callable[[], None]] = field(default_factory=list)
+    on_fatal: Callable[[str], None] | None = None  # told when the server cannot go on (the CLI then exits 1)
 
     @property
     def accepting(self) -> bool:
-        return self.ready and not self.draining
+        return self.ready and not self.draining and self.device_error is None
 
     def not_ready_reason(self) -> str:
+        if self.device_error:
+            return f"the server is stopping to be restarted: {self.device_error}; send requests to another instance"
         if self.draining:
             return "the server is shutting down; send requests to another instance"
         if self.load_error:
             return f"a model failed to load: {self.load_error}"
         return f"models are still loading ({len(self.models)} of {self.expected or '?'} ready); retry shortly"
+
+    def device_lost(self, message: str) -> None:
+        """A model's device can run nothing more (a sticky CUDA error): take no more requests and stop the process
+        (`on_fatal`), so that what supervises it (the `--workers` supervisor, a container's restart policy, an
+        orchestrator) starts a new one with a working device. On the event loop; only the first call counts."""
+        if self.device_error is not None:
+            return
+        self.device_error = message
+        log.critical("%s", message)
+        if self.on_fatal is not None:
+            self.on_fatal(message)
 
     def begin_drain(self) -> None:
         """SIGTERM: /readyz turns 503 and new /v1 requests get not_ready; accepted ones still finish."""

@@ -82,12 +82,16 @@ def rgb_array(image: Image.Image) -> np.ndarray:
 
 class Wrapped:
     """A real loaded model with an injected delay and/or fault: the forward raises for any batch holding a
-    pure white image (a server fault tied to one item, so split-on-failure can be seen isolating it)."""
+    pure white image (a server fault tied to one item, so split-on-failure can be seen isolating it). With
+    `sticky`, a white image is a CUDA fault that outlives its batch: every later forward raises too and
+    `device_error()` reports it, as after an illegal memory access on a GPU."""
 
-    def __init__(self, model, delay: float = 0.0, poison: bool = False):
+    def __init__(self, model, delay: float = 0.0, poison: bool = False, sticky: bool = False):
         self._model = model
         self.delay = delay
-        self.poison = poison
+        self.poison = poison or sticky
+        self.sticky = sticky
+        self.lost: str | None = None
         self.batch_sizes: list[int] = []
         self.forwards: list[tuple[int, int]] = []  # (thread, its intra-op threads) per forward
         self.most_at_once = 0
@@ -106,12 +110,19 @@ class Wrapped:
         try:
             if self.delay:
                 time.sleep(self.delay)
+            if self.lost:
+                raise RuntimeError(self.lost)
             if self.poison and bool((pixels.flatten(1) >= 0.999).all(dim=1).any()):
+                if self.sticky:
+                    self.lost = "CUDA error: an illegal memory access was encountered (injected)"
                 raise RuntimeError("injected fault: a white image")
             return self._model(pixels, attentions, layers)
         finally:
             with self._lock:
                 self._running -= 1
+
+    def device_error(self) -> str | None:
+        return self.lost
 
 
 def wrapping_loader(created: list | None = None, **kw):

@@ -281,6 +281,34 @@ def test_a_forward_fault_is_split_off_and_fails_alone_with_500(checkpoints, pngs
     assert metric(text, "vit_requests_total", endpoint="/v1/classify", status="200") == 4
 
 
+def test_a_device_lost_for_good_stops_the_server_with_503s_not_500s(checkpoints, pngs):
+    created, fatal = [], []
+    app = create_app(
+        settings_for(checkpoints, "tiny", max_wait_ms=200, max_batch_size=8),
+        loader=wrapping_loader(created, sticky=True),
+        on_fatal=fatal.append,
+    )
+
+    async def main():
+        async with serve(app) as client:
+            created[0].batch_sizes.clear()
+            jobs = [classify(client, p) for p in pngs]
+            jobs.insert(2, classify(client, white()))
+            answers = await asyncio.gather(*jobs)
+            await asyncio.sleep(0.05)  # the forward thread hands the news to the event loop
+            later = await classify(client, pngs[0])
+            return answers, later, await client.get("/readyz"), await client.get("/healthz")
+
+    answers, later, readyz, healthz = asyncio.run(main())
+    # the batch that met the fault is not split into single-image retries that all fail: its requests, and
+    # every one after it, get 503 and are told to go elsewhere; none gets a 500
+    assert [r.status_code for r in answers] == [503] * 5 and created[0].batch_sizes == [5]
+    assert all(r.json()["error"]["code"] == "not_ready" for r in answers)
+    assert later.status_code == 503 and "illegal memory access" in later.json()["error"]["message"]
+    assert readyz.status_code == 503 and healthz.status_code == 200  # until the process has exited
+    assert len(fatal) == 1 and "'tiny'" in fatal[0] and "illegal memory access" in fatal[0]
+
+
 def test_504_timeout_drops_the_work(checkpoints, pngs):
     created = []
     settings = settings_for(checkpoints, "tiny", request_timeout_s=0.3, max_batch_size=1, max_wait_ms=0)
