@@ -6,6 +6,7 @@ Nothing here knows about HTTP or batching; the server and the Python API share t
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from app.checkpoints import Checkpoint, CheckpointError, read_checkpoint
 from app.model import VisionTransformer, ViTConfig, resample_pos_embed
 from app.model.float8 import float8_problem, to_float8
 from app.preprocess import Normalizer, PreprocessConfig, to_model_pixels
+
+log = logging.getLogger("vitserve")
 
 # name -> the dtype of the weights and activations; float8 multiplies in float8 around bfloat16 (app.model.float8)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float8": torch.bfloat16}
@@ -270,8 +273,11 @@ def load_model(
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if dtype == "float8" and (problem := float8_problem(dev)):
-        raise CheckpointError(f"--dtype float8: {problem}")
+    if dtype == "float8":
+        if problem := float8_problem(dev):
+            raise CheckpointError(f"--dtype float8: {problem}")
+        if dev.type == "cpu":
+            log.warning("--dtype float8 on the CPU is emulated: a third of bfloat16's speed (for checking accuracy)")
     ckpt = read_checkpoint(spec, arch=arch, models_dir=models_dir)
     net = build_model(ckpt, image_size)
     return Model(ckpt, net, dev, dt, compile=compile, float8=dtype == "float8")
