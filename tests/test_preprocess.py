@@ -52,6 +52,27 @@ def test_matches_transformers_pil_processor(name, photos, tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
 
 
+UNSUPPORTED = {
+    "longest edge": ({"size": {"shortest_edge": 224, "longest_edge": 400}}, "longest_edge is not supported"),
+    "size of another form": ({"size": "224"}, "unsupported size: '224'"),
+    "crop without height": (
+        {"do_center_crop": True, "crop_size": {"shortest_edge": 224}},
+        "crop_size needs height and width",
+    ),
+    "unknown resample": ({"resample": 9}, "unknown resample 9"),
+    "two-channel mean": ({"image_mean": [0.5, 0.5]}, "need 3 values"),
+}
+
+
+@pytest.mark.parametrize("name", UNSUPPORTED)
+def test_processor_settings_we_cannot_reproduce_are_refused_by_name(name):
+    from app.checkpoints import CheckpointError
+
+    pp, words = UNSUPPORTED[name]
+    with pytest.raises(CheckpointError, match=words):
+        hf.preprocess_config(pp, (224, 224), "test")
+
+
 def test_transformers_crop_margin_is_floored(photos):
     """The odd margins of a 221 crop: transformers floors them, torchvision rounds; the floor is what we use."""
     pp = PROCESSOR_CONFIGS["shortest_edge_and_crop"]

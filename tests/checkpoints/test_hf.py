@@ -176,11 +176,19 @@ def test_preprocessor_config_is_used(perturb, tmp_path):
     assert pre["resize"] == [32, 32] and pre["interpolation"] == "bicubic" and pre["mean"] == [0.1, 0.2, 0.3]
 
 
-def test_other_activation_is_refused(perturb, tmp_path):
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"hidden_act": "gelu_new"}, "hidden_act 'gelu_new'"),
+        ({"num_channels": 1}, "num_channels 1 is not supported"),
+        ({"patch_size": [8, 16]}, r"non-square patches \[8, 16\]"),
+    ],
+)
+def test_a_config_we_cannot_reproduce_is_refused_by_name(change, words, perturb, tmp_path):
     folder = save(hf_model("square", perturb), tmp_path / "vit", "safetensors")
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu_new"}))
-    with pytest.raises(CheckpointError, match="hidden_act 'gelu_new'"):
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=words):
         read_checkpoint(str(folder))
 
 
