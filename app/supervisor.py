@@ -211,7 +211,9 @@ class Supervisor:
                     self.on_ready(worker)
                 elif kind == "fatal":
                     worker.fatal = rest[0]
-                    if not self.stopping:
+                    # one that could not start stops them all (the others load the same models); one that was
+                    # serving (its device failed for good) exits by itself and is replaced (`on_exit`)
+                    if not self.stopping and not worker.ready:
                         self.fail(worker)
         except (EOFError, OSError):  # it exited; its sentinel says how
             pass

@@ -4,7 +4,8 @@
   and images of both (prometheus-client's multiprocess mode), also those of a worker that has died;
 - a worker killed with SIGKILL is replaced while the other keeps answering; SIGTERM drains both, the
   supervisor exits 0 and removes its metrics directory;
-- a checkpoint that cannot be loaded ends the supervisor with status 1 and one error line;
+- a checkpoint that cannot be loaded ends the supervisor with status 1 and one error line; a worker that reports
+  a fatal error once serving (a GPU lost for good) is left to exit and be replaced;
 - the option itself: `--workers` / `VIT_WORKERS`, at least 1; the supervisor imports no torch.
 """
 
@@ -175,6 +176,31 @@ def test_a_bad_checkpoint_stops_every_worker_with_one_line(tmp_path):
     assert (code, len(errors), "Traceback" in out) == (1, 1, False), out  # the supervisor's line, no worker's
     assert str(bad) in errors[0] and "'broken'" in errors[0]
     assert list(tmp.glob("vitserve-metrics-*")) == []
+
+
+def test_a_worker_that_fails_before_ready_stops_all_one_that_fails_while_serving_is_replaced(tmp_path):
+    import multiprocessing
+
+    from app.settings import Settings
+    from app.supervisor import Supervisor, Worker
+
+    ctx = multiprocessing.get_context("spawn")
+    outcomes = []
+    for ready in (False, True):
+        supervisor = Supervisor(Settings(workers=2), sock=None, metrics_dir=str(tmp_path))
+        process = ctx.Process(target=time.sleep, args=(0.1,))
+        process.start()
+        ours, theirs = ctx.Pipe()
+        worker = Worker(0, process, ours)
+        supervisor.workers = [worker]
+        if ready:
+            theirs.send(("ready",))
+        theirs.send(("fatal", "model 'tiny': its device failed and cannot recover"))
+        supervisor.read(worker)
+        process.join()
+        outcomes.append((supervisor.stopping, supervisor.exit_code, worker.fatal))
+    assert outcomes[0][:2] == (True, 1)  # a load failure: every worker stops, the supervisor exits 1
+    assert outcomes[1][:2] == (False, 0) and "device failed" in outcomes[1][2]  # replaced when it exits
 
 
 def test_workers_option_and_variable(monkeypatch):
