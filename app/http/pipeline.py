@@ -59,7 +59,7 @@ def pick_model(state: ServerState, name: str | None) -> ServedModel:
     served = state.models.get(name)
     if served is None:
         known = ", ".join(state.models)
-        raise ApiError(404, "model_not_found", f"no model named {name!r}; loaded models: {known}")
+        raise ApiError(404, "model_not_found", f"no model named {name[:100]!r}; loaded models: {known}")
     return served
 
 

@@ -41,7 +41,16 @@ from app.decode import ImageError
 from app.http.errors import ApiError, internal_error, invalid
 from app.http.inputs import read_body, too_many
 from app.http.middleware import note, request_id_of
-from app.http.pipeline import expect, guarded, image_decoder, image_error_index, reserve, state_of, to_item
+from app.http.pipeline import (
+    expect,
+    guarded,
+    image_decoder,
+    image_error_index,
+    pick_model,
+    reserve,
+    state_of,
+    to_item,
+)
 from app.http.responses import FastJSON
 from app.http.state import ServedModel, ServerState
 from app.http.v1 import require_api_key, require_ready
@@ -144,11 +153,9 @@ async def ready(request: Request) -> Response:
 
 
 def find_model(state: ServerState, name: str, version: str | None = None) -> ServedModel:
-    served = state.models.get(name)
-    if served is None:
-        raise ApiError(404, "model_not_found", f"no model named {name!r}; loaded models: {', '.join(state.models)}")
+    served = pick_model(state, name)  # a path segment: never empty
     if version is not None and version != VERSION:
-        raise ApiError(404, "model_not_found", f"model {name!r} has no version {version!r}; its only version is 1")
+        raise ApiError(404, "model_not_found", f"model {name!r} has no version {version[:40]!r}; its only version is 1")
     return served
 
 

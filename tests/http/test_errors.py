@@ -130,6 +130,9 @@ def test_404_model_not_found(client, png):
     error(client.get("/v1/models/nope/position-similarity"), 404, "model_not_found")
     # a model parameter is a name, never a path
     error(client.post("/v1/classify?model=../../etc/passwd", content=png, headers=RAW), 404, "model_not_found")
+    # an unknown name is quoted back cut short, not echoed whole
+    err = error(client.post(f"/v1/classify?model={'x' * 20_000}", content=png, headers=RAW), 404, "model_not_found")
+    assert len(err["message"]) < 300
 
 
 def test_404_not_found_and_405_method_not_allowed(client):
