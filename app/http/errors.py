@@ -37,8 +37,15 @@ class ApiError(Exception):
         self.extra = extra
 
 
+MAX_MESSAGE = 500  # characters: a message may quote what the client sent (a name, a path), never all of it
+
+
+def cut(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"
+
+
 def envelope(code: str, message: str, **extra: Any) -> dict:
-    return {"error": {"code": code, "message": message, **extra}}
+    return {"error": {"code": code, "message": cut(message), **extra}}
 
 
 def error_response(

@@ -38,7 +38,7 @@ from starlette.responses import Response
 
 from app.batching import Admission, ForwardFailed, Stopped
 from app.decode import ImageError
-from app.http.errors import ApiError, internal_error, invalid
+from app.http.errors import ApiError, cut, internal_error, invalid
 from app.http.inputs import read_body, too_many
 from app.http.middleware import note, request_id_of
 from app.http.pipeline import (
@@ -71,7 +71,7 @@ def is_v2(path: str) -> bool:
 
 
 def v2_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return FastJSON({"error": message}, status_code=status, headers=headers)
+    return FastJSON({"error": cut(message)}, status_code=status, headers=headers)
 
 
 class V2Route(APIRoute):

@@ -135,6 +135,15 @@ def test_404_model_not_found(client, png):
     assert len(err["message"]) < 300
 
 
+def test_no_message_echoes_a_long_input_whole(client):
+    """Messages quote what the client sent (a path, a tensor's name), cut to 500 characters at most."""
+    long_path = error(client.get("/v1/" + "p" * 20_000), 404, "not_found")["message"]
+    assert len(long_path) == 500 and long_path.endswith("…")
+    tensor = {"name": "n" * 100_000, "datatype": "FP128", "shape": [1], "data": [1]}
+    r = client.post("/v2/models/tiny/infer", json={"inputs": [tensor]})
+    assert r.status_code == 422 and len(r.json()["error"]) == 500
+
+
 def test_404_not_found_and_405_method_not_allowed(client):
     error(client.get("/v3/nothing/here"), 404, "not_found")  # under /v2 errors take the v2 protocol's shape
     error(client.post("/v1/unknown"), 404, "not_found")
