@@ -80,17 +80,16 @@ def to_float8(net: nn.Module) -> int:
 
 
 def float8_problem(device: torch.device) -> str | None:
-    """Why float8 multiplies cannot run on `device`, or None when they can."""
+    """Why float8 multiplies cannot run on `device`, or None when they can: a GPU without float8 tensor cores, or
+    a torch that cannot do `Float8Linear`'s multiply there (tried once on a 16 x 16 layer)."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < (8, 9):
             name = torch.cuda.get_device_name(device)
             return f"float8 needs float8 tensor cores (compute capability 8.9 or higher); {name} is {major}.{minor}"
-        return None
     try:
-        one = torch.ones(16, 16, dtype=FLOAT8, device=device)
-        scale = torch.ones((), device=device)
-        torch._scaled_mm(one, one.t(), scale_a=scale, scale_b=scale, out_dtype=ACTIVATIONS)
+        layer = Float8Linear(nn.Linear(16, 16, device=device))
+        layer(torch.ones(2, 16, dtype=ACTIVATIONS, device=device)).cpu()
     except (RuntimeError, NotImplementedError, AttributeError) as e:
-        return f"this build of torch cannot multiply float8 matrices on {device}: {e}"
+        return f"this build of torch cannot multiply float8 matrices on {device}: {' '.join(str(e).split())}"
     return None
