@@ -149,7 +149,7 @@ def test_cuda_device_error_reports_a_sticky_fault(tiny_checkpoint):
         "print('device error:', model.device_error())\n"
     )
     child = subprocess.run(
-        [sys.executable, "-c", code, str(tiny_checkpoint)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code, str(tiny_checkpoint)], capture_output=True, text=True, timeout=60
     )
     assert child.returncode == 0, child.stderr
     assert "device error: " in child.stdout and "device error: None" not in child.stdout

@@ -1,6 +1,6 @@
 """`--dtype float8` (app.model.float8): float8 e4m3 multiplies in the blocks' linear layers, bfloat16 around them.
 
-On this CPU `torch._scaled_mm` is emulated; the tests check the numbers, and the CUDA test the GPU path where
+On this CPU `torch._scaled_mm` is emulated; the tests check the numbers, and the CUDA tests the GPU path where
 there is a GPU with float8 tensor cores.
 """
 
@@ -18,7 +18,8 @@ from app.model import ViTConfig
 from app.model.float8 import Float8Linear, float8_problem, to_float8
 from app.train import score
 
-pytestmark = pytest.mark.skipif(float8_problem(torch.device("cpu")) is not None, reason="no float8 matmul here")
+# the CPU tests need torch's (emulated) float8 multiply on the CPU; the CUDA tests only a GPU that has one
+cpu_float8 = pytest.mark.skipif(float8_problem(torch.device("cpu")) is not None, reason="no float8 on this CPU")
 
 
 def _float8_gpu() -> bool:
@@ -29,6 +30,7 @@ def _reference(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.double(), linear.weight.double(), linear.bias.double())
 
 
+@cpu_float8
 def test_float8_linear_scales_each_weight_channel_and_each_input_row():
     # Channels and rows six orders of magnitude apart: with one scale for the whole tensor the small ones would
     # fall below e4m3's smallest number (2^-9 of the scale) and come out as zeros.
@@ -52,6 +54,7 @@ def test_float8_linear_scales_each_weight_channel_and_each_input_row():
     assert (y != 0).all()
 
 
+@cpu_float8
 def test_float8_linear_is_close_to_the_float32_layer():
     g = torch.Generator().manual_seed(1)
     linear = nn.Linear(128, 256)
@@ -61,6 +64,7 @@ def test_float8_linear_is_close_to_the_float32_layer():
     assert (y - ref).norm() / ref.norm() < 0.05  # about 0.03: e4m3's rounding, averaged over 128 products
 
 
+@cpu_float8
 def test_to_float8_converts_the_block_linears_it_can(make_tiny_vit, tiny_config):
     odd = ViTConfig(**{**tiny_config.to_dict(), "image_size": (32, 32), "mlp_dim": 40})  # the MLP: not x16
     for config, expected in ((tiny_config, 4), (odd, 2)):
@@ -71,6 +75,7 @@ def test_to_float8_converts_the_block_linears_it_can(make_tiny_vit, tiny_config)
         assert isinstance(net.head, nn.Linear) and net.patch_embed.proj.weight.dtype == torch.bfloat16
 
 
+@cpu_float8
 def test_load_model_float8(tiny_checkpoint, pixels):
     exact = app.load_model(str(tiny_checkpoint))(pixels)
     model = app.load_model(str(tiny_checkpoint), dtype="float8", compile="auto")
@@ -90,6 +95,7 @@ def test_load_model_float8(tiny_checkpoint, pixels):
     torch.testing.assert_close(maps.attentions[-1].sum(-1), torch.ones(2, 2, 17), atol=1e-2, rtol=0)
 
 
+@cpu_float8
 def test_float8_keeps_the_bundled_digit_models_accuracy():
     images, labels = digits.mnist_test_images()
     exact = app.load_model("mnist-vit")
@@ -102,16 +108,17 @@ def test_float8_keeps_the_bundled_digit_models_accuracy():
 
 
 @pytest.mark.skipif(not _float8_gpu(), reason="needs a GPU with float8 tensor cores")
-def test_float8_on_cuda_matches_the_cpu_and_runs_under_cuda_graphs(tiny_checkpoint, pixels):
-    cpu = app.load_model(str(tiny_checkpoint), dtype="float8")(pixels)
+def test_float8_on_cuda_is_close_to_float32_and_runs_under_cuda_graphs(tiny_checkpoint, pixels):
+    exact = app.load_model(str(tiny_checkpoint))(pixels)
     model = app.load_model(str(tiny_checkpoint), device="cuda", dtype="float8", compile="auto")
     eager = model(pixels)
     model.warmup(2)
     graphed = model(pixels)
     assert model.accel_strategy == "cudagraph"
     torch.testing.assert_close(graphed.logits, eager.logits)
-    # the device rounds some activations to other float8 neighbours (its LayerNorm, fast accumulation): as bf16 does
-    torch.testing.assert_close(eager.logits.cpu(), cpu.logits, atol=0.1, rtol=0.05)
+    logits = eager.logits.cpu()  # the same bounds as on the CPU (test_load_model_float8)
+    torch.testing.assert_close(logits, exact.logits, atol=0.1, rtol=0.1)
+    assert F.cosine_similarity(logits, exact.logits).min() > 0.99
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or _float8_gpu(), reason="needs a GPU without float8 tensor cores")
