@@ -65,10 +65,9 @@ def digit_accuracy(device: str) -> dict:
     return result
 
 
-def photo_agreement(shape: str, device: str, folder) -> dict:  # type: ignore[no-untyped-def]
+def photo_agreement(spec: str, shape: str, device: str) -> dict:
     import app
 
-    spec = str(common.write_native_checkpoint(shape, folder / shape))
     images = photos()
     out, result = {}, {"shape": shape, "images": len(images)}
     for dtype in DTYPES:
@@ -80,10 +79,9 @@ def photo_agreement(shape: str, device: str, folder) -> dict:  # type: ignore[no
     return result
 
 
-def speed(shape: str, device: str, batches: list[int], mode: str, seconds: float, folder) -> list[dict]:  # type: ignore[no-untyped-def]
+def speed(spec: str, shape: str, device: str, batches: list[int], mode: str, seconds: float) -> list[dict]:
     import app
 
-    spec = str(common.write_native_checkpoint(shape, folder / shape))
     models = {}
     for dtype in ("bfloat16", "float8"):
         models[dtype] = app.load_model(spec, device=device, dtype=dtype, compile=mode)
@@ -108,11 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
     shape = args.shape or ("b16" if cuda else "s16")
     batches = [int(b) for b in (args.batch_sizes or ("1,64,256" if cuda else "8")).split(",")]
     seconds = args.seconds if args.seconds is not None else (3.0 if cuda else 8.0)
-    folder = common.temp_dir("vitserve-float8-")
+    spec = str(common.write_native_checkpoint(shape, common.temp_dir("vitserve-float8-") / shape))  # random weights
     result = {"bench": "float8", "device": args.device, "env": common.environment(args.device), "args": vars(args)}
     result["digits"] = digit_accuracy(args.device)
-    result["photos"] = photo_agreement(shape, args.device, folder)
-    result["speed"] = speed(shape, args.device, batches, args.compile, seconds, folder)
+    result["photos"] = photo_agreement(spec, shape, args.device)
+    result["speed"] = speed(spec, shape, args.device, batches, args.compile, seconds)
     print(summary(result))
     common.write_json(result, args.out)
     return result
