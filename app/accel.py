@@ -35,7 +35,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
 
 import torch
 from torch import nn
@@ -44,7 +43,6 @@ from app.model.float8 import Float8Linear
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["off", "auto", "on"]
 MODES: tuple[str, ...] = ("off", "auto", "on")
 STRATEGIES: tuple[str, ...] = ("eager", "onednn", "compile", "cudagraph", "compile+cudagraph")
 Result = tuple[torch.Tensor, torch.Tensor | None]
@@ -105,8 +103,6 @@ def resolve_strategy(mode: str, device: torch.device) -> str:
     if strategy == "onednn" and (device.type != "cpu" or not has_onednn_linear()):
         raise ValueError("strategy 'onednn' needs a CPU build of torch with oneDNN (mkldnn)")
     if strategy == "compile" and device.type == "cpu" and not has_cpp_compiler():
-        if mode == "auto":
-            return "eager"
         raise ValueError("torch.compile on the CPU needs a C++ compiler (g++ or clang++); none was found")
     return strategy
 

@@ -71,6 +71,14 @@ class Entry:
     dropped: bool = False  # set on the event loop when its request has gone; read by the forward thread
 
 
+@dataclass
+class Staged:
+    """A batch prepared on the prepare thread, or what preparing it raised."""
+
+    batch: Any
+    error: Exception | None = None
+
+
 class Admission:
     """Room for `n` images in a batcher's queue; give it back with `release()` (or use `with`)."""
 
@@ -121,7 +129,6 @@ class Batcher:
         max_wait_s: float = 0.005,
         max_queue: int = 256,
         lanes: int = 1,
-        pipeline_depth: int = 2,
         on_batch: Callable[[int], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
         fatal: Callable[[Exception], str | None] | None = None,
@@ -133,7 +140,6 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.lanes = max(1, lanes)  # forwards that may run at once, one thread each
-        self.pipeline_depth = max(1, pipeline_depth)  # batches handed to a lane: 1 running + queued
         self._on_batch = on_batch or (lambda n: None)
         self._on_depth = on_depth or (lambda n: None)
         # after a forward fails: why no retry can succeed (the device is lost), or None; such a batch is not split
@@ -295,45 +301,44 @@ class Batcher:
             return full or waited_enough or nothing_coming
         if self._running < self.lanes:  # a free lane beside a running forward: no small batches
             return full or (waited_enough and nothing_coming)
-        return full and self._running < self.lanes + self.pipeline_depth - 1  # queued behind, ready to go
+        return full and self._running < self.lanes + 1  # one full batch queued behind them, prepared, ready to go
 
-    def _prepare_live(self, batch: list[Entry]) -> tuple[list[int], Callable[[], Any]]:
-        """On the prepare thread: prepare the entries not dropped yet; returns them and a thunk that gives the
-        prepared batch or raises what preparing raised (the forward thread then splits the batch)."""
+    def _prepare_live(self, batch: list[Entry]) -> tuple[list[int], Staged]:
+        """On the prepare thread: prepare the entries not dropped yet; returns them and the prepared batch, or
+        what preparing raised (the forward thread then splits the batch)."""
         live = [i for i, e in enumerate(batch) if not e.dropped]
         if not live:
-            return live, lambda: None
+            return live, Staged(None)
         assert self.prepare is not None
         try:
-            prepared = self.prepare([batch[i].item for i in live])
+            return live, Staged(self.prepare([batch[i].item for i in live]))
         except Exception as e:
-            error = e
-            return live, lambda: _raise(error)
-        return live, lambda: prepared
+            return live, Staged(None, e)
 
     def _timed_forward(self, batch: list[Entry], staged: Future | None) -> tuple[list[Any], float]:
         """On the forward thread: skip entries dropped while the batch waited its turn, run the rest."""
         started = time.monotonic()
         if staged is None:
-            live = [i for i, e in enumerate(batch) if not e.dropped]
-            attempt = None
+            live, prepared = [i for i, e in enumerate(batch) if not e.dropped], None
         else:
-            live, get = staged.result()  # prepared beside the previous forward: normally ready by now
-            attempt = lambda: self.run_batch(get())  # noqa: E731
+            live, prepared = staged.result()  # prepared beside the previous forward: normally ready by now
         results: list[Any] = [Stopped("the request has gone")] * len(batch)
         if live:
-            for i, result in zip(live, self._forward([batch[i].item for i in live], attempt), strict=True):
+            for i, result in zip(live, self._forward([batch[i].item for i in live], prepared), strict=True):
                 results[i] = result
         return results, time.monotonic() - started
 
-    def _run_items(self, items: list[Any]) -> Sequence[Any]:
-        return self.run_batch(self.prepare(items) if self.prepare is not None else items)
-
-    def _forward(self, items: list[Any], attempt: Callable[[], Sequence[Any]] | None = None) -> list[Any]:
-        """On the forward thread: the whole batch (`attempt`, or both steps here), or its halves on failure,
-        down to single items."""
+    def _forward(self, items: list[Any], staged: Staged | None = None) -> list[Any]:
+        """On the forward thread: the whole batch (already prepared if `staged`, else both steps here), or its
+        halves on failure, down to single items."""
         try:
-            results = list(attempt() if attempt is not None else self._run_items(items))
+            if staged is None:
+                batch = self.prepare(items) if self.prepare is not None else items
+            elif staged.error is not None:
+                raise staged.error
+            else:
+                batch = staged.batch
+            results = list(self.run_batch(batch))
             if len(results) != len(items):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(items)} items")
             self._on_batch(len(items))
@@ -371,7 +376,3 @@ class Batcher:
                 entry.future.set_exception(result)
             else:
                 entry.future.set_result(result)
-
-
-def _raise(error: Exception) -> Any:
-    raise error

@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ import torch.nn.functional as F
 from app import analysis
 from app.decode import Encoded, ImageError
 from app.transfer import stack_host
+
+if TYPE_CHECKING:
+    from app.engine import Model
 
 log = logging.getLogger("vitserve")
 
@@ -59,9 +62,6 @@ class AttentionMap:
 @dataclass(frozen=True)
 class AttentionDistance:
     key = ATTENTION
-
-
-TENSOR_OUTPUTS = ("probabilities", "logits", "embedding", "attention_rollout")
 
 
 @dataclass(frozen=True)
@@ -120,15 +120,15 @@ class _DeviceState:
         self.stager = PinnedStager(device)
 
 
-def _on_cuda(model) -> bool:  # type: ignore[no-untyped-def]
-    return getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
+def _on_cuda(model: Model) -> bool:
+    return model.device.type == "cuda"
 
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _STATES_LOCK = threading.Lock()
 
 
-def _device_state(model) -> _DeviceState:  # type: ignore[no-untyped-def]
+def _device_state(model: Model) -> _DeviceState:
     with _STATES_LOCK:
         state = _STATES.get(model)
         if state is None:
@@ -136,7 +136,7 @@ def _device_state(model) -> _DeviceState:  # type: ignore[no-untyped-def]
         return state
 
 
-def prepare_batch(model, items: list[Item]) -> Prepared:  # type: ignore[no-untyped-def]
+def prepare_batch(model: Model, items: list[Item]) -> Prepared:
     """Decode, stack, copy and normalise a batch (`Batcher`'s prepare step; it may run on another thread than
     the forward). On CUDA all of it is enqueued on a side stream, from pinned memory, without blocking the host.
 
@@ -147,7 +147,7 @@ def prepare_batch(model, items: list[Item]) -> Prepared:  # type: ignore[no-unty
     kinds = {_preprocessed(item) for item in items}
     if len(kinds) != 1:
         raise ValueError("one batch mixes uint8 and preprocessed float pixels; batch them apart (batch_key)")
-    dtype = getattr(model, "dtype", torch.float32)
+    dtype = model.dtype
     cuda = _on_cuda(model)
     state = _device_state(model) if cuda else None
     with torch.inference_mode(), torch.cuda.stream(state.stream) if state else contextlib.nullcontext():
@@ -162,7 +162,7 @@ def prepare_batch(model, items: list[Item]) -> Prepared:  # type: ignore[no-unty
     return prepared
 
 
-def _prepare_uint8(model, items: list[Item], dtype: torch.dtype, state: _DeviceState | None) -> Prepared:  # type: ignore[no-untyped-def]
+def _prepare_uint8(model: Model, items: list[Item], dtype: torch.dtype, state: _DeviceState | None) -> Prepared:
     cfg = model.preprocess_config
     host = [i for i, item in enumerate(items) if isinstance(item.pixels, np.ndarray)]
     arrays: list[np.ndarray] = [items[i].pixels for i in host]  # type: ignore[misc]
@@ -193,7 +193,7 @@ def _prepare_uint8(model, items: list[Item], dtype: torch.dtype, state: _DeviceS
     return Prepared(items, inputs, host + on_device, errors)
 
 
-def _await_prepared(model, prepared: Prepared) -> None:  # type: ignore[no-untyped-def]
+def _await_prepared(model: Model, prepared: Prepared) -> None:
     """Make the current stream wait for the side stream's work on `prepared`, and tell the caching allocator that
     the current stream uses its memory (so it is not handed out again before the forward has read it)."""
     if prepared.ready is None:
@@ -209,7 +209,7 @@ class Predictions:
     scores: np.ndarray  # float32 (k,), softmax probabilities, highest first
 
 
-def forward_lanes(model, threads: int, requested: int | None = None) -> int:  # type: ignore[no-untyped-def]
+def forward_lanes(model: Model, threads: int, requested: int | None = None) -> int:
     """How many forwards of `model` may run at once (`Batcher(lanes=...)`), sharing its `threads` intra-op
     threads: `requested` (`--lanes`), else 2 on a CPU with two threads or more.
 
@@ -224,7 +224,7 @@ def forward_lanes(model, threads: int, requested: int | None = None) -> int:  # 
     if _on_cuda(model) or not per_thread_intra_op():
         return 1
     try:
-        strategy = resolve_strategy(getattr(model, "compile_mode", "off"), torch.device("cpu"))
+        strategy = resolve_strategy(model.compile_mode, torch.device("cpu"))
     except ValueError:  # a mode this CPU cannot build: the model's warm-up reports it
         return 1
     if strategy not in ("eager", "onednn"):
@@ -234,7 +234,7 @@ def forward_lanes(model, threads: int, requested: int | None = None) -> int:  # 
     return 2 if threads >= 2 else 1
 
 
-def batch_steps(model, share=None) -> dict[str, Callable]:  # type: ignore[no-untyped-def]
+def batch_steps(model: Model, share=None) -> dict[str, Callable]:
     """The `Batcher` arguments for `model`: on CUDA a prepare step (stack, pinned copy, decode, normalise on a
     side stream) that the batcher runs on its own thread beside the forward; on the CPU one step, as nothing
     there would overlap (the forward already uses every core). `share` (an `app.accel.ThreadShare`, with lanes):
@@ -246,17 +246,17 @@ def batch_steps(model, share=None) -> dict[str, Callable]:  # type: ignore[no-un
     return {"run_batch": partial(run_batch, model)}
 
 
-def _run_batch_shared(model, share, items: list[Item]) -> list[object]:  # type: ignore[no-untyped-def]
+def _run_batch_shared(model: Model, share, items: list[Item]) -> list[object]:
     with share.slot():
         return run_batch(model, items)
 
 
-def run_batch(model, items: list[Item]) -> list[object]:  # type: ignore[no-untyped-def]
+def run_batch(model: Model, items: list[Item]) -> list[object]:
     """One forward for `items` (all of one path) -> one CPU result per item, in order."""
     return forward_batch(model, prepare_batch(model, items))
 
 
-def forward_batch(model, prepared: Prepared) -> list[object]:  # type: ignore[no-untyped-def]
+def forward_batch(model: Model, prepared: Prepared) -> list[object]:
     """The forward of a prepared batch (`Batcher`'s forward step) -> one CPU result per item, in order; an item
     that could not be decoded gets its `ImageError` as its result."""
     items = prepared.items
@@ -280,7 +280,7 @@ def forward_batch(model, prepared: Prepared) -> list[object]:  # type: ignore[no
     return results
 
 
-def _layers_read(model, items: list[Item]) -> set[int] | None:  # type: ignore[no-untyped-def]
+def _layers_read(model: Model, items: list[Item]) -> set[int] | None:
     """The layers whose attention maps the batch reads: one each for class-token maps, all (None) for the rollout and
     the distances. The other layers keep the fused attention kernel (materialised weights cost a few percent of
     the forward on a CPU, about half of it on a GPU)."""
@@ -293,7 +293,7 @@ def _layers_read(model, items: list[Item]) -> set[int] | None:  # type: ignore[n
     return layers
 
 
-def _classify(model, out, index: list[int], tasks: list[Classify]) -> list[Predictions]:  # type: ignore[no-untyped-def]
+def _classify(model: Model, out, index: list[int], tasks: list[Classify]) -> list[Predictions]:
     if out.logits is None:
         raise ValueError("this model has no classification head")
     k = max(t.top_k for t in tasks)
@@ -303,7 +303,7 @@ def _classify(model, out, index: list[int], tasks: list[Classify]) -> list[Predi
     return [Predictions(indices[j, : t.top_k], scores[j, : t.top_k]) for j, t in enumerate(tasks)]
 
 
-def _embed(model, out, index: list[int], tasks: list[Embed]) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+def _embed(model: Model, out, index: list[int], tasks: list[Embed]) -> list[np.ndarray]:
     rows = out.embedding[index].float()  # (n, D) class tokens
     if any(t.pool == "mean" for t in tasks):  # decided on the host: no device sync
         mean = torch.tensor([t.pool == "mean" for t in tasks], device=rows.device)
@@ -322,7 +322,7 @@ def _rows(maps: list[torch.Tensor | None], index: list[int]) -> list[torch.Tenso
     return maps if index == list(range(rows)) else [None if a is None else a[index] for a in maps]
 
 
-def _attention_map(model, out, index: list[int], tasks: list[AttentionMap]) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+def _attention_map(model: Model, out, index: list[int], tasks: list[AttentionMap]) -> list[np.ndarray]:
     grid = tuple(model.config.grid)
     maps: list[torch.Tensor | None] = [None] * len(tasks)
     by_kind: dict[tuple, list[int]] = defaultdict(list)
@@ -337,13 +337,13 @@ def _attention_map(model, out, index: list[int], tasks: list[AttentionMap]) -> l
     return list(stacked)
 
 
-def _attention_distance(model, out, index: list[int], tasks: list[AttentionDistance]) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+def _attention_distance(model: Model, out, index: list[int], tasks: list[AttentionDistance]) -> list[np.ndarray]:
     attns = _rows(out.attentions, index)
     dist = analysis.attention_distance(attns, tuple(model.config.grid), model.config.patch_size)
     return list(dist.float().cpu().numpy())
 
 
-def _tensors(model, out, index: list[int], tasks: list[Tensors]) -> list[dict[str, np.ndarray]]:  # type: ignore[no-untyped-def]
+def _tensors(model: Model, out, index: list[int], tasks: list[Tensors]) -> list[dict[str, np.ndarray]]:
     wanted = {name for t in tasks for name in t.outputs}
     computed: dict[str, np.ndarray] = {}
     if wanted & {"logits", "probabilities"}:
@@ -372,13 +372,13 @@ HANDLERS = {
 }
 
 
-def position_similarity(model) -> np.ndarray:  # type: ignore[no-untyped-def]
+def position_similarity(model: Model) -> np.ndarray:
     """(N, N) cosine similarity of the model's patch position embeddings, on the CPU."""
     with torch.inference_mode():
         return analysis.position_similarity(model.net.pos_embed.detach()).float().cpu().numpy()
 
 
-def warmup_items(model, batch_size: int, key: str, jpeg_decoder: str = "auto") -> list[Item]:  # type: ignore[no-untyped-def]
+def warmup_items(model: Model, batch_size: int, key: str, jpeg_decoder: str = "auto") -> list[Item]:
     """Dummy items that exercise one path at one batch size; where `jpeg_decoder` (the --jpeg-decoder choice)
     decodes on the device, the first is a small JPEG, so that nvJPEG is set up before the first request."""
     h, w = model.preprocess_config.output_size
@@ -393,7 +393,7 @@ def warmup_items(model, batch_size: int, key: str, jpeg_decoder: str = "auto") -
     if key == FAST and batch_size:
         from app import gpu_decode
 
-        if gpu_decode.use_for(jpeg_decoder, getattr(model, "device", None), model.preprocess_config):
+        if gpu_decode.use_for(jpeg_decoder, model.device, model.preprocess_config):
             items[0] = Item(_warmup_jpeg(), task)
     return items
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app.model import Attention, PatchEmbed, VisionTransformer, ViTConfig, grid_from_num_patches, resample_pos_embed
+from app.model import Attention, PatchEmbed, VisionTransformer, ViTConfig, resample_pos_embed
 
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 
@@ -123,12 +123,6 @@ def test_resample_pos_embed_matches_timm(old, new):
 def test_resample_pos_embed_keeps_dtype():
     pos = torch.randn(1, 17, 8).to(torch.bfloat16)
     assert resample_pos_embed(pos, (4, 4), (5, 5)).dtype == torch.bfloat16
-
-
-def test_grid_from_num_patches():
-    assert grid_from_num_patches(196) == (14, 14)
-    with pytest.raises(ValueError, match="square"):
-        grid_from_num_patches(10)
 
 
 def test_bfloat16_forward_keeps_attention_rows_normalised(make_tiny_vit):

@@ -21,33 +21,24 @@ folder name, e.g. `mnist-vit`); `list_repository` puts it first and sorts the re
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from app.checkpoints import hf, hub, native, timm, torchvision
 from app.checkpoints.base import Checkpoint, CheckpointError
 from app.checkpoints.files import WEIGHT_SUFFIXES, load_tensors, read_json, weight_files
+from app.settings import split_name
 
 DEFAULT_MARKER = "DEFAULT"
 PREFERRED_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-NAMED_SPEC = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.\-]*)=(.+)$")
 
 
 # -- names and the model repository ------------------------------------------------------------------
 
 
-def split_named_spec(spec: str) -> tuple[str | None, str]:
-    """Split "name=path" -> ("name", "path"); a spec without a name (or an existing path with "=") -> (None, spec)."""
-    m = NAMED_SPEC.match(spec)
-    if m is None or spec.startswith(hub.PREFIX) or Path(spec).exists():
-        return None, spec
-    return m.group(1), m.group(2)
-
-
 def model_name(spec: str) -> str:
     """The name a SPEC is served under: NAME of NAME=SPEC, else the folder's name, the file's stem,
     or the last part of a hub id."""
-    name, spec = split_named_spec(spec)
+    name, spec = split_name(spec)
     if name:
         return name
     if spec.startswith(hub.PREFIX):
@@ -97,7 +88,7 @@ def _default_name(repo: Path) -> str | None:
 
 def read_checkpoint(spec: str, arch: str | None = None, models_dir: str | Path | None = None) -> Checkpoint:
     """The checkpoint a SPEC names, in our parameter names, or a CheckpointError naming the spec."""
-    _, spec = split_named_spec(spec.strip())
+    _, spec = split_name(spec.strip())
     if spec.startswith(hub.PREFIX):
         return read_path(hub.download(spec), spec, arch)
     path = Path(spec).expanduser()

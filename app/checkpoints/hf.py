@@ -23,7 +23,7 @@ import torch
 
 from app.checkpoints.base import Checkpoint, CheckpointError
 from app.checkpoints.files import load_tensors, read_json
-from app.checkpoints.keys import fuse_qkv, infer_shape, refuse_unsupported, square_grid
+from app.checkpoints.keys import config_from_shape, fuse_qkv, infer_shape
 from app.checkpoints.tables import heads_for_width, timm_table, torchvision_table
 from app.model import ViTConfig
 from app.preprocess import HALF, PreprocessConfig
@@ -115,7 +115,6 @@ def build(
     num_heads: int | None = None,
 ) -> Checkpoint:
     state_dict = convert_state_dict(hf_state_dict, source)
-    refuse_unsupported(state_dict, source)
     shape = infer_shape(state_dict, source)
     config = vit_config(hf_config, shape, source) if hf_config else _config_from_keys(shape, source, num_heads)
     preprocess = preprocess_config(preprocessor, config.image_size, source)
@@ -181,19 +180,10 @@ def vit_config(hf: dict, shape: dict, source: str) -> ViTConfig:
 
 
 def _config_from_keys(shape: dict, source: str, num_heads: int | None = None) -> ViTConfig:
-    grid, patch = square_grid(shape["num_positions"], source), shape["patch_size"]
-    return ViTConfig(
-        image_size=(grid[0] * patch, grid[1] * patch),
-        patch_size=patch,
-        in_chans=shape["in_chans"],
-        embed_dim=shape["embed_dim"],
-        depth=shape["depth"],
-        num_heads=num_heads
-        or heads_for_width(shape["embed_dim"], source, hint="put the model's config.json beside the weights"),
-        mlp_dim=shape["mlp_dim"],
-        num_classes=shape["num_classes"],
-        qkv_bias=shape["qkv_bias"],
-        layer_norm_eps=LAYER_NORM_EPS,
+    hint = "put the model's config.json beside the weights"
+    num_heads = num_heads or heads_for_width(shape["embed_dim"], source, hint=hint)
+    return config_from_shape(
+        shape, source, num_heads=num_heads, qkv_bias=shape["qkv_bias"], layer_norm_eps=LAYER_NORM_EPS
     )
 
 

@@ -13,6 +13,7 @@ import re
 import torch
 
 from app.checkpoints.base import CheckpointError
+from app.model import ViTConfig
 
 # (pattern over our key names, what it means): the features a checkpoint may carry that our ViT lacks.
 REFUSED = (
@@ -94,6 +95,28 @@ def square_grid(num_positions: int, source: str) -> tuple[int, int]:
     raise CheckpointError(
         f"{source}: a position embedding of {num_positions} entries is not 1 + a square patch grid; "
         f"pass the image size (a config.json beside the weights) for a non-square model"
+    )
+
+
+def square_image_size(shape: dict, source: str) -> tuple[int, int]:
+    """The image size that the weights of a square model fix: its patch grid times its patch size."""
+    grid = square_grid(shape["num_positions"], source)
+    return (grid[0] * shape["patch_size"], grid[1] * shape["patch_size"])
+
+
+def config_from_shape(shape: dict, source: str, *, num_heads: int, qkv_bias: bool, layer_norm_eps: float) -> ViTConfig:
+    """The ViTConfig of a square model from `infer_shape` and the three fields its weights leave open."""
+    return ViTConfig(
+        image_size=square_image_size(shape, source),
+        patch_size=shape["patch_size"],
+        in_chans=shape["in_chans"],
+        embed_dim=shape["embed_dim"],
+        depth=shape["depth"],
+        num_heads=num_heads,
+        mlp_dim=shape["mlp_dim"],
+        num_classes=shape["num_classes"],
+        qkv_bias=qkv_bias,
+        layer_norm_eps=layer_norm_eps,
     )
 
 

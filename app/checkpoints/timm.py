@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 from app.checkpoints.base import Checkpoint, CheckpointError
-from app.checkpoints.keys import check_arch, infer_shape, refuse_unsupported, square_grid
+from app.checkpoints.keys import check_arch, config_from_shape, infer_shape, square_image_size
 from app.checkpoints.tables import heads_for_width, labels_for, timm_table, torchvision_table
-from app.model import ViTConfig
 from app.preprocess import RESAMPLE, PreprocessConfig
 
 LAYER_NORM_EPS = 1e-6
@@ -68,11 +67,8 @@ def lookup_arch(name: str, source: str) -> dict:
 def read(
     path: Path, state_dict: dict[str, torch.Tensor], arch: str | None, side_config: dict | None, source: str
 ) -> Checkpoint:
-    refuse_unsupported(state_dict, source)
     side = side_config or {}
     shape = infer_shape(state_dict, source)
-    grid, patch = square_grid(shape["num_positions"], source), shape["patch_size"]
-    image_size = (grid[0] * patch, grid[1] * patch)
     name, tag = parse_arch(arch) if arch else _arch_from_side(side)
     entry = lookup_arch(name, source) if name else None
     tagged = pretrained_cfg(name, tag, source) if arch and tag else None  # an unknown tag fails early
@@ -84,19 +80,8 @@ def read(
     else:
         num_heads = side_num_heads(side) or heads_for_width(shape["embed_dim"], source)
         eps, qkv_bias = LAYER_NORM_EPS, shape["qkv_bias"]
-        name = matching_arch(shape, image_size)
-    config = ViTConfig(
-        image_size=image_size,
-        patch_size=patch,
-        in_chans=shape["in_chans"],
-        embed_dim=shape["embed_dim"],
-        depth=shape["depth"],
-        num_heads=num_heads,
-        mlp_dim=shape["mlp_dim"],
-        num_classes=shape["num_classes"],
-        qkv_bias=qkv_bias,
-        layer_norm_eps=eps,
-    )
+        name = matching_arch(shape, square_image_size(shape, source))
+    config = config_from_shape(shape, source, num_heads=num_heads, qkv_bias=qkv_bias, layer_norm_eps=eps)
     own_cfg = _side_pretrained_cfg(side)
     if tagged is not None:
         preprocess = preprocess_config(tagged, source)

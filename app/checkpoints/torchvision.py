@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 from app.checkpoints.base import Checkpoint, CheckpointError
-from app.checkpoints.keys import check_arch, infer_shape, refuse_unsupported, square_grid
+from app.checkpoints.keys import check_arch, config_from_shape, infer_shape
 from app.checkpoints.tables import heads_for_width, labels_for, timm_table, torchvision_table
 from app.checkpoints.timm import side_num_heads
-from app.model import ViTConfig
 from app.preprocess import PreprocessConfig
 
 LAYER_NORM_EPS = 1e-6
@@ -141,9 +140,7 @@ def read(
     path: Path, tv_state_dict: dict[str, torch.Tensor], arch: str | None, side_config: dict | None, source: str
 ) -> Checkpoint:
     state_dict = convert_state_dict(tv_state_dict, source)
-    refuse_unsupported(state_dict, source)
     shape = infer_shape(state_dict, source)
-    grid, patch = square_grid(shape["num_positions"], source), shape["patch_size"]
     name, tag = parse_arch(arch) if arch else (matching_arch(shape), None)
     if name is not None:
         entry = lookup_arch(name, source)
@@ -151,17 +148,7 @@ def read(
         num_heads = entry["num_heads"]
     else:
         num_heads = side_num_heads(side_config or {}) or heads_for_width(shape["embed_dim"], source)
-    config = ViTConfig(
-        image_size=(grid[0] * patch, grid[1] * patch),
-        patch_size=patch,
-        in_chans=shape["in_chans"],
-        embed_dim=shape["embed_dim"],
-        depth=shape["depth"],
-        num_heads=num_heads,
-        mlp_dim=shape["mlp_dim"],
-        num_classes=shape["num_classes"],
-        qkv_bias=True,  # nn.MultiheadAttention always has an in_proj_bias
-        layer_norm_eps=LAYER_NORM_EPS,
-    )
-    preprocess = preprocess_config(weight_set(name, tag, grid[0] * patch, source))
+    # nn.MultiheadAttention always has an in_proj_bias
+    config = config_from_shape(shape, source, num_heads=num_heads, qkv_bias=True, layer_norm_eps=LAYER_NORM_EPS)
+    preprocess = preprocess_config(weight_set(name, tag, config.image_size[0], source))
     return Checkpoint(config, state_dict, preprocess, "torchvision", source, path, labels_for(config.num_classes))

@@ -15,17 +15,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from app.accel import ThreadShare, default_buckets
 from app.batching import Batcher
 from app.checkpoints.detect import default_models_dir, list_repository, model_name
 from app.http.state import ServedModel, ServerState
 from app.settings import ModelSpec, Settings
 from app.tasks import ATTENTION, FAST, batch_steps, forward_lanes, run_batch, warmup_items
 
+if TYPE_CHECKING:
+    from app.engine import Model
+
 log = logging.getLogger("vitserve")
 
-Loader = Callable[[ModelSpec, Settings, "Path | None"], Any]
+Loader = Callable[[ModelSpec, Settings, "Path | None"], "Model"]
 
 
 class StartupError(Exception):
@@ -62,7 +66,7 @@ def plan(settings: Settings) -> list[Planned]:
     return planned
 
 
-def engine_loader(spec: ModelSpec, settings: Settings, models_dir: Path | None) -> Any:
+def engine_loader(spec: ModelSpec, settings: Settings, models_dir: Path | None) -> Model:
     """The default loader: `app.engine.load_model` with the settings' device and dtype."""
     from app.engine import load_model
 
@@ -77,21 +81,11 @@ def engine_loader(spec: ModelSpec, settings: Settings, models_dir: Path | None) 
     )
 
 
-def warmup_sizes(max_batch_size: int) -> list[int]:
-    """Every batch size the batcher will use is warmed: powers of two up to the maximum, and the maximum."""
-    sizes = {max_batch_size}
-    size = 1
-    while size < max_batch_size:
-        sizes.add(size)
-        size *= 2
-    return sorted(sizes)
-
-
-def warm_up(model: Any, max_batch_size: int, jpeg_decoder: str = "auto") -> None:
-    """Run the fast path at every batch size, and the attention path at the smallest and largest."""
-    if hasattr(model, "warmup"):  # an engine with its own warm-up (compiled buckets, CUDA graphs)
-        model.warmup(warmup_sizes(max_batch_size))
-    for size in warmup_sizes(max_batch_size):
+def warm_up(model: Model, max_batch_size: int, jpeg_decoder: str = "auto") -> None:
+    """Build the fast path's buckets (compile, capture), then run it at every batch size the batcher will use,
+    and the attention path at the smallest and largest."""
+    model.warmup(default_buckets(max_batch_size))
+    for size in default_buckets(max_batch_size):
         run_batch(model, warmup_items(model, size, FAST, jpeg_decoder))
     for size in sorted({1, max_batch_size}):
         run_batch(model, warmup_items(model, size, ATTENTION))
@@ -135,12 +129,13 @@ async def load_all(state: ServerState, loader: Loader) -> None:
             state.on_fatal(message)
 
 
-def device_lost(state: ServerState, loop: asyncio.AbstractEventLoop, name: str, model, error: Exception) -> str | None:  # type: ignore[no-untyped-def]
+def device_lost(
+    state: ServerState, loop: asyncio.AbstractEventLoop, name: str, model: Model, error: Exception
+) -> str | None:
     """`Batcher(fatal=...)`, on the forward thread after `model`'s forward raised `error`: the reason when the
     device is lost for good (`Model.device_error`), and then the server stops (`ServerState.device_lost`) while
     the batch's requests get 503; None for any other failure (the batcher retries its halves)."""
-    check = getattr(model, "device_error", None)
-    reason = check() if check is not None else None
+    reason = model.device_error()
     if reason is None:
         return None
     message = f"model {name!r}: its device failed and cannot recover ({reason}); stopping for a new process"
@@ -157,11 +152,9 @@ def keep_out_of_garbage_collection() -> None:
     gc.freeze()
 
 
-def thread_share(state: ServerState):  # type: ignore[no-untyped-def]
+def thread_share(state: ServerState) -> ThreadShare:
     """The one `ThreadShare` of this process: every model's lanes share the forward's threads."""
     if state.thread_share is None:
-        from app.accel import ThreadShare
-
         state.thread_share = ThreadShare(state.settings.forward_threads)
     return state.thread_share
 
@@ -170,8 +163,7 @@ async def load_one(state: ServerState, p: Planned, loader: Loader, models_dir: P
     settings, metrics = state.settings, state.metrics
     started = time.monotonic()
     model = await asyncio.to_thread(loader, p.spec, settings, models_dir)
-    device = getattr(getattr(model, "device", None), "type", "cpu")
-    max_batch = settings.batch_size_for(device)
+    max_batch = settings.batch_size_for(model.device.type)
     lanes = forward_lanes(model, settings.forward_threads, settings.lanes)
     if settings.lanes is not None and lanes != settings.lanes:
         log.warning("model %s: --lanes applies on a CPU without torch.compile only; 1 lane", p.name)
@@ -191,8 +183,8 @@ async def load_one(state: ServerState, p: Planned, loader: Loader, models_dir: P
     try:
         if settings.warmup:
             await batcher.call(warm_up, model, max_batch, settings.jpeg_decoder)
-        elif hasattr(model, "accelerate"):  # no warm-up, but still the fast path: its buckets built on first use
-            await batcher.call(model.accelerate, warmup_sizes(max_batch))
+        else:  # no warm-up, but still the fast path: its buckets built on first use
+            await batcher.call(model.accelerate, default_buckets(max_batch))
     except BaseException:
         await batcher.stop()
         raise
@@ -201,4 +193,4 @@ async def load_one(state: ServerState, p: Planned, loader: Loader, models_dir: P
     log.info(
         "model %s loaded from %s in %.2f s (max batch %d, lanes %d)", p.name, p.spec.spec, seconds, max_batch, lanes
     )
-    return ServedModel(p.name, model, batcher, p.spec.spec)
+    return ServedModel(p.name, model, batcher)

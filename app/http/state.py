@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,6 +13,11 @@ from app.batching import Batcher
 from app.decode import Decoder
 from app.metrics import Metrics
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.accel import ThreadShare
+    from app.engine import Model
+    from app.model import ViTConfig
 
 log = logging.getLogger("vitserve")
 
@@ -22,9 +27,8 @@ class ServedModel:
     """A loaded model with its batcher."""
 
     name: str
-    model: Any  # app.engine.Model (or anything with its interface)
+    model: Model
     batcher: Batcher
-    spec: str
     _similarity: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -40,11 +44,11 @@ class ServedModel:
             "max_wait_ms": b.max_wait_s * 1000.0,
             "max_queue": b.max_queue,
             "lanes": b.lanes,  # forwards at once (app.tasks.forward_lanes)
-            "fast_path": getattr(self.model, "accel_strategy", "eager"),  # app.accel: onednn, cudagraph, ...
+            "fast_path": self.model.accel_strategy,  # app.accel: onednn, cudagraph, ...
         }
 
     @property
-    def config(self) -> Any:
+    def config(self) -> ViTConfig:
         return self.model.config
 
     @property
@@ -73,8 +77,7 @@ class ServerState:
     load_error: str | None = None
     device_error: str | None = None  # a model's device failed for good while serving (`device_lost`)
     inflight: int = 0  # HTTP requests being answered
-    thread_share: Any = None  # app.accel.ThreadShare: the forward's threads, shared by every model's CPU lanes
-    on_drain: list[Callable[[], None]] = field(default_factory=list)
+    thread_share: ThreadShare | None = None  # the forward's threads, shared by every model's CPU lanes
     on_fatal: Callable[[str], None] | None = None  # told when the server cannot go on (the CLI then exits 1)
 
     @property
@@ -104,5 +107,3 @@ class ServerState:
     def begin_drain(self) -> None:
         """SIGTERM: /readyz turns 503 and new /v1 requests get not_ready; accepted ones still finish."""
         self.draining = True
-        for callback in self.on_drain:
-            callback()

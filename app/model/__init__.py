@@ -5,7 +5,6 @@ from app.model.vit import (
     PatchEmbed,
     VisionTransformer,
     ViTConfig,
-    grid_from_num_patches,
     resample_pos_embed,
 )
 
@@ -16,6 +15,5 @@ __all__ = [
     "PatchEmbed",
     "ViTConfig",
     "VisionTransformer",
-    "grid_from_num_patches",
     "resample_pos_embed",
 ]

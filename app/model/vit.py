@@ -10,7 +10,6 @@ Parameter names follow timm's `VisionTransformer`, which is also our native chec
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -205,11 +204,3 @@ def resample_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_g
     grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False)
     patch_pos = grid.permute(0, 2, 3, 1).reshape(1, -1, D).to(dtype)
     return torch.cat([cls_pos, patch_pos], dim=1)
-
-
-def grid_from_num_patches(num_patches: int) -> tuple[int, int]:
-    """A square grid for a position embedding of `num_patches` patches (checkpoints are square)."""
-    side = math.isqrt(num_patches)
-    if side * side != num_patches:
-        raise ValueError(f"cannot infer a square patch grid from {num_patches} position embeddings")
-    return (side, side)

@@ -15,7 +15,6 @@ from safetensors.torch import save_file
 import app
 from app import load_model
 from app.checkpoints import CheckpointError, default_models_dir, list_repository, model_name, read_checkpoint
-from app.checkpoints.detect import split_named_spec
 
 
 class Exploit:
@@ -92,8 +91,8 @@ def test_model_name(spec, name):
 def test_named_spec_keeps_an_existing_path_with_equals(tmp_path):
     odd = tmp_path / "a=b"
     odd.mkdir()
-    assert split_named_spec(str(odd)) == (None, str(odd))
-    assert split_named_spec("x=y") == ("x", "y")
+    assert model_name(str(odd)) == "a=b"
+    assert model_name("x=y") == "x"
 
 
 # -- the Hub ------------------------------------------------------------------------------------------
