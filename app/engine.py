@@ -232,6 +232,8 @@ class Model:
             return None
         try:
             torch.ones(1, device=self.device).add_(1).cpu()  # the copy waits for the device: a sticky error shows
+        except torch.cuda.OutOfMemoryError:  # even 4 bytes: the failed batch's tensors may still be held
+            return None
         except Exception as e:  # torch.AcceleratorError (a RuntimeError before torch 2.8)
             return f"{type(e).__name__}: {' '.join(str(e).split())}"
         return None

@@ -11,7 +11,6 @@ key (`batch_key`), so one forward never mixes the two.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import weakref
@@ -111,13 +110,19 @@ class Prepared:
 
 
 class _DeviceState:
-    """Per model, on CUDA: the side stream that batches are prepared on, and the pinned staging buffers."""
+    """Per model, on CUDA: the side stream that batches are prepared on, the pinned staging buffers, and a lock
+    that keeps one batch at a time on them (the prepare thread, and a failed batch's retry on the forward thread;
+    nvJPEG's outputs rely on the stream being idle when it allocates them, `gpu_decode._decode`)."""
 
     def __init__(self, device: torch.device):
         from app.transfer import PinnedStager
 
-        self.stream = torch.cuda.Stream(device)
+        # a high-priority stream comes from a pool of its own: never the stream a CUDA graph is captured on
+        # (`torch.cuda.Stream()` hands out the default-priority pool's streams in turn), and the short copies
+        # and normalisations get ahead of the forward's kernels
+        self.stream = torch.cuda.Stream(device, priority=-1)
         self.stager = PinnedStager(device)
+        self.lock = threading.Lock()
 
 
 def _on_cuda(model: Model) -> bool:
@@ -147,22 +152,25 @@ def prepare_batch(model: Model, items: list[Item]) -> Prepared:
     kinds = {_preprocessed(item) for item in items}
     if len(kinds) != 1:
         raise ValueError("one batch mixes uint8 and preprocessed float pixels; batch them apart (batch_key)")
-    dtype = model.dtype
-    cuda = _on_cuda(model)
-    state = _device_state(model) if cuda else None
-    with torch.inference_mode(), torch.cuda.stream(state.stream) if state else contextlib.nullcontext():
-        if kinds == {True}:  # the Open Inference Protocol's FP32 pixels: rare, pageable memory is good enough
-            inputs = stack_host([item.pixels for item in items]).to(model.device, dtype)  # type: ignore[misc]
-            prepared = Prepared(items, inputs, list(range(len(items))))
-        else:
-            prepared = _prepare_uint8(model, items, dtype, state)
-        if state is not None:
-            prepared.ready = torch.cuda.Event()
-            prepared.ready.record(state.stream)
+    if not _on_cuda(model):
+        with torch.inference_mode():
+            return _prepare(model, items, preprocessed=kinds == {True}, state=None)
+    state = _device_state(model)
+    with state.lock, torch.inference_mode(), torch.cuda.stream(state.stream):
+        prepared = _prepare(model, items, preprocessed=kinds == {True}, state=state)
+        prepared.ready = torch.cuda.Event()
+        prepared.ready.record(state.stream)
     return prepared
 
 
-def _prepare_uint8(model: Model, items: list[Item], dtype: torch.dtype, state: _DeviceState | None) -> Prepared:
+def _prepare(model: Model, items: list[Item], preprocessed: bool, state: _DeviceState | None) -> Prepared:
+    if preprocessed:  # the Open Inference Protocol's FP32 pixels: rare, pageable memory is good enough
+        inputs = stack_host([item.pixels for item in items]).to(model.device, model.dtype)  # type: ignore[misc]
+        return Prepared(items, inputs, list(range(len(items))))
+    return _prepare_uint8(model, items, state)
+
+
+def _prepare_uint8(model: Model, items: list[Item], state: _DeviceState | None) -> Prepared:
     cfg = model.preprocess_config
     host = [i for i, item in enumerate(items) if isinstance(item.pixels, np.ndarray)]
     arrays: list[np.ndarray] = [items[i].pixels for i in host]  # type: ignore[misc]
@@ -184,7 +192,7 @@ def _prepare_uint8(model: Model, items: list[Item], dtype: torch.dtype, state: _
                 e.item = items[i]  # type: ignore[attr-defined]  # lets the caller name the image
                 errors[i] = e
     h, w = cfg.output_size
-    inputs = torch.empty((len(host) + len(on_device), 3, h, w), dtype=dtype, device=model.device)
+    inputs = torch.empty((len(host) + len(on_device), 3, h, w), dtype=model.dtype, device=model.device)
     if host:
         pixels = state.stager.upload(arrays, state.stream) if state else stack_host(arrays)  # (n, h, w, 3)
         model.normalize_into(pixels.permute(0, 3, 1, 2), inputs[: len(host)])  # one fused kernel

@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default=None, help="comma list (default 1,64,256 on CUDA, 8 on the CPU)")
     p.add_argument("--compile", default="auto", help="the fast path's mode for the speed runs: off, auto, on")
     p.add_argument("--seconds", type=float, default=None, help="per batch size (default 3 on CUDA, 8 on the CPU)")
+    p.add_argument("--speed-only", action="store_true", help="skip the accuracy parts (a second, compiled run)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     return p.parse_args(argv)
 
@@ -108,8 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = args.seconds if args.seconds is not None else (3.0 if cuda else 8.0)
     spec = str(common.write_native_checkpoint(shape, common.temp_dir("vitserve-float8-") / shape))  # random weights
     result = {"bench": "float8", "device": args.device, "env": common.environment(args.device), "args": vars(args)}
-    result["digits"] = digit_accuracy(args.device)
-    result["photos"] = photo_agreement(spec, shape, args.device)
+    if not args.speed_only:
+        result["digits"] = digit_accuracy(args.device)
+        result["photos"] = photo_agreement(spec, shape, args.device)
     result["speed"] = speed(spec, shape, args.device, batches, args.compile, seconds)
     print(summary(result))
     common.write_json(result, args.out)
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
 def summary(result: dict) -> str:
     rows = []
     for name in ("digits", "photos"):
-        part = result[name]
+        part = result.get(name, {})
         for dtype in DTYPES:
             if dtype in part:
                 rows.append({"set": name, "dtype": dtype, **part[dtype]})

@@ -73,8 +73,8 @@ nproc; uptime
 # 1. correctness of the CUDA paths before any figure is believed: CUDA graphs and compile + graphs, pinned staging
 # and side-stream batches, nvJPEG against the CPU decoder, a CUDA batch with a corrupt JPEG, CUDA against the CPU
 # (only the tests that need CUDA: the whole files took over 90 s there, compiling on the CPU as well)
-step tests 90 "$PY" -m pytest tests/test_accel.py tests/test_gpu_path.py tests/test_engine.py tests/test_float8.py -q \
-  -p no:cacheprovider \
+step tests 120 "$PY" -m pytest tests/test_accel.py tests/test_gpu_path.py tests/test_engine.py tests/test_float8.py -v \
+  -p no:cacheprovider --durations=5 \
   -k "cuda or pinned or prepared or nvjpeg"
 
 # 2. the engine alone: eager, CUDA graphs (ours-accel, --compile "$MODE"), timm, transformers
@@ -120,7 +120,7 @@ step float8 60 "$PY" -m bench.float8 --device "$DEV" --shape "$SHAPE" --batch-si
 # ... and compiled (inductor fuses each input's quantisation into the LayerNorm or GELU before it: in eager it
 # costs three passes over the activations per linear layer, about what float8's faster multiply saves)
 step float8-compile 150 "$PY" -m bench.float8 --device "$DEV" --shape "$SHAPE" --batch-sizes "$F8_COMPILE_BATCHES" \
-  --seconds 3 --compile "$F8_COMPILE" --out "$DEST/float8-compile.json"
+  --seconds 3 --compile "$F8_COMPILE" --speed-only --out "$DEST/float8-compile.json"
 
 # 9. the box's CPU (16 cores) with one, two and four forward lanes (--lanes), S/16 float32: the lanes were only ever
 # measured on a 2-core machine. Last: ask for it by name (GPU_SH_ONLY) when the budget allows.

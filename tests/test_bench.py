@@ -108,6 +108,11 @@ def test_float8_bench_reports_accuracy_agreement_and_speed():
     (row,) = result["speed"]
     assert row["float8"]["images_per_s"] > 0 and row["strategy"]["float8"] == "eager"
 
+    speed_only = float8.main(
+        ["--device", "cpu", "--shape", "ti16", "--batch-sizes", "1", "--seconds", "0", "--speed-only"]
+    )
+    assert "digits" not in speed_only and "photos" not in speed_only and len(speed_only["speed"]) == 1
+
 
 def test_raw_windows_time_the_forward_alone_and_as_the_servers_lanes_run_it(tmp_path):
     import argparse

@@ -139,14 +139,15 @@ def test_cuda_matches_cpu(tiny_checkpoint, pixels):
 def test_cuda_device_error_reports_a_sticky_fault(tiny_checkpoint):
     # a device-side assert poisons the process's CUDA context for good: in a child process, not this one
     code = (
-        "import sys, torch, app\n"
+        "import os, sys, torch, app\n"
         "model = app.load_model(sys.argv[1], device='cuda')\n"
         "assert model.device_error() is None\n"
         "try:\n"
         "    torch.zeros(4, device='cuda')[torch.tensor([10], device='cuda')].cpu()  # an index out of bounds\n"
         "except Exception:\n"
         "    pass\n"
-        "print('device error:', model.device_error())\n"
+        "print('device error:', model.device_error(), flush=True)\n"
+        "os._exit(0)  # skip the interpreter's teardown in a poisoned CUDA context\n"
     )
     child = subprocess.run(
         [sys.executable, "-c", code, str(tiny_checkpoint)], capture_output=True, text=True, timeout=60

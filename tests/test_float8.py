@@ -115,7 +115,8 @@ def test_float8_on_cuda_is_close_to_float32_and_runs_under_cuda_graphs(tiny_chec
     model.warmup(2)
     graphed = model(pixels)
     assert model.accel_strategy == "cudagraph"
-    torch.testing.assert_close(graphed.logits, eager.logits)
+    # the same kernels on the same shapes; a bfloat16 step apart at most, should cuBLASLt pick another algorithm
+    torch.testing.assert_close(graphed.logits, eager.logits, atol=1e-2, rtol=1e-2)
     logits = eager.logits.cpu()  # the same bounds as on the CPU (test_load_model_float8)
     torch.testing.assert_close(logits, exact.logits, atol=0.1, rtol=0.1)
     assert F.cosine_similarity(logits, exact.logits).min() > 0.99

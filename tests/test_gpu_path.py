@@ -1,7 +1,7 @@
 """The GPU-side batch path: pinned staging buffers, the side stream, the prepare/forward split.
 
-The CUDA tests skip without a GPU; the same functions run on the CPU in tests/test_tasks_prepare.py and
-tests/http/test_jpeg_decoder.py.
+The CUDA tests skip without a GPU; the same functions run on the CPU in tests/test_jpeg_device.py
+(prepare_batch), tests/test_batching.py (the prepare/forward split) and tests/http/test_jpeg_decoder.py.
 """
 
 from __future__ import annotations

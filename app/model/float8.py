@@ -90,6 +90,6 @@ def float8_problem(device: torch.device) -> str | None:
     try:
         layer = Float8Linear(nn.Linear(16, 16, device=device))
         layer(torch.ones(2, 16, dtype=ACTIVATIONS, device=device)).cpu()
-    except (RuntimeError, NotImplementedError, AttributeError) as e:
+    except Exception as e:  # RuntimeError or NotImplementedError mostly; a ValueError or TypeError from older checks
         return f"this build of torch cannot multiply float8 matrices on {device}: {' '.join(str(e).split())}"
     return None
