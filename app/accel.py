@@ -145,7 +145,8 @@ class Accelerated:
     """A fast forward over fixed batch-size buckets; call it like `FastPath` (under inference mode).
 
     `warmup()` builds every bucket (compiles or captures) and records how long each took in `build_seconds`.
-    Buckets not built at warm-up are built on first use. Not thread-safe: one batcher worker calls it.
+    Buckets not built at warm-up are built on first use. Only the eager and oneDNN strategies, which keep no
+    state between calls, may be called from two threads at once (the CPU lanes, `app.tasks.forward_lanes`).
     """
 
     def __init__(
@@ -377,7 +378,7 @@ def accelerate(
     """An accelerated fast path for `net` (already on `device` in `dtype`, in eval mode).
 
     batch_sizes: the buckets, or the largest batch size (its powers of two become the buckets).
-    mode: `off`, `auto`, `on`, or a strategy name (`eager`, `compile`, `cudagraph`, `compile+cudagraph`).
+    mode: `off`, `auto`, `on`, or a strategy name (`eager`, `onednn`, `compile`, `cudagraph`, `compile+cudagraph`).
     Call `.warmup()` on the result to build every bucket before serving.
     """
     device = torch.device(device)

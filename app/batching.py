@@ -1,13 +1,13 @@
-"""Dynamic batching, per model: admission, batch formation, deadlines, cancellation, fault isolation.
+"""Dynamic batching, per model: admission, batch formation, cancellation, fault isolation.
 
 Nothing here knows FastAPI or torch. A `Batcher` is handed a `run_batch(items) -> results` callable
 (see `app.tasks`) and calls it on its own forward thread(s), off the event loop:
 
-- `admit(n)` reserves room for a request's n images before any work is done on them, or raises
-  `Overloaded` with a Retry-After estimate; the room is held while the images decode, wait and run,
-  and given back when the request is answered (or dropped). `reserve()` takes room for one image before a
-  request's body is even read, and `Admission.expect(n)` grows it once the body says how many images it holds:
-  so bodies being read count against `max_queue` too, and the memory they hold is bounded with the queue's.
+- `reserve()` takes room for one image before a request's body is even read, or raises `Overloaded` with a
+  Retry-After estimate, and `Admission.expect(n)` grows it once the body says how many images it holds: so
+  bodies being read count against `max_queue` too, and the memory they hold is bounded with the queue's. The
+  room is held while the images decode, wait and run, and given back when the request is answered (or
+  dropped). `admit(n)` reserves room for n images at once, when they are known before anything is read.
 - `run(items, key)` queues the items and returns their results in order. Items with the same `key`
   may share a forward; a request with many items may span several batches.
 - the worker seals a batch when it is full, or when the forward thread is free and either the oldest item

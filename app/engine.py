@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from PIL import Image
 from app.checkpoints import Checkpoint, CheckpointError, read_checkpoint
 from app.model import VisionTransformer, ViTConfig, resample_pos_embed
 from app.model.float8 import float8_problem, to_float8
-from app.preprocess import Normalizer, PreprocessConfig, to_model_pixels
+from app.preprocess import Normalizer, preprocess_for_size, to_model_pixels
 
 log = logging.getLogger("vitserve")
 
@@ -105,31 +104,6 @@ def build_model(ckpt: Checkpoint, image_size: int | tuple[int, int] | None) -> V
     model = model.to_empty(device="cpu")
     load_strict(model, state_dict, ckpt.source)
     return model.eval()
-
-
-def preprocess_for_size(cfg: PreprocessConfig, size: tuple[int, int]) -> PreprocessConfig:
-    """The checkpoint's preprocessing retargeted to another input size (for --image-size)."""
-    d = cfg.to_dict()
-    if cfg.crop is None and isinstance(cfg.resize, int):
-        d["crop"] = list(size)  # a shortest-edge resize alone has no fixed size: centre-crop to the model's
-        return PreprocessConfig.from_dict(d)
-    if cfg.output_size == tuple(size):
-        return cfg
-    if cfg.crop is None:
-        d["resize"] = list(size)
-    elif cfg.crop_pct is not None:
-        # timm's eval transform at another input size: resize to floor(size / crop_pct), crop size
-        d["crop"] = list(size)
-        scale = [math.floor(s / cfg.crop_pct) for s in size]
-        d["resize"] = scale[0] if isinstance(cfg.resize, int) else scale
-    else:
-        # keep the crop ratio: resize = floor(new crop * resize / crop)
-        d["crop"] = list(size)
-        if isinstance(cfg.resize, int):
-            d["resize"] = math.floor(size[0] * cfg.resize / cfg.crop[0] + 1e-9)
-        else:
-            d["resize"] = [math.floor(size[i] * cfg.resize[i] / cfg.crop[i] + 1e-9) for i in (0, 1)]
-    return PreprocessConfig.from_dict(d)
 
 
 class Model:

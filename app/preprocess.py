@@ -8,6 +8,7 @@ model's device, so that only uint8 data crosses from the decoding workers to the
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -90,6 +91,31 @@ class PreprocessConfig:
             crop_pct=float(d["crop_pct"]) if d.get("crop_pct") is not None else None,
             crop_rounding=d.get("crop_rounding", "round"),
         )
+
+
+def preprocess_for_size(cfg: PreprocessConfig, size: tuple[int, int]) -> PreprocessConfig:
+    """The checkpoint's preprocessing retargeted to another input size (for --image-size)."""
+    d = cfg.to_dict()
+    if cfg.crop is None and isinstance(cfg.resize, int):
+        d["crop"] = list(size)  # a shortest-edge resize alone has no fixed size: centre-crop to the model's
+        return PreprocessConfig.from_dict(d)
+    if cfg.output_size == tuple(size):
+        return cfg
+    if cfg.crop is None:
+        d["resize"] = list(size)
+    elif cfg.crop_pct is not None:
+        # timm's eval transform at another input size: resize to floor(size / crop_pct), crop size
+        d["crop"] = list(size)
+        scale = [math.floor(s / cfg.crop_pct) for s in size]
+        d["resize"] = scale[0] if isinstance(cfg.resize, int) else scale
+    else:
+        # keep the crop ratio: resize = floor(new crop * resize / crop)
+        d["crop"] = list(size)
+        if isinstance(cfg.resize, int):
+            d["resize"] = math.floor(size[0] * cfg.resize / cfg.crop[0] + 1e-9)
+        else:
+            d["resize"] = [math.floor(size[i] * cfg.resize[i] / cfg.crop[i] + 1e-9) for i in (0, 1)]
+    return PreprocessConfig.from_dict(d)
 
 
 def resized_size(width: int, height: int, resize: int | tuple[int, int]) -> tuple[int, int]:

@@ -1,8 +1,10 @@
 """What a forward is for: the per-image tasks of the /v1 and /v2 endpoints, computed for a whole batch on the device.
 
-`run_batch(model, items)` is the callable a `Batcher` runs on its forward thread: it stacks the uint8
-pixels, normalises them on the model's device, runs the fast path (no attention maps) or the attention
-path, and returns one small CPU result per item (top-k predictions, an embedding, a heatmap, distances).
+`batch_steps(model)` gives a `Batcher` what to run on its forward thread(s): on the CPU `run_batch(model,
+items)`, which stacks the uint8 pixels, normalises them, runs the fast path (no attention maps) or the
+attention path, and returns one small CPU result per item (top-k predictions, an embedding, a heatmap,
+distances); on CUDA the same in two steps, `prepare_batch` (on a side stream, beside the running forward)
+and `forward_batch`.
 
 Items normally carry uint8 pixels that are normalised here; the Open Inference Protocol's FP32 input
 brings float32 (3, H, W) pixels that are already preprocessed. Such items travel under their own batch

@@ -16,7 +16,6 @@ import asyncio
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from PIL import Image
 
 from app.decode import Decoder
 from app.preprocess import PreprocessConfig
+from bench.loadgen import free_port
 
 CFG = PreprocessConfig(resize=248, crop=(224, 224), interpolation="bicubic")
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,12 +71,6 @@ def tiny_checkpoint(folder: Path) -> Path:
     native.save(path, config, VisionTransformer(config).state_dict(), CFG, [str(i) for i in range(10)])
     del torch
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def load(url: str, data: bytes, seconds: float, concurrency: int) -> tuple[float, int]:

@@ -128,60 +128,56 @@ async def _wait_for_start(wait_start) -> float:
     return time.perf_counter() + (start_at + seconds - time.time())
 
 
+async def _closed_loop(load: Load, workers: int, budget: int, deadline: float, post) -> list[Sample]:
+    """`workers` clients, each sending its next request (`await post()` -> status) as soon as the last one is
+    answered, until the deadline or until `budget` requests are sent (0: no limit)."""
+    samples: list[Sample] = []
+    sent = 0
+
+    async def one():
+        nonlocal sent
+        while time.perf_counter() < deadline and (budget <= 0 or sent < budget):
+            sent += 1
+            t0 = time.perf_counter()
+            try:
+                status = await post()
+            except Exception:
+                status = 0
+            samples.append(Sample(time.perf_counter() - t0, status, load.images_per_request))
+
+    await asyncio.gather(*(one() for _ in range(workers)))
+    return samples
+
+
 async def _run_aiohttp(load: Load, workers: int, budget: int, wait_start) -> list[Sample]:
     import aiohttp
 
-    samples: list[Sample] = []
-    sent = 0
     conn = aiohttp.TCPConnector(limit=max(workers, 1), force_close=False)
     timeout = aiohttp.ClientTimeout(total=load.timeout_s)
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
         body, content_type = multipart_body(load)
         headers = {**load.headers, "content-type": content_type}
-        deadline = await _wait_for_start(wait_start)
 
-        async def one():
-            nonlocal sent
-            while time.perf_counter() < deadline and (budget <= 0 or sent < budget):
-                sent += 1
-                t0 = time.perf_counter()
-                try:
-                    async with session.post(load.url, data=body, headers=headers) as resp:
-                        await resp.read()
-                        status = resp.status
-                except Exception:
-                    status = 0
-                samples.append(Sample(time.perf_counter() - t0, status, load.images_per_request))
+        async def post() -> int:
+            async with session.post(load.url, data=body, headers=headers) as resp:
+                await resp.read()
+                return resp.status
 
-        await asyncio.gather(*(one() for _ in range(workers)))
-    return samples
+        return await _closed_loop(load, workers, budget, await _wait_for_start(wait_start), post)
 
 
 async def _run_httpx(load: Load, workers: int, budget: int, wait_start) -> list[Sample]:
     import httpx
 
-    samples: list[Sample] = []
-    sent = 0
     limits = httpx.Limits(max_connections=max(workers, 1), max_keepalive_connections=max(workers, 1))
     async with httpx.AsyncClient(limits=limits, timeout=load.timeout_s) as client:
         body, content_type = multipart_body(load)
         headers = {**load.headers, "content-type": content_type}
-        deadline = await _wait_for_start(wait_start)
 
-        async def one():
-            nonlocal sent
-            while time.perf_counter() < deadline and (budget <= 0 or sent < budget):
-                sent += 1
-                t0 = time.perf_counter()
-                try:
-                    resp = await client.post(load.url, content=body, headers=headers)
-                    status = resp.status_code
-                except Exception:
-                    status = 0
-                samples.append(Sample(time.perf_counter() - t0, status, load.images_per_request))
+        async def post() -> int:
+            return (await client.post(load.url, content=body, headers=headers)).status_code
 
-        await asyncio.gather(*(one() for _ in range(workers)))
-    return samples
+        return await _closed_loop(load, workers, budget, await _wait_for_start(wait_start), post)
 
 
 def _client_main(load: Load, workers: int, budget: int, go, start_at, out) -> None:

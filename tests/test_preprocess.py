@@ -12,8 +12,15 @@ import pytest
 import torch
 
 from app.checkpoints import hf
-from app.engine import preprocess_for_size
-from app.preprocess import IMAGENET_MEAN, IMAGENET_STD, Normalizer, PreprocessConfig, seen_region, to_model_pixels
+from app.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Normalizer,
+    PreprocessConfig,
+    preprocess_for_size,
+    seen_region,
+    to_model_pixels,
+)
 
 PROCESSOR_CONFIGS = {
     "defaults": {},
