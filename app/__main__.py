@@ -49,6 +49,7 @@ SCALARS = {
     "--jpeg-decoder": ("jpeg_decoder", "auto (default: torchvision on a GPU), pil (exact) or torchvision (nvJPEG)"),
     "--warmup": ("warmup", "true (default) or false: run every batch size once before ready"),
     "--drain-timeout-s": ("drain_timeout_s", "after SIGTERM, longest wait for accepted requests (default 60)"),
+    "--forward-timeout-s": ("forward_timeout_s", "a longer forward means a hung device: exit 1 (default 300; 0: off)"),
     "--compile": ("compile", "auto (default: oneDNN linears on a CPU, CUDA graphs on a GPU), on (torch.compile), off"),
     "--workers": ("workers", "server processes on one socket, each with its own models (default 1)"),
     "--threads": ("threads", "intra-op threads for the forward (default: the CPUs available, cgroup quota included)"),
@@ -202,6 +203,17 @@ def sleeping_openmp_threads(environ: MutableMapping[str, str]) -> None:
         environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def exit_process(code: int) -> None:
+    """Exit with `code`. After a failure a forward thread may be stuck in a hung device, and Python's own exit
+    would wait for it for ever (it joins every thread pool's threads): then flush the logs and leave at once."""
+    if code == 0:
+        sys.exit(0)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     sleeping_openmp_threads(os.environ)
     settings = parse_settings(argv)
@@ -211,9 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(supervise(settings))
     started = time.monotonic()
     exit_code = serve(settings)
-    if exit_code:
-        sys.exit(exit_code)
     log.debug("served for %.1f s", time.monotonic() - started)
+    exit_process(exit_code)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ Nothing here knows FastAPI or torch. A `Batcher` is handed a `run_batch(items) -
   split-in-halves retry, where both steps run one after the other on the forward thread.
 - a result that is an exception (for example an image that turned out to be undecodable) is raised for that
   item alone; the batch is not split for it.
+- with `stall_s` > 0, a forward still running after `stall_s` seconds means the device has hung (a GPU kernel
+  that never returns). Nothing can interrupt the thread stuck in it; only a new process helps. So the batcher
+  halts: the running and queued items fail with `Stopped`, no batch is formed any more, and `on_stall(seconds)`
+  is told (once, on the event loop).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -132,6 +137,8 @@ class Batcher:
         on_batch: Callable[[int], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
         fatal: Callable[[Exception], str | None] | None = None,
+        stall_s: float = 0.0,
+        on_stall: Callable[[float], None] | None = None,
     ):
         self.run_batch = run_batch
         self.prepare = prepare
@@ -144,6 +151,12 @@ class Batcher:
         self._on_depth = on_depth or (lambda n: None)
         # after a forward fails: why no retry can succeed (the device is lost), or None; such a batch is not split
         self._fatal = fatal or (lambda e: None)
+        self.stall_s = stall_s
+        self._on_stall = on_stall or (lambda seconds: None)
+        self._forward_started: dict[int, float] = {}  # forward thread id -> when its current forward began
+        self._in_flight: list[list[Entry]] = []  # the batches handed to the forward threads, not finished
+        self._halted: str | None = None  # why no batch is formed any more (a forward hangs)
+        self._started_lock = threading.Lock()
         self._queue: deque[Entry] = deque()
         self._admitted = 0
         self._arriving = 0  # admitted images not queued yet
@@ -151,6 +164,7 @@ class Batcher:
         self._rate = 0.0  # images per second through the forward, smoothed
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
         self._thread: ThreadPoolExecutor | None = None
         self._prepare_thread: ThreadPoolExecutor | None = None
 
@@ -161,14 +175,18 @@ class Batcher:
         self._thread = ThreadPoolExecutor(self.lanes, thread_name_prefix=f"forward-{self.name}")
         if self.prepare is not None:
             self._prepare_thread = ThreadPoolExecutor(1, thread_name_prefix=f"prepare-{self.name}")
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._loop(), name=f"batcher-{self.name}")
+        if self.stall_s > 0:
+            self._watchdog = loop.create_task(self._watch(), name=f"watchdog-{self.name}")
 
     async def stop(self) -> None:
         """Stop the worker; items still queued fail with `Stopped`."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        for task in (self._task, self._watchdog):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._task = self._watchdog = None
         while self._queue:
             entry = self._queue.popleft()
             if not entry.future.done():
@@ -241,6 +259,8 @@ class Batcher:
         with, so that the batcher knows they are no longer on their way."""
         if self._wake is None:
             raise Stopped("the batcher is not running")
+        if self._halted is not None:
+            raise Stopped(self._halted)
         loop = asyncio.get_running_loop()
         entries = [Entry(item, key, loop.create_future()) for item in items]
         if admission is not None:
@@ -271,6 +291,7 @@ class Batcher:
             staged = None
             if self._prepare_thread is not None:  # starts now, beside the forward that may be running
                 staged = self._prepare_thread.submit(self._prepare_live, batch)
+            self._in_flight.append(batch)
             future = loop.run_in_executor(self._thread, self._timed_forward, batch, staged)
             future.add_done_callback(lambda f, b=batch: self._finish(b, f))
 
@@ -318,15 +339,42 @@ class Batcher:
     def _timed_forward(self, batch: list[Entry], staged: Future | None) -> tuple[list[Any], float]:
         """On the forward thread: skip entries dropped while the batch waited its turn, run the rest."""
         started = time.monotonic()
-        if staged is None:
-            live, prepared = [i for i, e in enumerate(batch) if not e.dropped], None
-        else:
-            live, prepared = staged.result()  # prepared beside the previous forward: normally ready by now
-        results: list[Any] = [Stopped("the request has gone")] * len(batch)
-        if live:
-            for i, result in zip(live, self._forward([batch[i].item for i in live], prepared), strict=True):
-                results[i] = result
-        return results, time.monotonic() - started
+        with self._started_lock:
+            self._forward_started[threading.get_ident()] = started
+        try:
+            if staged is None:
+                live, prepared = [i for i, e in enumerate(batch) if not e.dropped], None
+            else:
+                live, prepared = staged.result()  # prepared beside the previous forward: normally ready by now
+            results: list[Any] = [Stopped("the request has gone")] * len(batch)
+            if live:
+                for i, result in zip(live, self._forward([batch[i].item for i in live], prepared), strict=True):
+                    results[i] = result
+            return results, time.monotonic() - started
+        finally:
+            with self._started_lock:
+                del self._forward_started[threading.get_ident()]
+
+    async def _watch(self) -> None:
+        """Tell `on_stall` (once) when a forward has run for longer than `stall_s`."""
+        while True:
+            await asyncio.sleep(min(1.0, max(0.05, self.stall_s / 4)))
+            with self._started_lock:  # the forward threads write it
+                oldest = min(self._forward_started.values(), default=None)
+            if oldest is not None and (seconds := time.monotonic() - oldest) > self.stall_s:
+                self._halt(f"a forward has run for {seconds:.0f} s: the device hangs")
+                self._on_stall(seconds)
+                return
+
+    def _halt(self, reason: str) -> None:
+        """Form no more batches, and fail every item queued or handed to a forward thread with `Stopped(reason)`."""
+        self._halted = reason
+        if self._task is not None:
+            self._task.cancel()
+        for entry in [*self._queue, *(e for batch in self._in_flight for e in batch)]:
+            if not entry.future.done():
+                entry.future.set_exception(Stopped(reason))
+        self._queue.clear()
 
     def _forward(self, items: list[Any], staged: Staged | None = None) -> list[Any]:
         """On the forward thread: the whole batch (already prepared if `staged`, else both steps here), or its
@@ -356,6 +404,7 @@ class Batcher:
     def _finish(self, batch: list[Entry], future: asyncio.Future) -> None:
         """On the event loop: hand each entry its result, update the throughput estimate."""
         self._running -= 1
+        self._in_flight.remove(batch)
         assert self._wake is not None
         self._wake.set()
         if future.cancelled():

@@ -112,6 +112,8 @@ class Settings(BaseSettings):
     jpeg_decoder: Literal["auto", "pil", "torchvision"] = "auto"
     warmup: bool = True  # run each batch size once before /readyz says ready
     drain_timeout_s: float = Field(60.0, ge=0)  # after SIGTERM, longest wait for accepted requests
+    # a forward that runs longer means a hung device: the server stops, to be restarted (0: never)
+    forward_timeout_s: float = Field(300.0, ge=0)
     compile: str = "auto"  # the engine's fast-path speed-up (app.accel): off, auto, on or a strategy name
     # > 1: a supervisor and N server processes on one socket, each with its own models (app.supervisor)
     workers: int = Field(1, ge=1)

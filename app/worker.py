@@ -20,7 +20,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 from functools import partial
 from multiprocessing.connection import Connection
 
@@ -117,11 +116,11 @@ def run_worker(settings: Settings, sock: socket.socket, control: Connection, sup
     # a Ctrl-C meant for the supervisor must not end a worker with a traceback halfway through its imports.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from app.__main__ import serve
+    from app.__main__ import exit_process, serve
 
     make = partial(WorkerServer, control=control, supervisor_pid=supervisor_pid, hold=hold)
     code = serve(settings, sockets=[sock], make_server=make, report_fatal=lambda m: _tell(control, "fatal", m))
-    sys.exit(code)
+    exit_process(code)
 
 
 def _tell(control: Connection, *message: str) -> None:

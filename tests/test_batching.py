@@ -477,3 +477,40 @@ def test_an_exception_returned_as_one_items_result_fails_that_item_alone():
     out = run_async(main())
     assert out[0] == [0] and out[1] == [2] and out[3] == [6]
     assert isinstance(out[2], BadInput)
+
+
+def test_a_forward_that_hangs_halts_the_batcher_and_fails_its_items_at_once():
+    rec = Recorder()
+    rec.gate = threading.Event()  # closed: the forward blocks, as on a device that never answers
+    stalls: list[float] = []
+    b = make(rec, max_batch_size=1, max_wait_s=0, stall_s=0.2, on_stall=stalls.append)
+
+    async def main():
+        b.start()
+        try:
+            jobs = [asyncio.ensure_future(b.run([x], "k")) for x in (1, 2, 3)]  # one forward hangs, two queued
+            done, _ = await asyncio.wait(jobs, timeout=3)
+            outcomes = [j.exception() if j in done else "pending" for j in jobs]
+            return outcomes, await asyncio.gather(b.run([4], "k"), return_exceptions=True)
+        finally:
+            rec.gate.set()
+            await b.stop()
+
+    outcomes, (later,) = run_async(main())
+    assert all(isinstance(o, Stopped) and "the device hangs" in str(o) for o in outcomes), outcomes
+    assert len(stalls) == 1 and stalls[0] > 0.2
+    assert isinstance(later, Stopped) and rec.batches == []  # no batch is formed after the halt
+
+
+def test_forwards_within_the_stall_limit_never_trip_it():
+    stalls: list[float] = []
+    b = make(Recorder(delay=0.05), stall_s=0.5, on_stall=stalls.append)
+
+    async def main():
+        b.start()
+        try:
+            return [await b.run([x], "k") for x in range(8)]
+        finally:
+            await b.stop()
+
+    assert run_async(main()) == [[2 * x] for x in range(8)] and stalls == []

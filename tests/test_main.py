@@ -135,6 +135,42 @@ def test_serves_then_drains_on_sigterm_without_losing_a_request(checkpoint, tmp_
             proc.wait()
 
 
+# the CLI with a device that never answers: every forward blocks its thread for good, as a hung GPU kernel does
+HUNG_DEVICE = """
+import sys, threading
+import app.engine
+
+app.engine.Model.__call__ = lambda self, *args, **kwargs: threading.Event().wait()
+from app.__main__ import main
+
+main(sys.argv[1:])
+"""
+
+
+def test_a_hung_forward_ends_the_process_with_1(checkpoint, tmp_path):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    args = ["--model", f"tiny={checkpoint}", "--port", str(port), "--device", "cpu", "--decode-workers", "0"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("VIT_")}
+    with open(log, "w") as out:
+        command = [sys.executable, "-c", HUNG_DEVICE, *args, "--warmup", "false", "--forward-timeout-s", "0.5"]
+        proc = subprocess.Popen(command, cwd=ROOT, env=clean, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(f"{base}/readyz", 200, proc)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            png = {"content": photo_png(), "headers": {"content-type": "image/png"}}
+            pool.submit(httpx.post, f"{base}/v1/classify?top_k=2", **png, timeout=60)  # its forward never ends
+            # the forward thread cannot be joined: the process must leave without it, and say why
+            assert proc.wait(timeout=60) == 1, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = log.read_text()
+    assert "a forward has run for" in out and "--forward-timeout-s 0.5" in out and "Traceback" not in out
+
+
 def test_a_bad_checkpoint_exits_1_with_one_message(tmp_path):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"\x00" * 64)

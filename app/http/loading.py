@@ -143,6 +143,16 @@ def device_lost(
     return message
 
 
+def forward_stalled(state: ServerState, name: str, seconds: float) -> None:
+    """`Batcher(on_stall=...)`, on the event loop: a forward has run for longer than `--forward-timeout-s`. The
+    device has hung (a GPU kernel that never returns), and nothing in this process can end that forward."""
+    limit = state.settings.forward_timeout_s
+    message = (
+        f"model {name!r}: a forward has run for {seconds:.0f} s, past --forward-timeout-s {limit:g}; the device hangs"
+    )
+    state.device_lost(message)
+
+
 def keep_out_of_garbage_collection() -> None:
     """Move everything alive after start-up (torch, the models, FastAPI's routes: some 360,000 objects) out of
     the garbage collector's sight. They live as long as the server, yet every full collection walked them all:
@@ -177,6 +187,8 @@ async def load_one(state: ServerState, p: Planned, loader: Loader, models_dir: P
         on_batch=metrics.batch_size.labels(p.name).observe,
         on_depth=metrics.queue_depth.labels(p.name).set,
         fatal=partial(device_lost, state, asyncio.get_running_loop(), p.name, model),
+        stall_s=settings.forward_timeout_s,
+        on_stall=partial(forward_stalled, state, p.name),
     )
     metrics.queue_depth.labels(p.name).set(0)  # present from the start, not from the first request
     batcher.start()

@@ -309,6 +309,43 @@ def test_a_device_lost_for_good_stops_the_server_with_503s_not_500s(checkpoints,
     assert len(fatal) == 1 and "'tiny'" in fatal[0] and "illegal memory access" in fatal[0]
 
 
+def test_a_forward_that_hangs_stops_the_server(checkpoints, pngs):
+    # a forward that does not end (a GPU kernel that never returns) cannot be retried or interrupted: once it has
+    # run past --forward-timeout-s the server takes no more requests and asks to be restarted
+    created, fatal = [], []
+    settings = settings_for(checkpoints, "tiny", forward_timeout_s=0.3, warmup=False, max_wait_ms=0)
+    app = create_app(settings, loader=wrapping_loader(created, delay=1.5), on_fatal=fatal.append)
+
+    async def main():
+        async with serve(app) as client:
+            hung = asyncio.ensure_future(classify(client, pngs[0]))
+            await asyncio.sleep(0.8)  # past the limit and the watchdog's next look, before the forward ends
+            answered_early = hung.done()
+            later, readyz = await classify(client, pngs[1]), await client.get("/readyz")
+            return later, readyz, await hung, answered_early
+
+    later, readyz, hung, answered_early = asyncio.run(main())
+    assert len(fatal) == 1 and "'tiny'" in fatal[0] and "--forward-timeout-s 0.3" in fatal[0]
+    assert later.status_code == 503 and later.json()["error"]["code"] == "not_ready"
+    assert "hangs" in later.json()["error"]["message"] and readyz.status_code == 503
+    # the request stuck in that forward is answered then, not when its timeout or the shutdown ends it
+    assert answered_early and hung.status_code == 503 and hung.json()["error"]["code"] == "not_ready"
+
+
+def test_a_slow_forward_within_the_limit_is_not_a_hang(checkpoints, pngs):
+    fatal = []
+    settings = settings_for(checkpoints, "tiny", forward_timeout_s=1.0, warmup=False, max_wait_ms=0)
+    app = create_app(settings, loader=wrapping_loader(delay=0.5), on_fatal=fatal.append)
+
+    async def main():
+        async with serve(app) as client:
+            answers = [await classify(client, p) for p in pngs[:2]]
+            return answers, await client.get("/readyz")
+
+    answers, readyz = asyncio.run(main())
+    assert [r.status_code for r in answers] == [200, 200] and readyz.status_code == 200 and fatal == []
+
+
 def test_504_timeout_drops_the_work(checkpoints, pngs):
     created = []
     settings = settings_for(checkpoints, "tiny", request_timeout_s=0.3, max_batch_size=1, max_wait_ms=0)
