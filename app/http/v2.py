@@ -28,7 +28,7 @@ from typing import Annotated
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Depends, FastAPI, Path, Request
+from fastapi import APIRouter, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from PIL import Image
@@ -38,6 +38,7 @@ from starlette.responses import Response
 
 from app.batching import Admission, ForwardFailed, Stopped
 from app.decode import ImageError
+from app.http.checks import CheckedRoute, require_ready
 from app.http.errors import ApiError, cut, internal_error, invalid
 from app.http.inputs import read_body, too_many
 from app.http.middleware import note, request_id_of
@@ -53,7 +54,6 @@ from app.http.pipeline import (
 )
 from app.http.responses import FastJSON
 from app.http.state import ServedModel, ServerState
-from app.http.v1 import require_api_key, require_ready
 from app.http.v2_codec import HEADER_LENGTH, InputTensor, OutputTensor, RequestedOutput, decompress, parse_request
 from app.http.v2_codec import encode_response as encode
 from app.preprocess import PreprocessConfig, resized_size, to_model_pixels
@@ -114,17 +114,14 @@ def _path_shaped(v1_handler):  # type: ignore[no-untyped-def]
     return handler
 
 
-router = APIRouter(prefix="/v2", route_class=V2Route, tags=["v2"])
+class CheckedV2Route(V2Route, CheckedRoute):
+    """A /v2 model route: the API key, then readiness, are checked (as on /v1) before it runs."""
+
+
+router = APIRouter(prefix="/v2", route_class=V2Route, tags=["v2"])  # server metadata and health: open to all
+model_router = APIRouter(prefix="/v2", route_class=CheckedV2Route, tags=["v2"])  # /v2/models/...: key, readiness
 Name = Annotated[str, Path(description="a loaded model's name")]
 Version = Annotated[str, Path(description="the model's version (always 1)")]
-
-
-async def _checked(request: Request) -> None:  # async: FastAPI runs a plain `def` dependency on a worker thread
-    require_api_key(request)
-    require_ready(request)
-
-
-protected = [Depends(_checked)]
 
 
 # -- server ----------------------------------------------------------------------------------------------
@@ -143,9 +140,7 @@ async def live() -> Response:
 @router.get("/health/ready", response_model=None)
 async def ready(request: Request) -> Response:
     """200 once every model is loaded and warm (as /readyz); 503 while loading or draining."""
-    state = state_of(request)
-    if not state.accepting:
-        raise ApiError(503, "not_ready", state.not_ready_reason(), headers={"Retry-After": "1"})
+    require_ready(request)
     return FastJSON({"ready": True})
 
 
@@ -183,34 +178,34 @@ def model_metadata(served: ServedModel) -> dict:
     }
 
 
-@router.get("/models/{name}", response_model=None, dependencies=protected)
+@model_router.get("/models/{name}", response_model=None)
 async def get_model(request: Request, name: Name) -> Response:
     return FastJSON(model_metadata(find_model(state_of(request), name)))
 
 
-@router.get("/models/{name}/versions/{version}", response_model=None, dependencies=protected)
+@model_router.get("/models/{name}/versions/{version}", response_model=None)
 async def get_model_version(request: Request, name: Name, version: Version) -> Response:
     return FastJSON(model_metadata(find_model(state_of(request), name, version)))
 
 
-@router.get("/models/{name}/ready", response_model=None, dependencies=protected)
+@model_router.get("/models/{name}/ready", response_model=None)
 async def model_ready(request: Request, name: Name) -> Response:
     find_model(state_of(request), name)
     return FastJSON({"name": name, "ready": True})
 
 
-@router.get("/models/{name}/versions/{version}/ready", response_model=None, dependencies=protected)
+@model_router.get("/models/{name}/versions/{version}/ready", response_model=None)
 async def model_version_ready(request: Request, name: Name, version: Version) -> Response:
     find_model(state_of(request), name, version)
     return FastJSON({"name": name, "ready": True})
 
 
-@router.post("/models/{name}/infer", response_model=None, dependencies=protected)
+@model_router.post("/models/{name}/infer", response_model=None)
 async def infer(request: Request, name: Name) -> Response:
     return await _infer(request, name, None)
 
 
-@router.post("/models/{name}/versions/{version}/infer", response_model=None, dependencies=protected)
+@model_router.post("/models/{name}/versions/{version}/infer", response_model=None)
 async def infer_version(request: Request, name: Name, version: Version) -> Response:
     return await _infer(request, name, version)
 
