@@ -17,29 +17,23 @@ and server metadata stay open, like /healthz), 404 unknown model, 413 body or im
 503 overloaded (with Retry-After) or not ready, 504 past the request timeout; 400 for image data that
 cannot be used (undecodable bytes, zero-sized or oversized pixels, an FP32 tensor not at the model's size
 or not finite); 422 for a malformed request (JSON, datatypes, shapes, unknown outputs). Every error is the
-protocol's `{"error": "<message>"}`: `install(app)` gives every /v2 path that shape, whoever raised it.
+protocol's `{"error": "<message>"}`: `app.http.errors` gives every /v2 path that shape, whoever raised it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Annotated
 
 import numpy as np
-import orjson
-from fastapi import APIRouter, FastAPI, Path, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, Path, Request
 from PIL import Image
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from app.batching import Admission, ForwardFailed, Stopped
 from app.decode import ImageError
 from app.http.checks import CheckedRoute, require_ready
-from app.http.errors import ApiError, cut, internal_error, invalid
+from app.http.errors import ApiError, internal_error, invalid
 from app.http.inputs import read_body, too_many
 from app.http.middleware import note, request_id_of
 from app.http.pipeline import (
@@ -59,67 +53,12 @@ from app.http.v2_codec import encode_response as encode
 from app.preprocess import PreprocessConfig, resized_size, to_model_pixels
 from app.tasks import Item, Tensors, batch_key
 
-log = logging.getLogger("vitserve")
-
 VERSION = "1"  # a served model has one version
 EXTENSIONS = ["binary_tensor_data", "classification"]
 HEAD_OUTPUTS = ("probabilities", "logits")
 
-
-def is_v2(path: str) -> bool:
-    return path == "/v2" or path.startswith("/v2/")
-
-
-def v2_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return FastJSON({"error": cut(message)}, status_code=status, headers=headers)
-
-
-class V2Route(APIRoute):
-    """A /v2 route whose unexpected faults answer 500 in the protocol's shape (with the request id), not /v1's."""
-
-    def get_route_handler(self):  # type: ignore[no-untyped-def]
-        handler = super().get_route_handler()
-
-        async def run(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except (ApiError, StarletteHTTPException, RequestValidationError, ClientDisconnect):
-                raise  # answered by the exception handlers (in v2 shape, see install)
-            except Exception:
-                request_id = request_id_of(request.scope)
-                log.exception("request %s: unhandled error", request_id)
-                return v2_error(500, internal_error(request_id).message)
-
-        return run
-
-
-def install(app: FastAPI) -> None:
-    """Make the error shape depend on the path: /v2/... answers `{"error": message}`, everything else keeps
-    the /v1 envelope. Wraps the handlers `app.http.errors.install` registered (call it after that), so the
-    status, message and headers (Retry-After, WWW-Authenticate, Allow) are the same on both."""
-    for kind in (ApiError, RequestValidationError, StarletteHTTPException):
-        app.add_exception_handler(kind, _path_shaped(app.exception_handlers[kind]))  # type: ignore[arg-type]
-
-
-def _path_shaped(v1_handler):  # type: ignore[no-untyped-def]
-    async def handler(request: Request, exc: Exception) -> Response:
-        response = await v1_handler(request, exc)
-        if not is_v2(request.url.path):
-            return response
-        error = orjson.loads(response.body).get("error", {})
-        message = error.get("message", "error") if isinstance(error, dict) else str(error)
-        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
-        return v2_error(response.status_code, message, headers)
-
-    return handler
-
-
-class CheckedV2Route(V2Route, CheckedRoute):
-    """A /v2 model route: the API key, then readiness, are checked (as on /v1) before it runs."""
-
-
-router = APIRouter(prefix="/v2", route_class=V2Route, tags=["v2"])  # server metadata and health: open to all
-model_router = APIRouter(prefix="/v2", route_class=CheckedV2Route, tags=["v2"])  # /v2/models/...: key, readiness
+router = APIRouter(prefix="/v2", tags=["v2"])  # server metadata and health: open to all
+model_router = APIRouter(prefix="/v2", route_class=CheckedRoute, tags=["v2"])  # /v2/models/...: key, readiness
 Name = Annotated[str, Path(description="a loaded model's name")]
 Version = Annotated[str, Path(description="the model's version (always 1)")]
 
