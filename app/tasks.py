@@ -181,7 +181,7 @@ def _prepare_uint8(model, items: list[Item], dtype: torch.dtype, state: _DeviceS
                 host.append(i)
                 log.info("a JPEG the device could not decode (%s) was decoded by Pillow", error)
             except ImageError as e:
-                e.item = items[i]  # type: ignore[attr-defined]  # lets the caller name the image
+                e.item = items[i]  # lets the caller name the image
                 errors[i] = e
     h, w = cfg.output_size
     inputs = torch.empty((len(host) + len(on_device), 3, h, w), dtype=dtype, device=model.device)

@@ -30,28 +30,18 @@ from fastapi import APIRouter, Path, Request
 from PIL import Image
 from starlette.responses import Response
 
-from app.batching import Admission, ForwardFailed, Stopped
-from app.decode import ImageError
+from app.batching import Admission
 from app.http.checks import CheckedRoute, require_ready
-from app.http.errors import ApiError, internal_error, invalid
-from app.http.inputs import read_body, too_many
-from app.http.middleware import note, request_id_of
-from app.http.pipeline import (
-    expect,
-    guarded,
-    image_decoder,
-    image_error_index,
-    pick_model,
-    reserve,
-    state_of,
-    to_item,
-)
+from app.http.errors import ApiError, invalid
+from app.http.inputs import Upload, read_body, too_many
+from app.http.middleware import note
+from app.http.pipeline import decode_uploads, expect, guarded, pick_model, reserve, run_items, state_of, to_item
 from app.http.responses import FastJSON
 from app.http.state import ServedModel, ServerState
 from app.http.v2_codec import HEADER_LENGTH, InputTensor, OutputTensor, RequestedOutput, decompress, parse_request
 from app.http.v2_codec import encode_response as encode
 from app.preprocess import PreprocessConfig, resized_size, to_model_pixels
-from app.tasks import Item, Tensors, batch_key
+from app.tasks import Item, Tensors
 
 VERSION = "1"  # a served model has one version
 EXTENSIONS = ["binary_tensor_data", "classification"]
@@ -253,15 +243,7 @@ async def _run(
     request: Request, state: ServerState, served: ServedModel, t: InputTensor, task: Tensors, admission: Admission
 ) -> list[dict]:
     items = await _items(state, served, t, task)
-    try:
-        return await served.batcher.run(items, batch_key(items[0]), admission)
-    except ImageError as e:  # a JPEG its batch could not decode on the device (nor Pillow after it)
-        i = image_error_index(e, items)
-        raise ApiError(400, e.code, f"image {i}: {e}", index=i) from None
-    except ForwardFailed:
-        raise internal_error(request_id_of(request.scope)) from None
-    except Stopped:
-        raise ApiError(503, "not_ready", "the server is shutting down; retry on another instance") from None
+    return await run_items(request, served, items, admission)  # type: ignore[return-value]
 
 
 async def _items(state: ServerState, served: ServedModel, t: InputTensor, task: Tensors) -> list[Item]:
@@ -272,14 +254,8 @@ async def _items(state: ServerState, served: ServedModel, t: InputTensor, task: 
     if t.datatype == "UINT8":
         pixels = await asyncio.to_thread(_resize_all, t.data, cfg)
         return [Item(p, task) for p in pixels]
-    decode = image_decoder(state, served)
-    done = await asyncio.gather(*(decode(data) for data in t.data), return_exceptions=True)  # type: ignore[union-attr]
-    for i, d in enumerate(done):
-        if isinstance(d, ImageError):
-            raise ApiError(400, d.code, f"image {i}: {d}", index=i)
-        if isinstance(d, BaseException):
-            raise d  # the pool itself failed: a server fault
-    return [to_item(d, task) for d in done]  # type: ignore[arg-type]
+    decoded, _ = await decode_uploads(state, served, [Upload(data, None) for data in t.data])  # type: ignore[union-attr]
+    return [to_item(d, task) for d in decoded]
 
 
 def _resize_all(pixels: np.ndarray, cfg) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
