@@ -31,6 +31,7 @@ from PIL import Image
 from starlette.responses import Response
 
 from app.batching import Admission
+from app.decode import ImageError, check_resize, check_size, model_input
 from app.http.checks import CheckedRoute, require_ready
 from app.http.errors import ApiError, invalid
 from app.http.inputs import Upload, read_body, too_many
@@ -40,7 +41,7 @@ from app.http.responses import FastJSON
 from app.http.state import ServedModel, ServerState
 from app.http.v2_codec import HEADER_LENGTH, InputTensor, OutputTensor, RequestedOutput, decompress, parse_request
 from app.http.v2_codec import encode_response as encode
-from app.preprocess import PreprocessConfig, resized_size, to_model_pixels
+from app.preprocess import PreprocessConfig
 from app.tasks import Item, Tensors
 
 VERSION = "1"  # a served model has one version
@@ -202,20 +203,11 @@ def the_images(inputs: list[InputTensor], served: ServedModel, state: ServerStat
 
 def _check_pixels(height: int, width: int, cfg: PreprocessConfig, max_pixels: int, where: str) -> None:
     """The limits a decoded image meets (app.decode), before any work: size, pixel count, resize cost."""
-    if height == 0 or width == 0:
-        raise ApiError(400, "invalid_image", f"{where}: the images are zero-sized ({width} x {height})")
-    if height * width > max_pixels:
-        pixels = width * height
-        message = (
-            f"{where}: the images have {width} x {height} = {pixels:,} pixels, more than the limit of {max_pixels:,}"
-        )
-        raise ApiError(400, "image_too_large", message)
-    rw, rh = resized_size(width, height, cfg.resize)
-    if rw * rh > max_pixels:  # a 1 x 40,000 strip would become 36 x 1.4e6 pixels before its crop
-        message = (
-            f"{where}: the aspect ratio ({width} x {height}) is too extreme: resizing would take {rw * rh:,} pixels"
-        )
-        raise ApiError(400, "invalid_image", message)
+    try:
+        check_size(width, height, max_pixels)
+        check_resize((width, height), cfg, max_pixels)
+    except ImageError as e:
+        raise ApiError(400, e.code, f"{where}: {e}") from None
 
 
 def requested_outputs(outputs: list[RequestedOutput] | None, served: ServedModel) -> list[RequestedOutput]:
@@ -258,16 +250,14 @@ async def _items(state: ServerState, served: ServedModel, t: InputTensor, task: 
     return [to_item(d, task) for d in decoded]
 
 
-def _resize_all(pixels: np.ndarray, cfg) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+def _resize_all(pixels: np.ndarray, cfg: PreprocessConfig) -> list[np.ndarray]:
     """UINT8 images -> the model's input size, by the same PIL steps as a decoded image."""
     out = []
     for i, a in enumerate(pixels):
         try:
-            out.append(np.ascontiguousarray(to_model_pixels(Image.fromarray(np.ascontiguousarray(a)), cfg)))
-        except Exception as e:  # e.g. an image too thin to resize to the target
-            raise ApiError(
-                400, "invalid_image", f"image {i} cannot be resized to the model's input: {e}", index=i
-            ) from None
+            out.append(model_input(Image.fromarray(np.ascontiguousarray(a)), cfg))
+        except ImageError as e:
+            raise ApiError(400, e.code, f"image {i}: {e}", index=i) from None
     return out
 
 
