@@ -47,6 +47,7 @@ class ImageError(Exception):
     """An image the server will not decode; `code` is the API error code."""
 
     code = "invalid_image"
+    item: object | None = None  # set when a batch finds it (app.tasks), so the caller can name the image
 
 
 class InvalidImage(ImageError):
@@ -114,14 +115,37 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageTooLarge(f"the image is too large: {e}") from None
     except Exception as e:
         raise InvalidImage(f"cannot read the {fmt} header: {e}") from None
-    width, height = image.size
+    check_size(*image.size, max_pixels)
+    return image
+
+
+def check_size(width: int, height: int, max_pixels: int) -> None:
+    """Refuse a zero-sized image, or one of more than `max_pixels` (known from a header, before any decoding)."""
     if width <= 0 or height <= 0:
         raise InvalidImage(f"the image is zero-sized ({width} x {height})")
     if width * height > max_pixels:
         raise ImageTooLarge(
             f"the image has {width} x {height} = {width * height:,} pixels, more than the limit of {max_pixels:,}"
         )
-    return image
+
+
+def check_resize(size: tuple[int, int], cfg: PreprocessConfig, max_pixels: int) -> None:
+    """Refuse an aspect ratio so extreme that resizing the upright `size` for the model would make more than
+    `max_pixels` pixels: a 1 x 40,000,000 strip would become 36 x 1.4e9 pixels before its crop."""
+    rw, rh = resized_size(size[0], size[1], cfg.resize)
+    if rw * rh > max_pixels:
+        raise InvalidImage(
+            f"the image's aspect ratio ({size[0]} x {size[1]}) is too extreme: resizing it for the model "
+            f"would take {rw * rh:,} pixels"
+        )
+
+
+def model_input(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """An upright RGB image -> contiguous uint8 pixels at the model's input size."""
+    try:
+        return np.ascontiguousarray(to_model_pixels(image, cfg))
+    except Exception as e:  # e.g. an image too thin to resize to the target
+        raise InvalidImage(f"the image cannot be resized to the model's input: {e}") from None
 
 
 def upright_size(image: Image.Image) -> tuple[int, int]:
@@ -214,17 +238,9 @@ def decode_to_pixels(data: bytes, cfg: PreprocessConfig, max_pixels: int, draft:
     """
     target = partial(_draft_target, cfg=cfg) if draft else None
     image, size = decode_image(data, max_pixels, target)
-    rw, rh = resized_size(image.width, image.height, cfg.resize)
-    if rw * rh > max_pixels:  # a 1 x 40,000,000 strip would become 36 x 1.4e9 pixels before its crop
-        raise InvalidImage(
-            f"the image's aspect ratio ({size[0]} x {size[1]}) is too extreme: resizing it for the model "
-            f"would take {rw * rh:,} pixels"
-        )
-    try:
-        pixels = to_model_pixels(image, cfg)
-    except Exception as e:  # e.g. an image too thin to resize to the target
-        raise InvalidImage(f"the image cannot be resized to the model's input: {e}") from None
-    return Decoded(np.ascontiguousarray(pixels), size)
+    # the original's size: a JPEG decoded at a reduced scale (still twice its resize) is far below the limit either way
+    check_resize(size, cfg, max_pixels)
+    return Decoded(model_input(image, cfg), size)
 
 
 def ends_complete(jpeg: bytes) -> bool:
@@ -248,12 +264,7 @@ def jpeg_for_device(
     if image.mode not in DEVICE_JPEG_MODES or rgb_transform or width * height > device_max_pixels:
         return None
     size = upright_size(image)
-    rw, rh = resized_size(size[0], size[1], cfg.resize)
-    if rw * rh > max_pixels:
-        raise InvalidImage(
-            f"the image's aspect ratio ({size[0]} x {size[1]}) is too extreme: resizing it for the model "
-            f"would take {rw * rh:,} pixels"
-        )
+    check_resize(size, cfg, max_pixels)
     return Encoded(data, size, orientation(image), max_pixels)
 
 

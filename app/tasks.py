@@ -191,7 +191,7 @@ def _prepare_uint8(model: Model, items: list[Item], state: _DeviceState | None) 
                 host.append(i)
                 log.info("a JPEG the device could not decode (%s) was decoded by Pillow", error)
             except ImageError as e:
-                e.item = items[i]  # type: ignore[attr-defined]  # lets the caller name the image
+                e.item = items[i]  # lets the caller name the image
                 errors[i] = e
     h, w = cfg.output_size
     inputs = torch.empty((len(host) + len(on_device), 3, h, w), dtype=model.dtype, device=model.device)

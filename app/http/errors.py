@@ -1,4 +1,5 @@
-"""The error envelope of API.md: `{"error": {"code", "message", ...}}`, and the handlers that produce it."""
+"""The error answers of API.md, and the handlers that produce them: the envelope `{"error": {"code", "message",
+...}}` everywhere, except under /v2, where the Open Inference Protocol's `{"error": "<message>"}` is the shape."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ STATUS_CODES = {
 
 
 class ApiError(Exception):
-    """An answer with an error status: raised anywhere in a route, rendered as the envelope."""
+    """An answer with an error status: raised anywhere in a route, rendered in its path's shape (error_response)."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any):
         super().__init__(message)
@@ -44,14 +45,24 @@ def cut(message: str) -> str:
     return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"
 
 
-def envelope(code: str, message: str, **extra: Any) -> dict:
-    return {"error": {"code": code, "message": cut(message), **extra}}
+def is_v2(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+    path: str, status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> Response:
-    return FastJSON(envelope(code, message, **extra), status_code=status, headers=headers)
+    """The one place that picks an error's shape, from the request's path; the status, headers and capped message
+    are the same in both shapes (the protocol's shape has no room for `code` or the extra keys)."""
+    if is_v2(path):
+        body: dict = {"error": cut(message)}
+    else:
+        body = {"error": {"code": code, "message": cut(message), **extra}}
+    return FastJSON(body, status_code=status, headers=headers)
+
+
+def api_error_response(path: str, error: ApiError) -> Response:
+    return error_response(path, error.status, error.code, error.message, error.headers, **error.extra)
 
 
 def invalid(message: str) -> ApiError:
@@ -73,11 +84,11 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 async def _api_error(request: Request, exc: ApiError) -> Response:
-    return error_response(exc.status, exc.code, exc.message, exc.headers, **exc.extra)
+    return api_error_response(request.url.path, exc)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-    return error_response(422, "invalid_request", _validation_message(exc))
+    return error_response(request.url.path, 422, "invalid_request", _validation_message(exc))
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -90,7 +101,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
         message = f"method {request.method} is not allowed on {request.url.path}" + (f"; use {allow}" if allow else "")
     else:
         message = str(exc.detail)
-    return error_response(status, code, message, dict(exc.headers or {}))
+    return error_response(request.url.path, status, code, message, dict(exc.headers or {}))
 
 
 def install(app: FastAPI) -> None:

@@ -64,10 +64,10 @@ def create_app(
     )
     app.state.vit = state
     errors.install(app)
-    v2.install(app)  # /v2 paths answer errors in the protocol's shape
     app.include_router(health.router)
     app.include_router(v1.router)
     app.include_router(v2.router)
+    app.include_router(v2.model_router)
     app.include_router(page.router)  # GET / and the page's assets
     app.add_middleware(RequestContext, state=state)
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.http.errors import ApiError
+from app.http.checks import require_ready
 from app.http.pipeline import state_of
 from app.http.responses import FastJSON
 
@@ -21,10 +21,8 @@ async def healthz() -> Response:
 @router.get("/readyz", response_model=None)
 async def readyz(request: Request) -> Response:
     """200 once every model is loaded and warm; 503 not_ready while loading or draining after SIGTERM."""
-    state = state_of(request)
-    if not state.accepting:
-        raise ApiError(503, "not_ready", state.not_ready_reason(), headers={"Retry-After": "1"})
-    return FastJSON({"status": "ready", "models": list(state.models)})
+    require_ready(request)
+    return FastJSON({"status": "ready", "models": list(state_of(request).models)})
 
 
 @router.get("/metrics", response_model=None)

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 from dataclasses import dataclass
 
@@ -107,23 +106,25 @@ def _json(body: bytes, content_type: str, max_images: int) -> list[Upload]:
 
 
 def _b64(item: object, index: int) -> bytes:
-    """Plain base64 (standard or URL-safe, padding optional, whitespace ignored) or a data: URL."""
+    """Plain base64 or a data: URL (which must say ';base64')."""
     if not isinstance(item, str):
         raise invalid(f"images[{index}] must be a base64 string, not {type(item).__name__}")
-    text = item.encode("ascii", errors="replace")
-    if text[:5].lower() == b"data:":
-        header, sep, text = text.partition(b",")
-        if not sep or not header.lower().endswith(b";base64"):
+    if item[:5].lower() == "data:":
+        header, sep, item = item.partition(",")
+        if not sep or not header.lower().endswith(";base64"):
             message = "a data: URL must be base64 ('data:image/...;base64,...')"
             raise ApiError(400, "invalid_image", message, index=index, filename=None)
-    text = _WHITESPACE.sub(b"", text)
-    if b"-" in text or b"_" in text:
-        text = text.replace(b"-", b"+").replace(b"_", b"/")
-    text += b"=" * (-len(text) % 4)
     try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
+        return decode_base64(item)
+    except ValueError:
         raise ApiError(400, "invalid_image", "the image is not valid base64", index=index, filename=None) from None
+
+
+def decode_base64(text: str) -> bytes:
+    """Standard or URL-safe base64, padding optional, ASCII whitespace ignored; ValueError when it is not base64."""
+    data = _WHITESPACE.sub(b"", text.encode("ascii", errors="replace"))  # anything non-ASCII becomes an invalid '?'
+    data = data.replace(b"-", b"+").replace(b"_", b"/")
+    return base64.b64decode(data + b"=" * (-len(data) % 4), validate=True)  # binascii.Error is a ValueError
 
 
 def _multipart(body: bytes, content_type: str, max_images: int) -> list[Upload]:

@@ -1,5 +1,6 @@
 """One pure-ASGI middleware around every request: request id, in-flight count, metrics, the log line, and the
-last line of defence (an unhandled exception becomes a 500 envelope with the request id, never a traceback).
+last line of defence (an unhandled exception becomes a 500 with the request id, in the error shape of its path, never
+a traceback).
 
 Pure ASGI rather than BaseHTTPMiddleware, so streaming bodies and disconnect notices pass through untouched.
 """
@@ -15,8 +16,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.http.errors import envelope
-from app.http.responses import FastJSON
+from app.http.errors import api_error_response, internal_error
 from app.http.state import ServerState
 
 log = logging.getLogger("vitserve.access")
@@ -70,8 +70,7 @@ class RequestContext:
         except Exception:
             log.exception("request %s: unhandled error", request_id)
             if status == 0:
-                message = f"internal server error; quote request id {request_id} when reporting it"
-                response = FastJSON(envelope("internal_error", message), status_code=500)
+                response = api_error_response(scope["path"], internal_error(request_id))
                 await response(scope, receive, send_with_id)
             status = status or 500
         finally:

@@ -1,4 +1,5 @@
 """The road every /v1 inference request travels: read the images, admit, decode in the pool, batch, answer.
+/v2 (app.http.v2) takes the same steps (`reserve`, `expect`, `decode_uploads`, `run_items`, `guarded`).
 
 Limits come first and cost nothing: a request takes a place in the model's queue before its body is read (503
 overloaded when there is none, so bodies in flight are bounded by `max-queue` too), then the body cap and image
@@ -20,7 +21,7 @@ at most `max-queue` bodies are being read at once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
@@ -34,7 +35,7 @@ from app.http.errors import ApiError, internal_error, invalid
 from app.http.inputs import Upload, read_uploads
 from app.http.middleware import note, request_id_of
 from app.http.state import ServedModel, ServerState
-from app.tasks import Item, Task
+from app.tasks import Item, Task, batch_key
 
 T = TypeVar("T")
 
@@ -111,9 +112,20 @@ async def _decode_and_run(
     preview: bool,
     admission: Admission,
 ) -> Outcome:
+    decoded, previews = await decode_uploads(state, served, uploads, preview)
+    items = [to_item(d, task) for d in decoded]
+    results = await run_items(request, served, items, admission, [u.filename for u in uploads])
+    return Outcome(uploads, decoded, results, previews or None)
+
+
+async def decode_uploads(
+    state: ServerState, served: ServedModel, uploads: list[Upload], preview: bool = False
+) -> tuple[list[Decoded | Encoded], list[Decoded]]:
+    """Every upload decoded for `served` at once (with `preview`, also the picture an overlay is drawn on);
+    400 naming the first image that cannot be decoded."""
     decoder = state.decoder
     assert decoder is not None
-    decode = image_decoder(state, served)
+    decode = _image_decoder(state, served)
     jobs = [decode(u.data) for u in uploads]
     if preview:
         jobs += [decoder.preview(u.data) for u in uploads]
@@ -121,25 +133,36 @@ async def _decode_and_run(
     decoded, previews = done[: len(uploads)], done[len(uploads) :]
     for i, d in enumerate(decoded):
         if isinstance(d, ImageError):
-            raise _image_error(d, i, uploads)
+            raise _image_error(d, i, uploads[i].filename)
         if isinstance(d, BaseException):
             raise d  # the pool itself failed: a server fault
     for d in previews:
         if isinstance(d, BaseException):
             raise d
-    items = [to_item(d, task) for d in decoded]  # type: ignore[arg-type]
+    return decoded, previews  # type: ignore[return-value]
+
+
+async def run_items(
+    request: Request,
+    served: ServedModel,
+    items: list[Item],
+    admission: Admission,
+    filenames: Sequence[str | None] = (),
+) -> list[object]:
+    """The model's results for `items`, in order, through its batcher; its failures as API.md's errors (with
+    `filenames`, an image that fails is named by its file too)."""
     try:
-        results = await served.batcher.run(items, task.key, admission)
+        return await served.batcher.run(items, batch_key(items[0]), admission)
     except ImageError as e:  # found while its batch decoded it on the device
-        raise _image_error(e, image_error_index(e, items), uploads) from None
+        i = _image_error_index(e, items)
+        raise _image_error(e, i, filenames[i] if filenames else None) from None
     except ForwardFailed:
         raise internal_error(request_id_of(request.scope)) from None
     except Stopped:
         raise ApiError(503, "not_ready", "the server is shutting down; retry on another instance") from None
-    return Outcome(uploads, decoded, results, previews or None)  # type: ignore[arg-type]
 
 
-def image_decoder(state: ServerState, served: ServedModel) -> Callable[[bytes], Awaitable[Decoded | Encoded]]:
+def _image_decoder(state: ServerState, served: ServedModel) -> Callable[[bytes], Awaitable[Decoded | Encoded]]:
     """The decode step for a model: pixels from the pool, or on the device path (`--jpeg-decoder`) a JPEG whose
     header is checked and which is queued compressed for its batch to decode."""
     decoder = state.decoder
@@ -154,13 +177,12 @@ def to_item(decoded: Decoded | Encoded, task: Task) -> Item:
     return Item(decoded if isinstance(decoded, Encoded) else decoded.pixels, task)
 
 
-def image_error_index(error: ImageError, items: list[Item]) -> int:
+def _image_error_index(error: ImageError, items: list[Item]) -> int:
     """Which item an `ImageError` raised by the batch (a JPEG the device path could not decode) belongs to."""
-    return next((i for i, item in enumerate(items) if item is getattr(error, "item", None)), 0)
+    return next((i for i, item in enumerate(items) if item is error.item), 0)
 
 
-def _image_error(error: ImageError, i: int, uploads: list[Upload]) -> ApiError:
-    filename = uploads[i].filename
+def _image_error(error: ImageError, i: int, filename: str | None) -> ApiError:
     where = f"image {i}" + (f" ({filename})" if filename else "")
     return ApiError(400, error.code, f"{where}: {error}", index=i, filename=filename)
 

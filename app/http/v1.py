@@ -5,62 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
-from collections.abc import Callable, Coroutine
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
-from fastapi.routing import APIRoute
 from PIL import Image
 from starlette.responses import Response
 
 from app import visuals
-from app.http.errors import ApiError, invalid
+from app.http.checks import CheckedRoute
+from app.http.errors import invalid
 from app.http.middleware import note
 from app.http.pipeline import infer, pick_model, state_of
 from app.http.responses import FastJSON
 from app.http.state import ServedModel
 from app.preprocess import seen_region
 from app.tasks import AttentionDistance, AttentionMap, Classify, Embed, Predictions
-
-
-def require_api_key(request: Request) -> None:
-    """With --api-key, every /v1 request needs `Authorization: Bearer <key>` (compared in constant time)."""
-    key = state_of(request).settings.api_key
-    if not key:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-        raise ApiError(
-            401,
-            "unauthorized",
-            "missing or wrong API key: send 'Authorization: Bearer <key>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
-
-def require_ready(request: Request) -> None:
-    state = state_of(request)
-    if not state.accepting:
-        raise ApiError(503, "not_ready", state.not_ready_reason(), headers={"Retry-After": "1"})
-
-
-class CheckedRoute(APIRoute):
-    """A /v1 route that checks the API key, then readiness, before FastAPI reads its parameters. Plain calls
-    rather than router dependencies: FastAPI solves each dependency much as it solves a route, and on the event
-    loop that cost as much as the rest of our request handling (bench/results/README.md, fourth session)."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def checked(request: Request) -> Response:
-            require_api_key(request)
-            require_ready(request)
-            return await handler(request)
-
-        return checked
-
 
 router = APIRouter(prefix="/v1", route_class=CheckedRoute)
 

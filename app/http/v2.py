@@ -17,114 +17,41 @@ and server metadata stay open, like /healthz), 404 unknown model, 413 body or im
 503 overloaded (with Retry-After) or not ready, 504 past the request timeout; 400 for image data that
 cannot be used (undecodable bytes, zero-sized or oversized pixels, an FP32 tensor not at the model's size
 or not finite); 422 for a malformed request (JSON, datatypes, shapes, unknown outputs). Every error is the
-protocol's `{"error": "<message>"}`: `install(app)` gives every /v2 path that shape, whoever raised it.
+protocol's `{"error": "<message>"}`: `app.http.errors` gives every /v2 path that shape, whoever raised it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Annotated
 
 import numpy as np
-import orjson
-from fastapi import APIRouter, Depends, FastAPI, Path, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, Path, Request
 from PIL import Image
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from app.batching import Admission, ForwardFailed, Stopped
-from app.decode import ImageError
-from app.http.errors import ApiError, cut, internal_error, invalid
-from app.http.inputs import read_body, too_many
-from app.http.middleware import note, request_id_of
-from app.http.pipeline import (
-    expect,
-    guarded,
-    image_decoder,
-    image_error_index,
-    pick_model,
-    reserve,
-    state_of,
-    to_item,
-)
+from app.batching import Admission
+from app.decode import ImageError, check_resize, check_size, model_input
+from app.http.checks import CheckedRoute, require_ready
+from app.http.errors import ApiError, invalid
+from app.http.inputs import Upload, read_body, too_many
+from app.http.middleware import note
+from app.http.pipeline import decode_uploads, expect, guarded, pick_model, reserve, run_items, state_of, to_item
 from app.http.responses import FastJSON
 from app.http.state import ServedModel, ServerState
-from app.http.v1 import require_api_key, require_ready
 from app.http.v2_codec import HEADER_LENGTH, InputTensor, OutputTensor, RequestedOutput, decompress, parse_request
 from app.http.v2_codec import encode_response as encode
-from app.preprocess import PreprocessConfig, resized_size, to_model_pixels
-from app.tasks import Item, Tensors, batch_key
-
-log = logging.getLogger("vitserve")
+from app.preprocess import PreprocessConfig
+from app.tasks import Item, Tensors
 
 VERSION = "1"  # a served model has one version
 EXTENSIONS = ["binary_tensor_data", "classification"]
 HEAD_OUTPUTS = ("probabilities", "logits")
 
-
-def is_v2(path: str) -> bool:
-    return path == "/v2" or path.startswith("/v2/")
-
-
-def v2_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return FastJSON({"error": cut(message)}, status_code=status, headers=headers)
-
-
-class V2Route(APIRoute):
-    """A /v2 route whose unexpected faults answer 500 in the protocol's shape (with the request id), not /v1's."""
-
-    def get_route_handler(self):  # type: ignore[no-untyped-def]
-        handler = super().get_route_handler()
-
-        async def run(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except (ApiError, StarletteHTTPException, RequestValidationError, ClientDisconnect):
-                raise  # answered by the exception handlers (in v2 shape, see install)
-            except Exception:
-                request_id = request_id_of(request.scope)
-                log.exception("request %s: unhandled error", request_id)
-                return v2_error(500, internal_error(request_id).message)
-
-        return run
-
-
-def install(app: FastAPI) -> None:
-    """Make the error shape depend on the path: /v2/... answers `{"error": message}`, everything else keeps
-    the /v1 envelope. Wraps the handlers `app.http.errors.install` registered (call it after that), so the
-    status, message and headers (Retry-After, WWW-Authenticate, Allow) are the same on both."""
-    for kind in (ApiError, RequestValidationError, StarletteHTTPException):
-        app.add_exception_handler(kind, _path_shaped(app.exception_handlers[kind]))  # type: ignore[arg-type]
-
-
-def _path_shaped(v1_handler):  # type: ignore[no-untyped-def]
-    async def handler(request: Request, exc: Exception) -> Response:
-        response = await v1_handler(request, exc)
-        if not is_v2(request.url.path):
-            return response
-        error = orjson.loads(response.body).get("error", {})
-        message = error.get("message", "error") if isinstance(error, dict) else str(error)
-        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
-        return v2_error(response.status_code, message, headers)
-
-    return handler
-
-
-router = APIRouter(prefix="/v2", route_class=V2Route, tags=["v2"])
+router = APIRouter(prefix="/v2", tags=["v2"])  # server metadata and health: open to all
+model_router = APIRouter(prefix="/v2", route_class=CheckedRoute, tags=["v2"])  # /v2/models/...: key, readiness
 Name = Annotated[str, Path(description="a loaded model's name")]
 Version = Annotated[str, Path(description="the model's version (always 1)")]
-
-
-async def _checked(request: Request) -> None:  # async: FastAPI runs a plain `def` dependency on a worker thread
-    require_api_key(request)
-    require_ready(request)
-
-
-protected = [Depends(_checked)]
 
 
 # -- server ----------------------------------------------------------------------------------------------
@@ -143,9 +70,7 @@ async def live() -> Response:
 @router.get("/health/ready", response_model=None)
 async def ready(request: Request) -> Response:
     """200 once every model is loaded and warm (as /readyz); 503 while loading or draining."""
-    state = state_of(request)
-    if not state.accepting:
-        raise ApiError(503, "not_ready", state.not_ready_reason(), headers={"Retry-After": "1"})
+    require_ready(request)
     return FastJSON({"ready": True})
 
 
@@ -183,34 +108,34 @@ def model_metadata(served: ServedModel) -> dict:
     }
 
 
-@router.get("/models/{name}", response_model=None, dependencies=protected)
+@model_router.get("/models/{name}", response_model=None)
 async def get_model(request: Request, name: Name) -> Response:
     return FastJSON(model_metadata(find_model(state_of(request), name)))
 
 
-@router.get("/models/{name}/versions/{version}", response_model=None, dependencies=protected)
+@model_router.get("/models/{name}/versions/{version}", response_model=None)
 async def get_model_version(request: Request, name: Name, version: Version) -> Response:
     return FastJSON(model_metadata(find_model(state_of(request), name, version)))
 
 
-@router.get("/models/{name}/ready", response_model=None, dependencies=protected)
+@model_router.get("/models/{name}/ready", response_model=None)
 async def model_ready(request: Request, name: Name) -> Response:
     find_model(state_of(request), name)
     return FastJSON({"name": name, "ready": True})
 
 
-@router.get("/models/{name}/versions/{version}/ready", response_model=None, dependencies=protected)
+@model_router.get("/models/{name}/versions/{version}/ready", response_model=None)
 async def model_version_ready(request: Request, name: Name, version: Version) -> Response:
     find_model(state_of(request), name, version)
     return FastJSON({"name": name, "ready": True})
 
 
-@router.post("/models/{name}/infer", response_model=None, dependencies=protected)
+@model_router.post("/models/{name}/infer", response_model=None)
 async def infer(request: Request, name: Name) -> Response:
     return await _infer(request, name, None)
 
 
-@router.post("/models/{name}/versions/{version}/infer", response_model=None, dependencies=protected)
+@model_router.post("/models/{name}/versions/{version}/infer", response_model=None)
 async def infer_version(request: Request, name: Name, version: Version) -> Response:
     return await _infer(request, name, version)
 
@@ -278,20 +203,11 @@ def the_images(inputs: list[InputTensor], served: ServedModel, state: ServerStat
 
 def _check_pixels(height: int, width: int, cfg: PreprocessConfig, max_pixels: int, where: str) -> None:
     """The limits a decoded image meets (app.decode), before any work: size, pixel count, resize cost."""
-    if height == 0 or width == 0:
-        raise ApiError(400, "invalid_image", f"{where}: the images are zero-sized ({width} x {height})")
-    if height * width > max_pixels:
-        pixels = width * height
-        message = (
-            f"{where}: the images have {width} x {height} = {pixels:,} pixels, more than the limit of {max_pixels:,}"
-        )
-        raise ApiError(400, "image_too_large", message)
-    rw, rh = resized_size(width, height, cfg.resize)
-    if rw * rh > max_pixels:  # a 1 x 40,000 strip would become 36 x 1.4e6 pixels before its crop
-        message = (
-            f"{where}: the aspect ratio ({width} x {height}) is too extreme: resizing would take {rw * rh:,} pixels"
-        )
-        raise ApiError(400, "invalid_image", message)
+    try:
+        check_size(width, height, max_pixels)
+        check_resize((width, height), cfg, max_pixels)
+    except ImageError as e:
+        raise ApiError(400, e.code, f"{where}: {e}") from None
 
 
 def requested_outputs(outputs: list[RequestedOutput] | None, served: ServedModel) -> list[RequestedOutput]:
@@ -319,15 +235,7 @@ async def _run(
     request: Request, state: ServerState, served: ServedModel, t: InputTensor, task: Tensors, admission: Admission
 ) -> list[dict]:
     items = await _items(state, served, t, task)
-    try:
-        return await served.batcher.run(items, batch_key(items[0]), admission)
-    except ImageError as e:  # a JPEG its batch could not decode on the device (nor Pillow after it)
-        i = image_error_index(e, items)
-        raise ApiError(400, e.code, f"image {i}: {e}", index=i) from None
-    except ForwardFailed:
-        raise internal_error(request_id_of(request.scope)) from None
-    except Stopped:
-        raise ApiError(503, "not_ready", "the server is shutting down; retry on another instance") from None
+    return await run_items(request, served, items, admission)  # type: ignore[return-value]
 
 
 async def _items(state: ServerState, served: ServedModel, t: InputTensor, task: Tensors) -> list[Item]:
@@ -338,26 +246,18 @@ async def _items(state: ServerState, served: ServedModel, t: InputTensor, task: 
     if t.datatype == "UINT8":
         pixels = await asyncio.to_thread(_resize_all, t.data, cfg)
         return [Item(p, task) for p in pixels]
-    decode = image_decoder(state, served)
-    done = await asyncio.gather(*(decode(data) for data in t.data), return_exceptions=True)  # type: ignore[union-attr]
-    for i, d in enumerate(done):
-        if isinstance(d, ImageError):
-            raise ApiError(400, d.code, f"image {i}: {d}", index=i)
-        if isinstance(d, BaseException):
-            raise d  # the pool itself failed: a server fault
-    return [to_item(d, task) for d in done]  # type: ignore[arg-type]
+    decoded, _ = await decode_uploads(state, served, [Upload(data, None) for data in t.data])  # type: ignore[union-attr]
+    return [to_item(d, task) for d in decoded]
 
 
-def _resize_all(pixels: np.ndarray, cfg) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+def _resize_all(pixels: np.ndarray, cfg: PreprocessConfig) -> list[np.ndarray]:
     """UINT8 images -> the model's input size, by the same PIL steps as a decoded image."""
     out = []
     for i, a in enumerate(pixels):
         try:
-            out.append(np.ascontiguousarray(to_model_pixels(Image.fromarray(np.ascontiguousarray(a)), cfg)))
-        except Exception as e:  # e.g. an image too thin to resize to the target
-            raise ApiError(
-                400, "invalid_image", f"image {i} cannot be resized to the model's input: {e}", index=i
-            ) from None
+            out.append(model_input(Image.fromarray(np.ascontiguousarray(a)), cfg))
+        except ImageError as e:
+            raise ApiError(400, e.code, f"image {i}: {e}", index=i) from None
     return out
 
 

@@ -16,10 +16,7 @@ in `app.http.v2` decide what the tensors mean.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
-import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -28,13 +25,12 @@ import numpy as np
 import orjson
 
 from app.http.errors import ApiError, invalid
-from app.http.inputs import too_large
+from app.http.inputs import decode_base64, too_large
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 NUMERIC = {"UINT8": np.dtype("<u1"), "FP32": np.dtype("<f4")}  # the numeric datatypes we take in
 KNOWN = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"}
 KNOWN |= {"FP16", "FP32", "FP64", "BF16", "BYTES"}
-_WHITESPACE = re.compile(rb"\s+")
 _LENGTH = struct.Struct("<I")
 
 
@@ -264,14 +260,11 @@ def _b64(item: object, index: int, where: str) -> bytes:
         item = item["b64"]
     if not isinstance(item, str):
         raise invalid(f"{where}: BYTES element {index} must be a base64 string, not {type(item).__name__}")
-    text = item.encode("ascii", errors="replace")
-    if text[:5].lower() == b"data:":
-        text = text.partition(b",")[2]
-    text = _WHITESPACE.sub(b"", text).replace(b"-", b"+").replace(b"_", b"/")
-    text += b"=" * (-len(text) % 4)
+    if item[:5].lower() == "data:":
+        item = item.partition(",")[2]
     try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
+        return decode_base64(item)
+    except ValueError:
         raise ApiError(400, "invalid_image", f"{where}: element {index} is not valid base64", index=index) from None
 
 
