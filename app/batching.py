@@ -258,7 +258,7 @@ class Batcher:
         coroutine drops the items that have not started. `admission`: the room these items were admitted
         with, so that the batcher knows they are no longer on their way."""
         if self._wake is None:
-            raise Stopped("the batcher is not running")
+            raise Stopped("the server is shutting down")  # stopped, or not started yet
         if self._halted is not None:
             raise Stopped(self._halted)
         loop = asyncio.get_running_loop()

@@ -158,8 +158,8 @@ async def run_items(
         raise _image_error(e, i, filenames[i] if filenames else None) from None
     except ForwardFailed:
         raise internal_error(request_id_of(request.scope)) from None
-    except Stopped:
-        raise ApiError(503, "not_ready", "the server is shutting down; retry on another instance") from None
+    except Stopped as e:  # shutting down, or the device is lost or hangs: the reason says which
+        raise ApiError(503, "not_ready", f"{e}; retry on another instance") from None
 
 
 def _image_decoder(state: ServerState, served: ServedModel) -> Callable[[bytes], Awaitable[Decoded | Encoded]]:

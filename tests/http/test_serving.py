@@ -330,6 +330,7 @@ def test_a_forward_that_hangs_stops_the_server(checkpoints, pngs):
     assert "hangs" in later.json()["error"]["message"] and readyz.status_code == 503
     # the request stuck in that forward is answered then, not when its timeout or the shutdown ends it
     assert answered_early and hung.status_code == 503 and hung.json()["error"]["code"] == "not_ready"
+    assert "the device hangs" in hung.json()["error"]["message"]
 
 
 def test_a_slow_forward_within_the_limit_is_not_a_hang(checkpoints, pngs):
