@@ -161,10 +161,10 @@ def orientation(image: Image.Image) -> int:
         return 1
 
 
-def draft_target(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int]:
-    """Smallest (w, h) a JPEG may be DCT-scaled to: twice the resize target on each side, so that
-    the resize that follows still averages over enough source pixels to match a full decode."""
-    rw, rh = resized_size(width, height, cfg.resize)
+def draft_target(size: tuple[int, int], cfg: PreprocessConfig) -> tuple[int, int]:
+    """Smallest (w, h) a JPEG of upright `size` may be DCT-scaled to: twice the resize target on each side, so
+    that the resize that follows still averages over enough source pixels to match a full decode."""
+    rw, rh = resized_size(size[0], size[1], cfg.resize)
     return (2 * rw, 2 * rh)
 
 
@@ -236,7 +236,7 @@ def decode_to_pixels(data: bytes, cfg: PreprocessConfig, max_pixels: int, draft:
 
     A JPEG decoded at a reduced scale is resized from there exactly as the full image would be.
     """
-    target = partial(_draft_target, cfg=cfg) if draft else None
+    target = partial(draft_target, cfg=cfg) if draft else None
     image, size = decode_image(data, max_pixels, target)
     # the original's size: a JPEG decoded at a reduced scale (still twice its resize) is far below the limit either way
     check_resize(size, cfg, max_pixels)
@@ -266,10 +266,6 @@ def jpeg_for_device(
     size = upright_size(image)
     check_resize(size, cfg, max_pixels)
     return Encoded(data, size, orientation(image), max_pixels)
-
-
-def _draft_target(size: tuple[int, int], cfg: PreprocessConfig) -> tuple[int, int]:
-    return draft_target(size[0], size[1], cfg)
 
 
 def decode_preview(data: bytes, max_pixels: int, max_side: int = PREVIEW_SIDE) -> Decoded:

@@ -178,7 +178,7 @@ def test_jpeg_draft_only_while_the_image_stays_twice_the_target(cat):
     from app.decode import apply_draft, draft_target
 
     image = Image.open(io.BytesIO(data))
-    target = draft_target(*big.size, CFG)
+    target = draft_target(big.size, CFG)
     apply_draft(image, target)
     image.load()
     assert image.width >= target[0] and image.height >= target[1] and image.width < big.width
