@@ -372,6 +372,7 @@ class Batcher:
         if self._task is not None:
             self._task.cancel()
         for entry in [*self._queue, *(e for batch in self._in_flight for e in batch)]:
+            entry.dropped = True  # a batch sealed behind the hung one skips it, should its turn ever come
             if not entry.future.done():
                 entry.future.set_exception(Stopped(reason))
         self._queue.clear()

@@ -499,7 +499,9 @@ def test_a_forward_that_hangs_halts_the_batcher_and_fails_its_items_at_once():
     outcomes, (later,) = run_async(main())
     assert all(isinstance(o, Stopped) and "the device hangs" in str(o) for o in outcomes), outcomes
     assert len(stalls) == 1 and stalls[0] > 0.2
-    assert isinstance(later, Stopped) and rec.batches == []  # no batch is formed after the halt
+    # nothing runs after the halt: not the batch sealed behind the hung one, nor a new one (the hung forward
+    # itself ends once the gate opens, and may or may not have recorded its batch by now)
+    assert isinstance(later, Stopped) and rec.batches in ([], [[1]])
 
 
 def test_forwards_within_the_stall_limit_never_trip_it():
