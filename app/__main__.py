@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, MutableMapping
 from typing import Any
@@ -26,6 +27,8 @@ from pydantic import ValidationError
 from app.settings import Settings
 
 log = logging.getLogger("vitserve")
+GRACEFUL_SHUTDOWN_S = 5  # uvicorn's wait for open connections once the server stops
+FATAL_EXIT_AFTER_S = GRACEFUL_SHUTDOWN_S + 10  # after a fatal error, the longest the shutdown may take
 
 SCALARS = {
     # flag: (settings field, help)
@@ -178,6 +181,11 @@ def serve(
             report_fatal(message)
         if server is not None:
             server.should_exit = True  # uvicorn's own shutdown follows (closes the pool), then exit 1
+        # should a thread stuck in a hung device hold the shutdown up (asyncio waits for its worker threads), leave
+        # anyway once the shutdown has had its time
+        deadline = threading.Timer(FATAL_EXIT_AFTER_S, exit_process, args=(1,))
+        deadline.daemon = True
+        deadline.start()
 
     app = create_app(settings, on_fatal=on_fatal)
     config = uvicorn.Config(
@@ -188,7 +196,7 @@ def serve(
         log_config=log_config(settings.log_level, pid=sockets is not None),
         access_log=False,  # our own middleware logs one line per request, with its id
         lifespan="on",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
     server = (make_server or GracefulServer)(config, app.state.vit, drain_timeout_s=settings.drain_timeout_s)
     server.run(sockets=sockets)
@@ -204,10 +212,9 @@ def sleeping_openmp_threads(environ: MutableMapping[str, str]) -> None:
 
 
 def exit_process(code: int) -> None:
-    """Exit with `code`. After a failure a forward thread may be stuck in a hung device, and Python's own exit
-    would wait for it for ever (it joins every thread pool's threads): then flush the logs and leave at once."""
-    if code == 0:
-        sys.exit(0)
+    """Exit with `code`, once the server has closed what it opened (sockets, decode pool, batchers). What Python
+    would still do at exit is join every thread pool's threads, and a forward thread stuck in a hung device would
+    keep it waiting for ever: flush the logs and leave at once."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -276,7 +276,8 @@ class Batcher:
         """Forget entries whose request has gone (answered, failed, timed out or disconnected)."""
         for entry in entries:
             if entry.future.done() and not entry.future.cancelled():
-                continue  # answered
+                entry.future.exception()  # answered (an exception too: read, so that asyncio does not log it)
+                continue
             entry.dropped = True  # a sealed batch that has not started skips it
             entry.future.cancel()
             with contextlib.suppress(ValueError):  # not queued any more: sealed or running
@@ -346,6 +347,8 @@ class Batcher:
                 live, prepared = [i for i, e in enumerate(batch) if not e.dropped], None
             else:
                 live, prepared = staged.result()  # prepared beside the previous forward: normally ready by now
+                if all(batch[i].dropped for i in live):
+                    live = []  # every request went away (or the batcher halted) while it was prepared
             results: list[Any] = [Stopped("the request has gone")] * len(batch)
             if live:
                 for i, result in zip(live, self._forward([batch[i].item for i in live], prepared), strict=True):
@@ -362,7 +365,7 @@ class Batcher:
             with self._started_lock:  # the forward threads write it
                 oldest = min(self._forward_started.values(), default=None)
             if oldest is not None and (seconds := time.monotonic() - oldest) > self.stall_s:
-                self._halt(f"a forward has run for {seconds:.0f} s: the device hangs")
+                self._halt(f"a forward has run for {seconds:.1f} s: the device hangs")
                 self._on_stall(seconds)
                 return
 

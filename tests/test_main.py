@@ -135,12 +135,14 @@ def test_serves_then_drains_on_sigterm_without_losing_a_request(checkpoint, tmp_
             proc.wait()
 
 
-# the CLI with a device that never answers: every forward blocks its thread for good, as a hung GPU kernel does
+# the CLI with a device that never answers: every forward, and every other computation on it, blocks its thread
+# for good, as a hung GPU kernel does
 HUNG_DEVICE = """
 import sys, threading
-import app.engine
+import app.engine, app.tasks
 
 app.engine.Model.__call__ = lambda self, *args, **kwargs: threading.Event().wait()
+app.tasks.position_similarity = lambda model: threading.Event().wait()
 from app.__main__ import main
 
 main(sys.argv[1:])
@@ -158,17 +160,21 @@ def test_a_hung_forward_ends_the_process_with_1(checkpoint, tmp_path):
         proc = subprocess.Popen(command, cwd=ROOT, env=clean, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_until(f"{base}/readyz", 200, proc)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            # a thread of asyncio's own pool stuck in the device: the shutdown would wait for it for ever
+            pool.submit(httpx.get, f"{base}/v1/models/tiny/position-similarity", timeout=60)
+            time.sleep(0.5)
             png = {"content": photo_png(), "headers": {"content-type": "image/png"}}
             pool.submit(httpx.post, f"{base}/v1/classify?top_k=2", **png, timeout=60)  # its forward never ends
-            # the forward thread cannot be joined: the process must leave without it, and say why
+            # neither thread can be joined: the process must leave without them, and say why
             assert proc.wait(timeout=60) == 1, log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     out = log.read_text()
-    assert "a forward has run for" in out and "--forward-timeout-s 0.5" in out and "Traceback" not in out
+    # (uvicorn logs the stuck similarity request's cancellation at the end of its graceful shutdown)
+    assert "CRITICAL" in out and "a forward has run for" in out and "--forward-timeout-s 0.5" in out
 
 
 def test_a_bad_checkpoint_exits_1_with_one_message(tmp_path):
