@@ -157,7 +157,8 @@ def serve(
     report_fatal: Callable[[str], None] | None = None,
 ) -> int:
     """Run one server process until it stops; its exit status: 0, or 1 when a model cannot be loaded or its
-    device fails for good while serving (a sticky CUDA error: only a new process gets a working device).
+    device fails for good while serving (a sticky CUDA error, or a forward past --forward-timeout-s: only a new
+    process gets a working device).
 
     sockets: listening sockets opened by a supervisor (`--workers`), else uvicorn binds host:port itself.
     make_server(config, state, drain_timeout_s): the server class (default GracefulServer).

@@ -6,7 +6,7 @@ the socket the supervisor opened, with three additions that `WorkerServer` makes
   the signal itself as well, from a terminal's Ctrl-C or systemd's control-group kill, still drains once),
   "exit" forces the exit; it tells the supervisor "ready" once its models are warm, and "fatal" with the
   one-line message when a model cannot be loaded (the supervisor logs that line, the worker does not) or when
-  its device fails for good while serving (then it exits 1 and the supervisor starts a new one);
+  its device fails for good or hangs while serving (then it exits 1 and the supervisor starts a new one);
 - a replacement worker (one started after another died) joins the shared socket only once its models are
   ready, so the load balancer never meets a loading worker beside ready ones;
 - a worker whose supervisor has gone (SIGKILL) drains and exits rather than serve on, unsupervised.

@@ -94,9 +94,10 @@ class ServerState:
         return f"models are still loading ({len(self.models)} of {self.expected or '?'} ready); retry shortly"
 
     def device_lost(self, message: str) -> None:
-        """A model's device can run nothing more (a sticky CUDA error): take no more requests and stop the process
-        (`on_fatal`), so that what supervises it (the `--workers` supervisor, a container's restart policy, an
-        orchestrator) starts a new one with a working device. On the event loop; only the first call counts."""
+        """A model's device can run nothing more (a sticky CUDA error, a hung forward): take no more requests and
+        stop the process (`on_fatal`), so that what supervises it (the `--workers` supervisor, a container's restart
+        policy, an orchestrator) starts a new one with a working device. On the event loop; only the first call
+        counts."""
         if self.device_error is not None:
             return
         self.device_error = message
