@@ -53,7 +53,7 @@ SCALARS = {
     "--warmup": ("warmup", "true (default) or false: run every batch size once before ready"),
     "--drain-timeout-s": ("drain_timeout_s", "after SIGTERM, longest wait for accepted requests (default 60)"),
     "--forward-timeout-s": ("forward_timeout_s", "a longer forward means a hung device: exit 1 (default 300; 0: off)"),
-    "--compile": ("compile", "auto (default: oneDNN linears on a CPU, CUDA graphs on a GPU), on (torch.compile), off"),
+    "--compile": ("compile", "auto (default: oneDNN linears on a CPU, CUDA graphs on a GPU) or off"),
     "--workers": ("workers", "server processes on one socket, each with its own models (default 1)"),
     "--threads": ("threads", "intra-op threads for the forward (default: the CPUs available, cgroup quota included)"),
     "--lanes": ("lanes", "CPU forwards of one model at once, sharing --threads (default 2 with 2+ threads; GPU: 1)"),
@@ -166,9 +166,9 @@ def serve(
     """
     import uvicorn
 
-    from app.accel import set_threads
     from app.http import create_app
     from app.http.server import GracefulServer
+    from app.runner import set_threads
 
     set_threads(settings.forward_threads)  # deliberately: torch's default ignores a container's CPU quota
 

@@ -114,13 +114,15 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(60.0, ge=0)  # after SIGTERM, longest wait for accepted requests
     # a forward that runs longer means a hung device: the server stops, to be restarted (0: never)
     forward_timeout_s: float = Field(300.0, ge=0)
-    compile: str = "auto"  # the engine's fast-path speed-up (app.accel): off, auto, on or a strategy name
+    # the forward's speed-up (app.runner): auto packs the linear layers for oneDNN on a CPU and captures CUDA graphs
+    # on a GPU; off runs the plain model
+    compile: Literal["off", "auto"] = "auto"
     # > 1: a supervisor and N server processes on one socket, each with its own models (app.supervisor)
     workers: int = Field(1, ge=1)
     # intra-op threads for the forward; None: OMP_NUM_THREADS where set, else the available CPUs / workers
     threads: int | None = Field(None, ge=1)
     # forwards of one model that may run at once on the CPU, sharing `threads`; None: 2 where there are 2+
-    # threads (app.tasks.forward_lanes); always 1 on a GPU and under torch.compile
+    # threads (app.runner.CpuRunner); always 1 on a GPU
     lanes: int | None = Field(None, ge=1)
 
     @field_validator("model", "arch", "image_size", mode="before")
