@@ -30,9 +30,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_main import ROOT, free_port, start, wait_until
 
 import app
-from app.__main__ import log_config, parse_settings
+from app.__main__ import parse_settings
+from app.process import log_config, worker_environment
 from app.settings import available_cpus
-from app.supervisor import worker_environment
 
 sys.path.insert(0, str(ROOT / "tests" / "http"))
 from http_support import encode, photo, save_tiny
@@ -181,8 +181,8 @@ def test_a_bad_checkpoint_stops_every_worker_with_one_line(tmp_path):
 def test_a_worker_that_fails_before_ready_stops_all_one_that_fails_while_serving_is_replaced(tmp_path):
     import multiprocessing
 
+    from app.process import Supervisor, Worker
     from app.settings import Settings
-    from app.supervisor import Supervisor, Worker
 
     ctx = multiprocessing.get_context("spawn")
     outcomes = []
@@ -228,6 +228,6 @@ def test_each_worker_gets_its_share_of_the_cpus_unless_the_user_chose(monkeypatc
 
 
 def test_the_supervisor_imports_neither_torch_nor_the_app():
-    code = "import sys, app.__main__, app.supervisor; print([m for m in ('torch', 'app.http') if m in sys.modules])"
+    code = "import sys, app.__main__, app.process; print([m for m in ('torch', 'app.http') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "[]"
