@@ -223,6 +223,27 @@ def test_workers_drain_and_leave_when_their_supervisor_is_killed(checkpoint, tmp
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_sigterm_while_a_replacement_loads_stops_it_before_it_listens(checkpoint, tmp_path):
+    port, log = free_port(), tmp_path / "server.log"
+    args = ["--workers", "2", "--model", f"tiny={checkpoint}", "--port", str(port), "--device", "cpu"]
+    proc = start([*args, "--decode-workers", "0"], log)
+    try:
+        pids = log_until(log, r"supervisor: 2 workers \(pids (\d+), (\d+)\)", proc).groups()
+        log_until(log, r"supervisor: all 2 workers ready", proc)
+        os.kill(int(pids[0]), signal.SIGKILL)
+        log_until(log, r"starting a new one", proc)
+        proc.send_signal(signal.SIGTERM)  # the replacement is still importing torch, or loading
+        assert proc.wait(timeout=60) == 0, log.read_text()
+        out = log.read_text()
+        new = re.findall(r"\[(\d+)\] Started server process", out)[-1]
+        assert new not in pids and f"[{new}] Finished server process" in out  # it stopped, exit status 0
+        assert f"[{new}] ready:" not in out and f"(pid {new}) ready" not in out and "Traceback" not in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_port_in_use_ends_the_supervisor_with_3_and_starts_no_worker(tmp_path):
     log = tmp_path / "server.log"
     with socket.socket() as taken:
