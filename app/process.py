@@ -13,9 +13,9 @@ One server process (`serve`) runs uvicorn's `Server` as `GracefulServer`:
 
 `--workers N` (N > 1): one supervisor (`supervise`) and N server processes (`run_worker`) on one socket. The
 HTTP side of one Python process tops out at a few thousand requests a second; N workers each run the whole
-server (their own models, batchers, decode pool) and share the port. uvicorn has a supervisor of its own, but
-it restarts a worker whatever its exit status (so a fatal error would never end the service with status 1), and
-its workers take connections before their models are loaded. Ours:
+server (their own models, batchers, decode pool) and share the port. uvicorn's own supervisor restarts a worker
+that exits with any status but 3 (so a fatal error would never end the service with status 1), and a worker of
+its takes connections before its models are loaded. Ours:
 - binds the socket and puts it to listening here (uvicorn's `Config.bind_socket`), then hands it to every
   worker, rather than SO_REUSEPORT: the port opens at once, before any worker has imported torch, and
   connections wait in the kernel's queue meanwhile; a bind error is one line from one process; and a worker
