@@ -144,7 +144,6 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         60.0, ge=0, description="after SIGTERM, longest wait for accepted requests (default 60)"
     )
-    # a forward that runs longer means a hung device: the server stops, to be restarted
     forward_timeout_s: float = Field(
         300.0, ge=0, description="a longer forward means a hung device: exit 1 (default 300; 0: off)"
     )
