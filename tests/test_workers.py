@@ -256,6 +256,40 @@ def test_a_port_in_use_ends_the_supervisor_with_3_and_starts_no_worker(tmp_path)
     assert code == 3 and "Address already in use" in out and "supervisor:" not in out, out
 
 
+# imported by every Python process started with this folder on PYTHONPATH (the supervisor's spawned workers
+# too): a device that never answers, as a hung GPU kernel does
+HUNG_DEVICE = """
+import threading
+import app.engine
+
+app.engine.Model.__call__ = lambda self, *args, **kwargs: threading.Event().wait()
+"""
+
+
+def test_a_worker_whose_device_hangs_exits_1_and_is_replaced(checkpoint, uploads, tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(HUNG_DEVICE)
+    port, log = free_port(), tmp_path / "server.log"
+    args = ["--workers", "2", "--model", f"tiny={checkpoint}", "--port", str(port), "--device", "cpu"]
+    args += ["--decode-workers", "0", "--warmup", "false", "--forward-timeout-s", "0.5"]
+    proc = start(args, log, env={"PYTHONPATH": str(tmp_path)})
+    try:
+        pids = log_until(log, r"supervisor: 2 workers \(pids (\d+), (\d+)\)", proc).groups()
+        log_until(log, r"supervisor: all 2 workers ready", proc)
+        png = {"content": uploads[0], "headers": {"content-type": "image/png"}}
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/classify?top_k=2", **png, timeout=60)
+        assert answer.status_code == 503  # the batch in the hung forward
+        failed = log_until(log, r"worker (\d) \(pid (\d+)\) exited with status 1 \(model 'tiny': a forward", proc)
+        assert failed.group(2) in pids
+        replaced = log_until(log, rf"supervisor: worker {failed.group(1)} \(pid (\d+)\) ready", proc).group(1)
+        assert replaced not in pids and gone(int(failed.group(2)))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_worker_that_fails_before_ready_stops_all_one_that_fails_while_serving_is_replaced(tmp_path):
     import multiprocessing
 
