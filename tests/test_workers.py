@@ -3,12 +3,12 @@
 - two workers answer what the engine computes, both serve, and `/metrics` in either one counts the requests
   and images of both (prometheus-client's multiprocess mode), also those of a worker that has died;
 - a worker killed with SIGKILL is replaced by a new process (a new pid, which serves once its models are
-  ready) while the other keeps answering; SIGTERM drains both, the
-  supervisor exits 0 and removes its metrics directory;
-- a checkpoint that cannot be loaded ends the supervisor with status 1 and one error line; a worker that reports
-  a fatal error once serving (a GPU lost for good) is left to exit and be replaced;
-- the option itself: `--workers` / `VIT_WORKERS`, at least 1; the supervisor imports no torch.
-"""
+  ready) while the other keeps answering; SIGTERM drains both, the supervisor exits 0 and removes its metrics
+  directory; SIGTERM while a replacement still loads stops it before it is ready;
+- a checkpoint that cannot be loaded ends the supervisor with status 1 and one error line; a worker whose device
+  hangs while serving exits 1 and is replaced; a port in use ends the supervisor with status 3;
+- workers whose supervisor is killed drain and leave;
+- the option itself: `--workers` / `VIT_WORKERS`, at least 1; the supervisor imports no torch."""
 
 from __future__ import annotations
 
