@@ -3,11 +3,10 @@
 Nothing here knows FastAPI or torch. A `Batcher` is handed a runner (`app.runner`: one per device) and calls
 its `prepare(items)` and `forward(prepared) -> results` on its own forward thread(s), off the event loop:
 
-- `reserve()` takes room for one image before a request's body is even read, or raises `Overloaded` with a
-  Retry-After estimate, and `Admission.expect(n)` grows it once the body says how many images it holds: so
-  bodies being read count against `max_queue` too, and the memory they hold is bounded with the queue's. The
-  room is held while the images decode, wait and run, and given back when the request is answered (or
-  dropped). `admit(n)` reserves room for n images at once, when they are known before anything is read.
+- `admit(n)` takes room for a request's n images once they are known (its body has been read), or raises
+  `Overloaded` with a Retry-After estimate. The room is held while the images decode, wait and run, and given
+  back when the request is answered (or dropped). A body still being read holds none (app.http.bodies bounds
+  those).
 - `run(items, key)` queues the items and returns their results in order; an item that failed has its exception
   in its place (`ForwardFailed`, the runner's own, or `Stopped` when the device is lost), so the caller knows
   which one. Items with the same `key` may share a forward; a request with many items may span several batches.
@@ -91,19 +90,11 @@ class Staged:
 class Admission:
     """Room for `n` images in a batcher's queue; give it back with `release()` (or use `with`)."""
 
-    def __init__(self, batcher: Batcher, n: int, on_the_way: int):
+    def __init__(self, batcher: Batcher, n: int):
         self._batcher = batcher
         self.n = n
-        self.on_the_way = on_the_way  # images not handed to `Batcher.run` yet
+        self.on_the_way = n  # images not handed to `Batcher.run` yet
         self._released = False
-
-    def expect(self, n: int) -> None:
-        """The request turned out to hold n images: grow the room to n (or raise `Overloaded`, keeping what it had),
-        all of them now on their way to the queue."""
-        if n > self.n:
-            self._batcher.check_room(n - self.n)
-        self._batcher._count(admitted=n - self.n, arriving=n - self.on_the_way)
-        self.n = self.on_the_way = n
 
     def arrived(self, n: int) -> None:
         """n of its images reached the queue (`Batcher.run` calls this)."""
@@ -220,17 +211,11 @@ class Batcher:
             )
 
     def admit(self, n: int) -> Admission:
-        """Reserve room for n images, or raise `Overloaded` at once (the whole request, before any work)."""
+        """Reserve room for n images, all of them on their way to the queue, or raise `Overloaded` at once (the
+        whole request, before any work)."""
         self.check_room(n)
         self._count(admitted=n, arriving=n)
-        return Admission(self, n, on_the_way=n)
-
-    def reserve(self) -> Admission:
-        """Room for one image while a request's body is read, or raise `Overloaded`; `Admission.expect(n)` grows it
-        once the images are known. Not counted as on its way (an upload may take long; see `_seal`)."""
-        self.check_room(1)
-        self._count(admitted=1)
-        return Admission(self, 1, on_the_way=0)
+        return Admission(self, n)
 
     def _count(self, admitted: int = 0, arriving: int = 0) -> None:
         """The one place the admission counters change (`Admission` calls it)."""

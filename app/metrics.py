@@ -50,7 +50,7 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "vit_queue_depth",
-            "images accepted and not yet answered (decoding, waiting or running), one place per request being read",
+            "images accepted and not yet answered (decoding, waiting or running)",
             ["model"],
             registry=r,
             multiprocess_mode="livesum",

@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from app.connections import guarded_protocol, per_worker
 from app.metrics import MULTIPROC_ENV
 from app.settings import Settings, available_cpus
 
@@ -129,6 +130,7 @@ def uvicorn_config(settings: Settings, app: Any, pid: bool = False) -> uvicorn.C
         access_log=False,  # our own middleware logs one line per request, with its id
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        http=guarded_protocol(per_worker(settings.max_connections, settings.workers), settings.header_timeout_s),
     )
 
 

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+KiB = 1 << 10
 MiB = 1 << 20
 
 
@@ -162,6 +163,22 @@ class Settings(BaseSettings):
     # always 1 on a GPU (app.runner.CpuRunner)
     lanes: int | None = Field(
         None, ge=1, description="CPU forwards of one model at once, sharing --threads (default 2 with 2+ threads)"
+    )
+    # slow and idle clients (app.http.bodies, app.connections)
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="the whole request body must arrive within it, else 408 (default 60)"
+    )
+    min_body_rate: float = Field(
+        16 * KiB, ge=0, description="bytes/s a body must average after its first 5 s, else 408 (default 16 KiB)"
+    )
+    max_pending_body_bytes: int = Field(
+        256 * MiB, ge=1, description="all request bodies being read at once; beyond it 503 overloaded (default 256 MiB)"
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="open connections, shared by the workers; more are closed at once (default 1000)"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection's request headers must arrive within it, else it is closed (default 10)"
     )
 
     @field_validator("model", "arch", "image_size", mode="before")

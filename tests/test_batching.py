@@ -152,35 +152,6 @@ def test_a_queued_item_waits_for_admitted_images_still_decoding_and_shares_their
     assert rec.batches == [[3, 1, 2]]  # the quick item waited for the slow request's images
 
 
-def test_a_place_reserved_while_a_body_is_read_counts_against_the_queue_but_is_not_waited_for():
-    rec = Recorder()
-
-    async def main():
-        b = make(rec, max_batch_size=8, max_wait_s=5.0, max_queue=3)
-        b.start()
-        reading = b.reserve()  # a request whose body is still arriving (it might take minutes)
-        with pytest.raises(Overloaded):
-            b.admit(3)  # its place is taken from the queue's room...
-        start = time.monotonic()
-        with b.admit(1) as mine:
-            out = await b.run([5], admission=mine)  # ...but nothing waits for it (not "on its way")
-        took = time.monotonic() - start
-        reading.expect(2)  # its body held two images: room for both, now on their way
-        assert (b._admitted, b._arriving) == (2, 2)
-        with pytest.raises(Overloaded):
-            reading.expect(4)  # more than the queue has room for: refused, the two places kept
-        assert (b._admitted, b._arriving) == (2, 2)
-        with reading:
-            assert await b.run([1, 2], admission=reading) == [2, 4]
-        assert (b._admitted, b._arriving) == (0, 0)  # everything given back
-        await b.stop()
-        return out, took
-
-    out, took = run_async(main())
-    assert out == [10]
-    assert took < 2.5  # far less than max_wait
-
-
 def test_an_admission_released_without_running_is_no_longer_awaited():
     rec = Recorder()
 

@@ -1,7 +1,8 @@
 """The three input forms of API.md -> a list of `Upload(data, filename)`, with every limit enforced while reading.
 
-- the body is read with a cap: a Content-Length over the limit is refused before a byte is read, and a
-  streamed (chunked) body is refused as soon as it passes the limit, so nothing large is ever buffered;
+- the body is read with a cap (`app.http.bodies`): a Content-Length over the limit is refused before a byte is
+  read, and a streamed (chunked) body is refused as soon as it passes the limit, so nothing large is ever
+  buffered;
 - `multipart/form-data`: the file parts named `images` (other fields are ignored);
 - `application/json`: `{"images": ["<base64>" or "data:image/...;base64,...", ...]}`;
 - `image/*` or `application/octet-stream`: the body is the one image (filename null).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
 from python_multipart.exceptions import MultipartParseError
@@ -19,6 +21,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from app.http.errors import ApiError, invalid
+
+if TYPE_CHECKING:
+    from app.http.bodies import BodyReader
 
 _WHITESPACE = re.compile(rb"\s+")
 
@@ -37,32 +42,13 @@ def too_many(n: int, limit: int) -> ApiError:
     return ApiError(413, "payload_too_large", f"{n} images in one request; at most {limit} are allowed")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to pass `limit` bytes."""
-    length = request.headers.get("content-length")
-    if length is not None:
-        try:
-            declared = int(length)
-        except ValueError:
-            raise invalid("the Content-Length header is not a number") from None
-        if declared > limit:
-            raise too_large(limit)
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def read_uploads(request: Request, max_bytes: int, max_images: int) -> list[Upload]:
-    """The request's images in order, or an ApiError (413, 415, 422, or 400 for undecodable base64)."""
+async def read_uploads(request: Request, bodies: BodyReader, max_images: int) -> list[Upload]:
+    """The request's images in order, or an ApiError (413, 415, 422, or 400 for undecodable base64; 408 and 503 from
+    reading the body)."""
     kind = media_type(request)
     if kind == "multipart/form-data":
         parse = _multipart
@@ -77,7 +63,7 @@ async def read_uploads(request: Request, max_bytes: int, max_images: int) -> lis
             f"unsupported Content-Type {kind or '(none)'!r}: send multipart/form-data with 'images' files, "
             "application/json with base64 'images', or the image itself as image/* or application/octet-stream",
         )
-    body = await read_body(request, max_bytes)
+    body = await bodies.read(request)
     uploads = parse(body, request.headers.get("content-type", ""), max_images)
     if not uploads:
         raise invalid("no images in the request: send at least one")

@@ -1,11 +1,11 @@
 """The road every /v1 inference request travels: read the images, admit, decode in the pool, batch, answer.
-/v2 (app.http.v2) takes the same steps (`reserve`, `expect`, `decode_uploads`, `run_items`, `guarded`).
+/v2 (app.http.v2) takes the same steps (`refuse_when_full`, `admit`, `decode_uploads`, `run_items`, `guarded`).
 
-Limits come first and cost nothing: a request takes a place in the model's queue before its body is read (503
-overloaded when there is none, so bodies in flight are bounded by `max-queue` too), then the body cap and image
-count while reading, then room for all its images (503 again, before any decoding), then the deadline (counted
-from the moment the body has been read) and the client's disconnect, either of which drops the request's
-unfinished work.
+Limits come first and cost nothing: the body is read under the limits of `app.http.bodies` (its size, the bytes
+of all bodies being read, its time: 413, 503 or 408) and the image count; only then does the request take room
+for all its images in the model's queue (503 overloaded when there is none, before any decoding), so a body still
+on its way holds no place there. Then the deadline (counted from the moment the body has been read) and the
+client's disconnect, either of which drops the request's unfinished work.
 
 JPEGs for a runner that takes them (`Runner.takes_jpeg`: `--jpeg-decoder`) have only their header checked (on a
 thread, `Decoder.pixels_or_jpeg`) and are queued compressed; their batch decodes them. One that turns out
@@ -15,7 +15,7 @@ answered.
 Memory held by a full queue is bounded: every queued item belongs to an admitted request (at most
 `max-queue` images), and holds either h x w x 3 bytes of model-input pixels or, on the device path, a
 reference to its request's body (at most `max-upload-bytes` each, held for the request's life anyway); and
-at most `max-queue` bodies are being read at once.
+the bodies being read hold at most `max-pending-body-bytes` together.
 """
 
 from __future__ import annotations
@@ -69,31 +69,31 @@ async def infer(
     """Read the request's images and run `task` on each; errors as API.md says."""
     state = state_of(request)
     settings = state.settings
-    with reserve(served) as admission:
-        uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_images_per_request)
-        note(request.scope, model=served.name, images=len(uploads))
-        if one_image and len(uploads) != 1:
-            raise invalid(f"format=png draws one image; this request has {len(uploads)} (use format=json for several)")
-        expect(admission, len(uploads))
+    refuse_when_full(served)
+    uploads = await read_uploads(request, state.bodies, settings.max_images_per_request)
+    note(request.scope, model=served.name, images=len(uploads))
+    if one_image and len(uploads) != 1:
+        raise invalid(f"format=png draws one image; this request has {len(uploads)} (use format=json for several)")
+    with admit(served, len(uploads)) as admission:
         work = _decode_and_run(request, state, served, uploads, task, preview, admission)
         return await guarded(request, work, settings.request_timeout_s)
 
 
-def reserve(served: ServedModel) -> Admission:
-    """A place in the model's queue before the body is read, or 503 `overloaded` with a Retry-After.
-
-    Before reading: under overload a refused request then costs no parse (about 1 ms for 32 images, time the
-    accepted ones need), and bodies being read count against `max-queue`, which bounds the memory they hold."""
+def refuse_when_full(served: ServedModel) -> None:
+    """503 `overloaded` before the body is read when the queue has no room left at all: under overload a refused
+    request then costs no read and no parse (about 1 ms for 32 images, time the accepted ones need). Nothing is
+    taken: `admit` decides once the body has been read."""
     try:
-        return served.batcher.reserve()
+        served.batcher.check_room(1)
     except Overloaded as e:
         raise _overloaded(e) from None
 
 
-def expect(admission: Admission, n: int) -> None:
-    """Room for the request's n images (its place grown), or 503 `overloaded` with a Retry-After."""
+def admit(served: ServedModel, n: int) -> Admission:
+    """Room for the request's n images in the model's queue, or 503 `overloaded` with a Retry-After. Taken once the
+    body has been read: an upload, however slow, never holds a place that images ready to run could use."""
     try:
-        admission.expect(n)
+        return served.batcher.admit(n)
     except Overloaded as e:
         raise _overloaded(e) from None
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from app.batching import Batcher
 from app.decode import Decoder
+from app.http.bodies import BodyReader
 from app.metrics import Metrics
 from app.settings import Settings
 
@@ -76,6 +77,11 @@ class ServerState:
     inflight: int = 0  # HTTP requests being answered
     thread_share: ThreadShare | None = None  # the forward's threads, shared by every model's CPU lanes
     on_fatal: Callable[[str], None] | None = None  # told when the server cannot go on (the CLI then exits 1)
+    bodies: BodyReader = field(init=False)  # every request body is read through it (bounded in bytes and time)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.bodies = BodyReader(s.max_upload_bytes, s.max_pending_body_bytes, s.body_timeout_s, s.min_body_rate)
 
     def open(self) -> None:
         """Every model is ready: take requests."""

@@ -34,9 +34,18 @@ from app.batching import Admission
 from app.decode import ImageError, check_resize, check_size, model_input
 from app.http.checks import CheckedRoute, require_ready
 from app.http.errors import ApiError, image_error, invalid
-from app.http.inputs import Upload, read_body, too_many
+from app.http.inputs import Upload, too_many
 from app.http.middleware import note
-from app.http.pipeline import decode_uploads, expect, guarded, pick_model, reserve, run_items, state_of, to_item
+from app.http.pipeline import (
+    admit,
+    decode_uploads,
+    guarded,
+    pick_model,
+    refuse_when_full,
+    run_items,
+    state_of,
+    to_item,
+)
 from app.http.responses import FastJSON
 from app.http.state import ServedModel, ServerState
 from app.http.v2_codec import HEADER_LENGTH, InputTensor, OutputTensor, RequestedOutput, decompress, parse_request
@@ -148,16 +157,16 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     settings = state.settings
     served = find_model(state, name, version)
     note(request.scope, model=served.name)
-    with reserve(served) as admission:
-        body = await read_body(request, settings.max_upload_bytes)
-        body = decompress(body, request.headers.get("content-encoding"), settings.max_upload_bytes)
-        req = parse_request(body, request.headers.get(HEADER_LENGTH))
-        tensor = the_images(req.inputs, served, state)
-        outputs = requested_outputs(req.outputs, served)
-        n = tensor.shape[0]
-        note(request.scope, images=n)
-        task = Tensors(tuple(dict.fromkeys(o.name for o in outputs)))
-        expect(admission, n)
+    refuse_when_full(served)
+    body = await state.bodies.read(request)
+    body = decompress(body, request.headers.get("content-encoding"), settings.max_upload_bytes)
+    req = parse_request(body, request.headers.get(HEADER_LENGTH))
+    tensor = the_images(req.inputs, served, state)
+    outputs = requested_outputs(req.outputs, served)
+    n = tensor.shape[0]
+    note(request.scope, images=n)
+    task = Tensors(tuple(dict.fromkeys(o.name for o in outputs)))
+    with admit(served, n) as admission:
         timeout = min(settings.request_timeout_s, req.timeout_s or settings.request_timeout_s)  # the shorter wins
         results = await guarded(request, _run(request, state, served, tensor, task, admission), timeout)
     header = {"model_name": served.name, "model_version": VERSION}

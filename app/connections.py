@@ -1,0 +1,82 @@
+"""HTTP connections: at most --max-connections open, and request headers within --header-timeout-s.
+
+uvicorn's h11 protocol waits for ever for a connection's first request, and for the rest of headers that have
+begun to arrive (its keep-alive timer only runs between requests, and any byte stops it); its
+`limit_concurrency` still reads every request to answer 503. `guarded_protocol` is uvicorn's own protocol with
+both limits, handed to uvicorn through its public `Config(http=...)`:
+
+- a connection beyond the limit is closed as soon as it is accepted, before a byte is read (asyncio offers no
+  public way to stop accepting). With --workers N each process takes its share of the limit, rounded up.
+- the headers of each request must arrive within the timeout, counted from the moment the connection opened
+  or the previous response was sent; otherwise the connection is closed. A request whose headers have arrived
+  is bounded by app.http.bodies (its body) and --request-timeout-s (its work).
+
+Refusing or closing costs the server nothing; the client sees a closed connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger("vitserve")
+
+
+def guarded_protocol(max_connections: int, header_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol with a cap on open connections (this process's) and a deadline for headers."""
+
+    warned = 0.0  # when a refusal was last logged: one line a minute, however many are refused
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._headers_timer: asyncio.TimerHandle | None = None
+            if len(self.connections) > max_connections:  # this one included
+                nonlocal warned
+                if self.loop.time() - warned > 60:
+                    warned = self.loop.time()
+                    log.warning("%d connections open, the most allowed: new ones are closed", max_connections)
+                transport.abort()
+                return
+            self._await_headers()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # a request's headers have arrived
+                self._stop_headers_timer()
+            elif self._headers_timer is None:  # the next request begins after a body read to its end unanswered
+                self._await_headers()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()  # may already have handled a pipelined request's headers
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._await_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_headers_timer()
+            super().connection_lost(exc)
+
+        def _await_headers(self) -> None:
+            self._stop_headers_timer()
+            self._headers_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def _stop_headers_timer(self) -> None:
+            if self._headers_timer is not None:
+                self._headers_timer.cancel()
+                self._headers_timer = None
+
+        def _headers_late(self) -> None:
+            self._headers_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def per_worker(max_connections: int, workers: int) -> int:
+    """Each of `workers` processes' share of the open connections, rounded up."""
+    return math.ceil(max_connections / workers)
