@@ -26,7 +26,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
-import time
 
 from starlette.requests import Request
 
@@ -36,8 +35,8 @@ from app.http.inputs import too_large
 log = logging.getLogger("vitserve")
 
 RATE_GRACE_S = 5.0  # a body's first seconds, before --min-body-rate applies (API.md)
-TRIM_AFTER_BYTES = 1 << 20  # a body this large that ends has the freed heap given back to the system
-TRIM_EVERY_S = 1.0  # at most this often: trimming walks the whole heap
+TRIM_AFTER_BYTES = 1 << 20  # a body this large that ends has the freed heap given back to the system...
+TRIM_DELAY_S = 1.0  # ...this long after it (once for all that end meanwhile): its request has let go of it by then
 
 CLOSE = {"Connection": "close"}
 
@@ -51,7 +50,7 @@ class BodyReader:
         self.timeout_s = timeout_s
         self.min_rate = min_rate  # bytes per second; 0: no rate check
         self.pending = 0  # bytes taken by the bodies being read
-        self._trimmed = 0.0  # when the heap was last trimmed (time.monotonic)
+        self._trim: asyncio.TimerHandle | None = None  # the heap's next trim, when one is due
 
     async def read(self, request: Request) -> bytes:
         """The whole body; 413 once it is known to pass --max-upload-bytes, 503 `overloaded` when the budget has no
@@ -74,14 +73,13 @@ class BodyReader:
                         held = size
                     chunks.append(chunk)
                     clock.reschedule(self._deadline(started, size))
+            return b"".join(chunks)
         except TimeoutError:
             raise self._timeout(size) from None
         finally:
             self.pending -= held
-            if held >= TRIM_AFTER_BYTES and size != held:  # ended early: what it read is freed right here
-                chunks.clear()
-                self._release_memory()
-        return b"".join(chunks)
+            if held >= TRIM_AFTER_BYTES and self._trim is None:
+                self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._release_memory)
 
     def _take(self, n: int) -> None:
         """n more bytes for a body being read, or 503 `overloaded` (a body alone always fits)."""
@@ -111,10 +109,9 @@ class BodyReader:
         )
 
     def _release_memory(self) -> None:
-        now = time.monotonic()
-        if now - self._trimmed >= TRIM_EVERY_S:
-            self._trimmed = now
-            release_memory()
+        """Trim on a thread: it takes up to 100 ms on a heap that large bodies have grown."""
+        self._trim = None
+        asyncio.get_running_loop().run_in_executor(None, release_memory)
 
 
 def content_length(request: Request) -> int:
