@@ -8,7 +8,8 @@ otherwise keep images that are ready from the model. Bodies are bounded apart fr
   503 `overloaded`. A body alone is always let in (it is capped by `--max-upload-bytes` anyway).
 - in time: the whole body must arrive within `--body-timeout-s` and, after its first 5 s, at `--min-body-rate`
   on average (the deadline moves 1 s later for every `min-body-rate` bytes received, as Apache's
-  mod_reqtimeout does). Past either, 408 `timeout`. One timer per body, moved as chunks arrive: no extra task.
+  mod_reqtimeout does). Past either, 408 `timeout`. One timer per body, no extra task: when it fires it moves
+  itself to the deadline that the bytes received by then allow, so a chunk costs nothing but a count.
 
 A body that ends (read, refused or timed out) gives its bytes back to the budget at once, and its chunks are
 freed with the reader's frame. The refused and timed-out answers close the connection: the server will not read
@@ -58,25 +59,27 @@ class BodyReader:
         declared = content_length(request)
         if declared > self.max_bytes:
             raise too_large(self.max_bytes)
-        started = asyncio.get_running_loop().time()
         self._take(declared)
-        held, size = declared, 0
+        clock = _Clock(self)
+        held = declared
         chunks: list[bytes] = []
         try:
-            async with asyncio.timeout_at(self._deadline(started, 0)) as clock:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > self.max_bytes:
-                        raise too_large(self.max_bytes)
-                    if size > held:  # chunked, or more than it declared (h11 refuses that): take what came
-                        self._take(size - held)
-                        held = size
-                    chunks.append(chunk)
-                    clock.reschedule(self._deadline(started, size))
+            async for chunk in request.stream():
+                clock.received += len(chunk)
+                if clock.received > self.max_bytes:
+                    raise too_large(self.max_bytes)
+                if clock.received > held:  # chunked, or more than it declared (h11 refuses that): take what came
+                    self._take(clock.received - held)
+                    held = clock.received
+                chunks.append(chunk)
             return b"".join(chunks)
-        except TimeoutError:
-            raise self._timeout(size) from None
+        except asyncio.CancelledError:
+            if not clock.late:
+                raise  # not ours: the server is stopping
+            clock.task.uncancel()
+            raise self._timeout(clock.received) from None
         finally:
+            clock.stop()
             self.pending -= held
             if held >= TRIM_AFTER_BYTES and self._trim is None:
                 self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._release_memory)
@@ -93,8 +96,9 @@ class BodyReader:
             )
         self.pending += n
 
-    def _deadline(self, started: float, received: int) -> float:
-        """When the body must have arrived, given what has: the rate rule's deadline, capped by the timeout."""
+    def deadline(self, started: float, received: int) -> float:
+        """When a body begun at `started` must have arrived, given what has: the rate rule's deadline, capped by
+        the timeout."""
         if self.min_rate <= 0:
             return started + self.timeout_s
         return started + min(self.timeout_s, RATE_GRACE_S + received / self.min_rate)
@@ -112,6 +116,31 @@ class BodyReader:
         """Trim on a thread: it takes up to 100 ms on a heap that large bodies have grown."""
         self._trim = None
         asyncio.get_running_loop().run_in_executor(None, release_memory)
+
+
+class _Clock:
+    """One body's deadline, as one timer rather than one per chunk: when it fires, it moves itself to the deadline
+    that the bytes received by then allow, or, once that has passed, cancels the task reading the body."""
+
+    def __init__(self, reader: BodyReader):
+        self.reader = reader
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.started = self.loop.time()
+        self.received = 0
+        self.late = False
+        self._timer = self.loop.call_at(reader.deadline(self.started, 0), self._check)
+
+    def _check(self) -> None:
+        deadline = self.reader.deadline(self.started, self.received)
+        if self.loop.time() < deadline:
+            self._timer = self.loop.call_at(deadline, self._check)
+        else:
+            self.late = True
+            self.task.cancel()
+
+    def stop(self) -> None:
+        self._timer.cancel()
 
 
 def content_length(request: Request) -> int:
