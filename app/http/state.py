@@ -81,7 +81,8 @@ class ServerState:
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.bodies = BodyReader(s.max_upload_bytes, s.max_pending_body_bytes, s.body_timeout_s, s.min_body_rate)
+        budget = -(-s.max_pending_body_bytes // s.workers)  # this process's share, rounded up (--workers)
+        self.bodies = BodyReader(s.max_upload_bytes, budget, s.body_timeout_s, s.min_body_rate)
 
     def open(self) -> None:
         """Every model is ready: take requests."""
