@@ -172,7 +172,9 @@ class Settings(BaseSettings):
         16 * KiB, ge=0, description="bytes/s a body must average after its first 5 s, else 408 (default 16 KiB)"
     )
     max_pending_body_bytes: int = Field(
-        256 * MiB, ge=1, description="all request bodies being read at once, shared by the workers; beyond it 503 (default 256 MiB)"
+        256 * MiB,
+        ge=1,
+        description="all request bodies being read at once, shared by the workers; beyond it 503 (default 256 MiB)",
     )
     max_connections: int = Field(
         1000, ge=1, description="open connections, shared by the workers; more are closed at once (default 1000)"
