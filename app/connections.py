@@ -8,8 +8,11 @@ both limits, handed to uvicorn through its public `Config(http=...)`:
 - a connection beyond the limit is closed as soon as it is accepted, before a byte is read (asyncio offers no
   public way to stop accepting). With --workers N each process takes its share of the limit, rounded up.
 - the headers of each request must arrive within the timeout, counted from the moment the connection opened
-  or the previous response was sent; otherwise the connection is closed. A request whose headers have arrived
-  is bounded by app.http.bodies (its body) and --request-timeout-s (its work).
+  or the previous response was sent; otherwise the connection is closed. That includes the rest of a body the
+  app answered without reading (a 401, a 503 for the byte budget): uvicorn reads it and throws it away, so a
+  client that sent it gets its answer on a connection that stays open, and one that does not send it loses
+  the connection. A request whose headers have arrived is bounded by app.http.bodies (its body) and
+  --request-timeout-s (its work).
 
 Refusing or closing costs the server nothing; the client sees a closed connection.
 """
@@ -34,7 +37,7 @@ def guarded_protocol(max_connections: int, header_timeout_s: float) -> type[asyn
     class GuardedH11Protocol(H11Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._headers_timer: asyncio.TimerHandle | None = None
+            self._waiting: asyncio.TimerHandle | None = None
             if len(self.connections) > max_connections:  # this one included
                 nonlocal warned
                 if self.loop.time() - warned > 60:
@@ -42,36 +45,34 @@ def guarded_protocol(max_connections: int, header_timeout_s: float) -> type[asyn
                     log.warning("%d connections open, the most allowed: new ones are closed", max_connections)
                 transport.abort()
                 return
-            self._await_headers()
+            self._wait_for_headers()
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:  # a request's headers have arrived
-                self._stop_headers_timer()
-            elif self._headers_timer is None:  # the next request begins after a body read to its end unanswered
-                self._await_headers()
+            if self.conn.our_state is h11.SEND_RESPONSE:  # a request's headers have arrived: the app has it
+                self._stop_waiting()
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()  # may already have handled a pipelined request's headers
-            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-                self._await_headers()
+            super().on_response_complete()  # may already have taken a pipelined request's headers
+            if not self.transport.is_closing() and self.conn.our_state is not h11.SEND_RESPONSE:
+                self._wait_for_headers()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._stop_headers_timer()
+            self._stop_waiting()
             super().connection_lost(exc)
 
-        def _await_headers(self) -> None:
-            self._stop_headers_timer()
-            self._headers_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+        def _wait_for_headers(self) -> None:
+            self._stop_waiting()
+            self._waiting = self.loop.call_later(header_timeout_s, self._too_late)
 
-        def _stop_headers_timer(self) -> None:
-            if self._headers_timer is not None:
-                self._headers_timer.cancel()
-                self._headers_timer = None
+        def _stop_waiting(self) -> None:
+            if self._waiting is not None:
+                self._waiting.cancel()
+                self._waiting = None
 
-        def _headers_late(self) -> None:
-            self._headers_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        def _too_late(self) -> None:
+            self._waiting = None
+            if self.conn.our_state is not h11.SEND_RESPONSE and not self.transport.is_closing():
                 self.transport.close()
 
     return GuardedH11Protocol

@@ -12,8 +12,8 @@ otherwise keep images that are ready from the model. Bodies are bounded apart fr
   itself to the deadline that the bytes received by then allow, so a chunk costs nothing but a count.
 
 A body that ends (read, refused or timed out) gives its bytes back to the budget at once, and its chunks are
-freed with the reader's frame. The refused and timed-out answers close the connection: the server will not read
-the rest of that body.
+freed with the reader's frame. A 408 closes the connection (that client is too slow to wait for); after a
+refusal uvicorn reads the rest of the body and throws it away, within the time app.connections allows.
 
 Memory that large bodies held goes back to the system when they end (`release_memory`): glibc otherwise keeps
 the freed space of the heap for later allocations, and 64 bodies of 20 MiB left 1.5 GB of resident memory
@@ -92,7 +92,7 @@ class BodyReader:
                 "overloaded",
                 f"request bodies of {self.pending:,} bytes are being received (at most {self.budget:,}); "
                 "retry after the time in the Retry-After header",
-                headers={"Retry-After": "1", **CLOSE},
+                headers={"Retry-After": "1"},
             )
         self.pending += n
 
