@@ -8,8 +8,8 @@ baseline of well-behaved requests alone:
 - well-behaved: `--rate` single 640x480 JPEGs a second to /v1/classify, each on a new connection (so that only
   requests in flight on the killed worker lose theirs), sent on a fixed schedule whatever the answers;
 - slow bodies: `--slow` connections at all times, half trickling 5 bytes every 5 s into a 100 KB body, half
-  sending all but the last KiB of a 20 MiB body and stalling; each opens again once answered or closed (a
-  second later when refused);
+  sending all but the last KiB of a 20 MiB body and stalling (unless refused within half a second of their
+  headers); each opens again once answered or closed (a second later when refused);
 - bombs: `--bombs-per-s` images that claim 60,000 x 60,000 pixels, PNG and JPEG in turn;
 - at `--kill-at-min`, one worker killed with SIGKILL (the supervisor replaces it).
 
@@ -190,7 +190,9 @@ class Soak:
                 head = "POST /v1/classify HTTP/1.1\r\nHost: soak\r\nContent-Type: image/jpeg\r\n"
                 writer.write(f"{head}Content-Length: {length}\r\n\r\n".encode())
                 answer = asyncio.ensure_future(reader.readline())
-                if big:
+                if big:  # unless refused at once (503 for the byte budget), as a client with Expect: 100-continue
+                    await asyncio.wait([answer], timeout=0.5)
+                if big and not answer.done():
                     piece = b"\0" * MiB
                     for _ in range(length // MiB - 1):
                         writer.write(piece)
