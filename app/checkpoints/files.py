@@ -24,7 +24,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 # Prefixes that wrappers add to every parameter name: DataParallel / DDP, and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# torch names the refused global as "Unsupported global: GLOBAL x.y" (not allowlisted) or, for a blocked module
+# such as os or posix, "unsupported GLOBAL x.y whose module x is blocked"
+UNSAFE_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
 UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")
 
 
