@@ -57,6 +57,12 @@ SCALARS = {
     "--workers": ("workers", "server processes on one socket, each with its own models (default 1)"),
     "--threads": ("threads", "intra-op threads for the forward (default: the CPUs available, cgroup quota included)"),
     "--lanes": ("lanes", "CPU forwards of one model at once, sharing --threads (default 2 with 2+ threads; GPU: 1)"),
+    "--max-decoded-bytes": (
+        "max_decoded_bytes",
+        "largest width x height x bytes per pixel (default 4 x max-image-pixels)",
+    ),
+    "--max-jpeg-scans": ("max_jpeg_scans", "a JPEG with more scans is refused before decoding (default 100)"),
+    "--protect-docs": ("protect_docs", "true or false (default): also put /metrics and /docs behind --api-key"),
 }
 
 

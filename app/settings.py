@@ -122,6 +122,16 @@ class Settings(BaseSettings):
     # forwards of one model that may run at once on the CPU, sharing `threads`; None: 2 where there are 2+
     # threads (app.tasks.forward_lanes); always 1 on a GPU and under torch.compile
     lanes: int | None = Field(None, ge=1)
+    max_decoded_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="largest decoded image: width x height x bytes per pixel, a 16-bit sample counting 2 bytes "
+        "(read from the header, before decoding); None: 4 x max_image_pixels",
+    )
+    max_jpeg_scans: int = Field(
+        100, ge=1, description="a JPEG with more scans is refused before decoding (encoders write about 10)"
+    )
+    protect_docs: bool = Field(False, description="also put /metrics, /docs, /redoc and /openapi.json behind api_key")
 
     @field_validator("model", "arch", "image_size", mode="before")
     @classmethod
@@ -188,6 +198,11 @@ class Settings(BaseSettings):
     def global_image_size(self) -> int | None:
         """The image size that applies to every model (a single value), else None."""
         return self.image_size[0] if len(self.image_size) == 1 else None
+
+    @property
+    def decoded_bytes_limit(self) -> int:
+        """--max-decoded-bytes, or its default: 4 bytes (RGBA) for each of --max-image-pixels."""
+        return self.max_decoded_bytes if self.max_decoded_bytes is not None else 4 * self.max_image_pixels
 
     @property
     def decode_pool_kind(self) -> Literal["process", "thread"]:
