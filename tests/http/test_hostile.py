@@ -213,3 +213,23 @@ def test_docs_and_metrics_stay_open_with_a_key_unless_protected(keyed, guarded):
         assert guarded.get(path, headers=bearer(KEY)).status_code == 200, path
     for path in OPEN:
         assert guarded.get(path).status_code == 200, path
+
+
+def test_a_slow_decode_ends_with_its_504(checkpoints, png):
+    """A JPEG the limits allow here (2000 scans) but which would take many seconds: the request gets its 504 at the
+    deadline and the decode is stopped with it, so the decode thread is free for the next request at once."""
+    import multiprocessing
+    import time
+
+    settings = settings_for(checkpoints, "tiny", max_jpeg_scans=2000, request_timeout_s=1.0)
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        started = time.monotonic()
+        r = c.post("/v1/classify", content=many_scans_jpeg(4000, 1990), headers={"content-type": "image/jpeg"})
+        error(r, 504, "timeout")
+        assert c.post("/v1/classify", content=png, headers={"content-type": "image/png"}).status_code == 200
+        assert time.monotonic() - started < 5.0
+        deadline = time.monotonic() + 5.0
+        while multiprocessing.active_children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not multiprocessing.active_children()
