@@ -52,6 +52,7 @@ DEVICE_JPEG_MODES = ("RGB", "L")  # colour JPEGs (YCbCr) and grey ones; CMYK / Y
 # width x height x scans above which a JPEG is decoded in a process of its own (Decoder.isolated): about 0.2 s of
 # CPU, while a 12-megapixel progressive photo of 10 scans is 120 M
 SLOW_SCAN_PIXELS = 1 << 29
+ISOLATED_NAME = "vitserve-isolated"  # the name of each process of Decoder.isolated
 ROWS_AT_ONCE = 256  # rows of a high-depth image converted to 8-bit at a time
 MARKERS_PER_SCAN = 8  # a JPEG may hold this many markers per allowed scan (tables, restarts aside); real ones: ~4
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # a marker; not stuffing, a restart or a fill byte
@@ -181,7 +182,8 @@ def check_jpeg_scans(data: bytes, max_scans: int) -> None:
     counted), entropy-coded data by a search for the next marker, and counting stops at the end-of-image marker."""
     if jpeg_scans(data, max_scans) > max_scans:
         raise InvalidImage(
-            f"the JPEG has more than {max_scans} scans (encoders write about 10); it is refused before decoding"
+            f"the JPEG has more than {max_scans} scans, or more than {MARKERS_PER_SCAN * max_scans} markers in all "
+            "(encoders write about 10 scans); it is refused before decoding"
         )
 
 
@@ -307,7 +309,8 @@ def decode_image(
     """
     limits = Limits.of(limits)
     image = open_checked(data, limits)
-    if not slow_ok and image.format == "JPEG" and image.width * image.height * jpeg_scans(data) > SLOW_SCAN_PIXELS:
+    scan_pixels = image.width * image.height * (jpeg_scans(data, limits.jpeg_scans) if image.format == "JPEG" else 1)
+    if not slow_ok and scan_pixels > SLOW_SCAN_PIXELS:
         raise SlowImage()
     size = upright_size(image)
     try:
@@ -408,7 +411,9 @@ class _Isolated:
 
     def __init__(self, context: multiprocessing.context.BaseContext, fn: Callable, args: tuple):
         self._receive, self._send = context.Pipe(duplex=False)
-        self._process = context.Process(target=_isolated_main, args=(self._send, fn, args), daemon=True)
+        self._process = context.Process(
+            target=_isolated_main, args=(self._send, fn, args), name=ISOLATED_NAME, daemon=True
+        )
         self._lock = threading.Lock()
         self._killed = False
 

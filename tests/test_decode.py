@@ -445,11 +445,19 @@ def test_pillow_takes_the_configured_pixel_limit_above_its_own_and_says_nothing(
     assert "178" not in str(refused.value)
 
 
+def isolated_processes() -> list:
+    """The processes of `Decoder.isolated` still alive (in this process: pools of other tests aside)."""
+    import multiprocessing
+
+    from app.decode import ISOLATED_NAME
+
+    return [p for p in multiprocessing.active_children() if p.name == ISOLATED_NAME]
+
+
 def test_a_slow_decode_runs_in_a_process_of_its_own_that_ends_with_its_request(cat):
     """A JPEG within the limits that would still take seconds (4000 x 4000 pixels, 2000 scans allowed here) is
     decoded in a process of its own; when its caller stops waiting, that process is killed, and the decode thread
     was never held: an ordinary image is decoded at once."""
-    import multiprocessing
     import time
 
     from app.decode import SLOW_SCAN_PIXELS, Limits
@@ -470,9 +478,9 @@ def test_a_slow_decode_runs_in_a_process_of_its_own_that_ends_with_its_request(c
     try:
         assert asyncio.run(main()) < 3.0
         deadline = time.monotonic() + 5.0
-        while multiprocessing.active_children() and time.monotonic() < deadline:
+        while isolated_processes() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not multiprocessing.active_children()  # the decode was stopped, not left to run for seconds
+        assert not isolated_processes()  # the decode was stopped, not left to run for seconds
     finally:
         decoder.close()
 

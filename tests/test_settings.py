@@ -162,3 +162,17 @@ def test_a_cgroup_cpu_quota_caps_the_available_cpus(tmp_path):
     cpu_max.write_text("max 100000\n")
     assert available_cpus(cpu_max) == affinity
     assert available_cpus(tmp_path / "absent") == affinity  # no cgroup v2 file: the affinity mask alone
+
+
+def test_the_limits_of_hostile_input_are_flags_with_the_contracts_defaults(monkeypatch):
+    s = Settings()
+    assert (s.max_decoded_bytes, s.decoded_bytes_limit, s.max_jpeg_scans, s.protect_docs) == (
+        None,
+        160_000_000,
+        100,
+        False,
+    )
+    assert Settings(max_image_pixels=1_000).decoded_bytes_limit == 4_000  # 4 bytes for each allowed pixel
+    monkeypatch.setenv("VIT_MAX_JPEG_SCANS", "7")
+    s = parse_settings(["--max-decoded-bytes", "5000", "--protect-docs", "true", "--api-key", "k"])
+    assert (s.decoded_bytes_limit, s.max_jpeg_scans, s.protect_docs) == (5_000, 7, True)

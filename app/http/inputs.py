@@ -90,10 +90,14 @@ async def read_uploads(request: Request, max_bytes: int, max_images: int) -> lis
             "application/json with base64 'images', or the image itself as image/* or application/octet-stream",
         )
     body = await read_body(request, max_bytes)
-    separators = body.count(b"\r\n") if parse is _multipart else body.count(b",") if parse is _json else 0
-    uploads = await parse_off_loop(
-        request, separators, parse, body, request.headers.get("content-type", ""), max_images
-    )
+    content_type = request.headers.get("content-type", "")
+    separators = 0  # what the parse would walk through, counted in C
+    if parse is _multipart:
+        _check_parts(body, _boundary(content_type), max_images)
+        separators = body.count(b"\r\n")
+    elif parse is _json:
+        separators = body.count(b",")
+    uploads = await parse_off_loop(request, separators, parse, body, content_type, max_images)
     if not uploads:
         raise invalid("no images in the request: send at least one")
     if len(uploads) > max_images:
@@ -157,16 +161,26 @@ def decode_base64(text: str) -> bytes:
     return base64.b64decode(data + b"=" * (-len(data) % 4), validate=True)  # binascii.Error is a ValueError
 
 
-def _multipart(body: bytes, content_type: str, max_images: int) -> list[Upload]:
+def _boundary(content_type: str) -> bytes:
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
         raise invalid("multipart/form-data without a boundary")
+    return boundary
+
+
+def _check_parts(body: bytes, boundary: bytes, max_images: int) -> None:
+    """413 for a multipart body of more parts than a request may carry, counted before parsing."""
     max_parts = max_images + MAX_OTHER_PARTS
     parts_sent = body.count(b"--" + boundary) - 1  # the delimiters: one before each part, and the closing one
     if parts_sent > max_parts:
         message = f"{parts_sent:,} multipart parts; at most {max_parts} are read"
         raise ApiError(413, "payload_too_large", f"{message} ({max_images} images and {MAX_OTHER_PARTS} other fields)")
+
+
+def _multipart(body: bytes, content_type: str, max_images: int) -> list[Upload]:
+    """The `images` parts (the part count checked by `_check_parts` before)."""
+    boundary = _boundary(content_type)
     parts: list[tuple[dict[bytes, bytes], bytes]] = []
     state: dict = {}
 

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from http_support import encode, settings_for, wait_ready
 from PIL import Image
 from starlette.datastructures import Headers
-from test_decode import many_scans_jpeg
+from test_decode import isolated_processes, many_scans_jpeg
 from test_errors import error
 
 from app.http import create_app
@@ -218,18 +218,18 @@ def test_docs_and_metrics_stay_open_with_a_key_unless_protected(keyed, guarded):
 def test_a_slow_decode_ends_with_its_504(checkpoints, png):
     """A JPEG the limits allow here (2000 scans) but which would take many seconds: the request gets its 504 at the
     deadline and the decode is stopped with it, so the decode thread is free for the next request at once."""
-    import multiprocessing
     import time
 
     settings = settings_for(checkpoints, "tiny", max_jpeg_scans=2000, request_timeout_s=1.0)
     with TestClient(create_app(settings)) as c:
         wait_ready(c)
+        slow = many_scans_jpeg(4000, 1990)
         started = time.monotonic()
-        r = c.post("/v1/classify", content=many_scans_jpeg(4000, 1990), headers={"content-type": "image/jpeg"})
+        r = c.post("/v1/classify", content=slow, headers={"content-type": "image/jpeg"})
         error(r, 504, "timeout")
         assert c.post("/v1/classify", content=png, headers={"content-type": "image/png"}).status_code == 200
         assert time.monotonic() - started < 5.0
         deadline = time.monotonic() + 5.0
-        while multiprocessing.active_children() and time.monotonic() < deadline:
+        while isolated_processes() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not multiprocessing.active_children()
+        assert not isolated_processes()
