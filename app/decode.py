@@ -64,7 +64,6 @@ class ImageError(Exception):
     """An image the server will not decode; `code` is the API error code."""
 
     code = "invalid_image"
-    item: object | None = None  # set when a batch finds it (app.tasks), so the caller can name the image
 
 
 class InvalidImage(ImageError):
@@ -117,7 +116,7 @@ class Encoded:
     data: bytes
     size: tuple[int, int]  # (width, height) of the upright image
     orientation: int  # EXIF orientation to apply after decoding
-    limits: Limits  # the server's limits, for a Pillow decode if the device cannot decode it
+    limits: Limits | int  # the server's limits (an int: pixels), for a Pillow decode if the device cannot decode it
 
     def decode_here(self, cfg: PreprocessConfig) -> Decoded:
         """The PIL path for this image, when the device cannot decode it (full decode, no draft: the closest to
