@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's measurements, in under 8 minutes: raw (the engine beside timm / transformers), server
+# The GPU measurements, in under 8 minutes: raw (the engine beside timm / transformers), server
 # (vitserve under load) and peers (vitserve beside a plain FastAPI endpoint and LitServe), ViT-B/16 bfloat16.
 #
 # On the GPU box (no network): first, here, `bash scripts/fetch_gpu_wheels.sh`, then carry `.whl` and run
@@ -54,7 +54,7 @@ if [ "$SMOKE" = 1 ]; then
   JPEG_SIZES=64x48 VARIANT_LOADS=640x480:1:2,640x480:4:2 ATTENTION_LOADS=640x480:1:2 WORKERS=2
   CPU_SHAPE=ti16 CPU_LOADS=640x480:1:2 MODE_CPU=off F8_BATCHES=1,2 F8_COMPILE_BATCHES=1 F8_COMPILE=off
 else
-  # the targets first: single images at c=1 and c=256, 32-image requests at c=16 (512 images in
+  # the performance targets first: single images at c=1 and c=256, 32-image requests at c=16 (512 images in
   # flight: one process's queue of 256 sheds some); then 32-image requests at c=4 (128 in flight, nothing shed:
   # the load to compare /v1/attention with), 4000x3000 single images at c=64. Each row is saved as it ends.
   DEV=cuda DTYPE=bfloat16 SHAPE=b16 SECS=5 RAW_BATCHES=1,8,32,64,256 RAW_COMPILE_BATCHES=1,256 CONC=1,64,256

@@ -9,7 +9,7 @@ Implementations (`--impls`):
   ours-accel  the same call after `Model.warmup` with `--compile` (inductor + freezing on CPU, CUDA graphs on GPU)
   hf          transformers' ViTForImageClassification, SDPA attention
   timm        timm's VisionTransformer
-  timm-compile timm under torch.compile (GPU only by default: the issue's reference point)
+  timm-compile timm under torch.compile (GPU only by default: the reference point for a GPU)
   onnx        our model exported with torch.onnx.export, run by ONNX Runtime (float32, CPU provider or CUDA)
 
 Each (shape, dtype, batch) times its implementations round-robin, so load changes hit all alike; the figures
