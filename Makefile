@@ -9,7 +9,8 @@ TEST_VENV ?= .venv-test
 BIN := $(VENV)/bin
 TBIN := $(TEST_VENV)/bin
 # The CPU-only build of torch (about 190 MB), from PyTorch's own index: a plain `pip install torch` from PyPI
-# on Linux is the CUDA build (several GB). TORCH_SERVE=torch==2.13.0 TORCH_INDEX= takes PyPI's instead.
+# on Linux is the CUDA build (several GB). Its own requirements come from PyPI with vitserve's.
+# `make serve TORCH_SERVE=torch==2.13.0 TORCH_INDEX=` takes PyPI's build instead.
 TORCH_SERVE ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_TEST ?= torch==2.14.1 torchvision==0.29.1
@@ -27,7 +28,7 @@ $(TBIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || \
-		$(BIN)/pip install -q $(TORCH_SERVE) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+		$(BIN)/pip install -q --no-deps $(TORCH_SERVE) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e .
 
 install-test: $(TBIN)/python
