@@ -51,7 +51,8 @@ def test_source_is_the_spec_as_given_or_the_repository_folder_name(tiny_models_d
     monkeypatch.chdir(tiny_models_dir.parent)
     spec = f"{tiny_models_dir.name}/alpha/model.safetensors"
     assert read_checkpoint(spec, models_dir=tmp_path).source == spec
-    assert read_checkpoint(f"x={tiny_models_dir.name}/alpha", models_dir=tmp_path).source == f"{tiny_models_dir.name}/alpha"
+    folder = f"{tiny_models_dir.name}/alpha"
+    assert read_checkpoint(f"x={folder}", models_dir=tmp_path).source == folder
 
 
 def test_unknown_spec_lists_the_repository(tiny_models_dir):
