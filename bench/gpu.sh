@@ -11,7 +11,7 @@
 #
 # Each step has its own time limit and writes its own JSON, so a step that fails or overruns costs only itself.
 # Order: most important first (the CUDA tests, the engine eager and compiled, the server and its variants, the peers;
-# float8 against bfloat16; last, the box's CPU with one, two and four forward lanes).
+# float8 against bfloat16; last, the GPU machine's CPU with one, two and four forward lanes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -122,7 +122,7 @@ step float8 60 "$PY" -m bench.float8 --device "$DEV" --shape "$SHAPE" --batch-si
 step float8-compile 150 "$PY" -m bench.float8 --device "$DEV" --shape "$SHAPE" --batch-sizes "$F8_COMPILE_BATCHES" \
   --seconds 3 --compile "$F8_COMPILE" --speed-only --out "$DEST/float8-compile.json"
 
-# 9. the box's CPU (16 cores) with one, two and four forward lanes (--lanes), S/16 float32: the lanes were only ever
+# 9. the GPU machine's CPU (16 cores) with one, two and four forward lanes (--lanes), S/16 float32: the lanes were only ever
 # measured on a 2-core machine. Last: ask for it by name (GPU_SH_ONLY) when the budget allows.
 for lanes in 1 2 4; do
   step "cpu-lanes-$lanes" 45 "$PY" -m bench.server --spawn --device cpu --dtype float32 --shape "$CPU_SHAPE" \
