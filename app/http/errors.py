@@ -93,7 +93,7 @@ def _validation_message(exc: RequestValidationError, described: dict[str, str] |
         if hint := _EXPECTED.get(str(err.get("type", ""))):
             msg = f"{msg}; {hint}"
         if name and (meaning := (described or {}).get(name)):
-            msg = f"{msg} ({name}: {meaning})"
+            msg = f"{msg} ({meaning})"
         parts.append(f"{name}: {msg}" if name else msg)
     return "invalid request: " + "; ".join(parts)
 

@@ -100,7 +100,7 @@ async def classify(
 async def embed(
     request: Request,
     pool: Annotated[Literal["cls", "mean"], Query(description="class token or mean of patch tokens")] = "cls",
-    normalize: Annotated[bool, Query(description="true or false: divide by the L2 norm")] = False,
+    normalize: Annotated[bool, Query(description="divide by the L2 norm")] = False,
     encoding: Annotated[Literal["float", "base64"], Query(description="float list or base64 float32 LE")] = "float",
     model: ModelName = None,
 ) -> Response:
