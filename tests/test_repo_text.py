@@ -28,10 +28,7 @@ PROCESS_TALK = [
 ]
 
 # Hits in files whose wording is being changed elsewhere: each must still be there (remove it once it is gone).
-KNOWN: dict[str, str] = {
-    "app/supervisor.py": "is" + "sue 6",
-    "app/tasks.py": "fourth " + _S,
-}
+KNOWN: dict[str, str] = {}
 
 MARKDOWN_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 HTML_LINK = re.compile(r"""\b(?:href|src)=["']([^"']+)["']""")
