@@ -49,7 +49,7 @@ WHITE = (255, 255, 255)
 PREVIEW_SIDE = 1024  # longest side of the image an overlay is drawn on
 DEVICE_MAX_PIXELS = 1 << 25  # largest JPEG (33.5 M pixels) decoded on the model's device; larger ones here
 DEVICE_JPEG_MODES = ("RGB", "L")  # colour JPEGs (YCbCr) and grey ones; CMYK / YCCK stay with Pillow
-# width x height x scans above which a JPEG is decoded in a process of its own (Decoder.isolated): about 0.2 s of
+# width x height x scans above which a JPEG is decoded in a process of its own (Decoder.isolated): about 0.3 s of
 # CPU, while a 12-megapixel progressive photo of 10 scans is 120 M
 SLOW_SCAN_PIXELS = 1 << 29
 ISOLATED_NAME = "vitserve-isolated"  # the name of each process of Decoder.isolated
@@ -471,6 +471,7 @@ class Decoder:
         # isolated calls: at most one per decode worker at once, each waited for by a thread of its own
         self._isolated_slots = asyncio.Semaphore(max(1, workers))
         self._isolated_threads = ThreadPoolExecutor(max(1, workers), thread_name_prefix="isolated")
+        self._isolated_running: set[_Isolated] = set()  # killed by close()
         self.on_restart = on_restart  # told of each pool replaced after a crash (the server counts them in /metrics)
         if workers > 0 and kind == "process":
             self._pool = self._process_pool(workers)
@@ -500,11 +501,14 @@ class Decoder:
         (~10 ms); at most `workers` run at once. `ProcessDied` when the process ends without an answer."""
         async with self._isolated_slots:
             call = _Isolated(self._context(), fn, args)
+            self._isolated_running.add(call)
             try:
                 ok, value = await asyncio.get_running_loop().run_in_executor(self._isolated_threads, call.run)
             except asyncio.CancelledError:
                 call.kill()
                 raise
+            finally:
+                self._isolated_running.discard(call)
         if not ok:
             raise value  # type: ignore[misc]
         return value
@@ -569,9 +573,11 @@ class Decoder:
         return await self._decode(decode_preview, data, self.limits, PREVIEW_SIDE)
 
     def close(self) -> None:
-        """Stop the workers (queued jobs are cancelled; a running decode is bounded by the limits, and a slow one runs
-        in a process that ends with its request)."""
+        """Stop the workers: queued jobs are cancelled, a running decode in the pool is bounded by the limits, and the
+        processes of `isolated` (slow images, large parses) are killed."""
         self._header_thread.shutdown(wait=True, cancel_futures=True)
+        for call in list(self._isolated_running):
+            call.kill()
         self._isolated_threads.shutdown(wait=True, cancel_futures=True)
         for pool in (self._pool, self._alone):
             if pool is not None:

@@ -499,3 +499,26 @@ def test_a_slow_image_is_decoded_in_its_own_process_to_the_same_pixels():
     finally:
         decoder.close()
     assert np.array_equal(out.pixels, decode_to_pixels(data, CFG, Limits(LIMIT, jpeg_scans=200)).pixels)
+
+
+def test_closing_the_decoder_kills_its_isolated_processes():
+    import time
+
+    from app.decode import ProcessDied
+
+    decoder = Decoder(LIMIT, workers=1, kind="thread")
+
+    async def main() -> float:
+        call = asyncio.ensure_future(decoder.isolated(time.sleep, 60))
+        deadline = time.monotonic() + 30
+        while not isolated_processes() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert isolated_processes()
+        started = time.monotonic()
+        decoder.close()
+        with pytest.raises(ProcessDied):
+            await call
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 5.0
+    assert not isolated_processes()
