@@ -26,12 +26,16 @@ log = logging.getLogger("vitserve")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float8": torch.bfloat16}
 
 
+POOLS = ("default", "cls", "mean")  # what `Model.pooled` (and /v1/embed's pool) accepts
+
+
 @dataclass
 class Output:
-    logits: torch.Tensor | None  # (B, num_classes), float32, or None without a head
-    embedding: torch.Tensor  # (B, D) float32: the class token after the final LayerNorm
-    tokens: torch.Tensor  # (B, 1 + gh*gw, D) float32: every final-normed token
+    logits: torch.Tensor | None  # (B, num_classes), float32, or None without a classifier
+    embedding: torch.Tensor  # (B, embedding_dim) float32: the family's default embedding (ModelInfo "pool")
+    tokens: torch.Tensor  # (B, P + gh*gw, D) float32: every final-normed token, P prefix tokens first
     attentions: list[torch.Tensor | None] | None = None  # depth x (B, heads, T, T) float32, when asked
+    probe_attention: torch.Tensor | None = None  # (B, heads, 1, gh*gw) float32: the MAP probe's, when asked
 
 
 def resolve_device(device: str) -> torch.device:
@@ -97,7 +101,13 @@ def build_model(ckpt: Checkpoint, image_size: int | tuple[int, int] | None) -> V
             )
         new_config = ViTConfig.from_dict({**config.to_dict(), "image_size": size})
         if "pos_embed" in state_dict:
-            state_dict["pos_embed"] = resample_pos_embed(state_dict["pos_embed"], config.grid, new_config.grid)
+            state_dict["pos_embed"] = resample_pos_embed(
+                state_dict["pos_embed"],
+                config.grid,
+                new_config.grid,
+                num_prefix=config.num_embedded_prefix,
+                antialias=ckpt.pos_antialias,
+            )
         config = new_config
     with torch.device("meta"):
         model = VisionTransformer(config)  # no random init: every weight comes from the checkpoint
@@ -133,7 +143,7 @@ class Model:
             torch.backends.cudnn.allow_tf32 = False
         self.preprocess_config = preprocess_for_size(ckpt.preprocess, self.config.image_size)
         self.normalizer = Normalizer(self.preprocess_config).to(device)
-        n = self.config.num_classes
+        n = 0 if self.config.projection else self.config.num_classes
         self.labels = ckpt.labels if len(ckpt.labels) == n else [f"class_{i}" for i in range(n)]
         self.sha256 = file_sha256(ckpt.weights_path)
         self.compile_mode = compile  # app.accel: off, auto, on (or a strategy name)
@@ -143,7 +153,9 @@ class Model:
         """Set up the fast path for these batch sizes; each bucket is built (compiled / captured) on first use."""
         from app.accel import accelerate
 
-        self._fast = accelerate(self.net, self.device, self.dtype, batch_sizes, self.compile_mode)
+        # the speed-ups are built for the plain ViT's blocks; the families run their own modules as they are
+        mode = self.compile_mode if self.config.is_plain else "off"
+        self._fast = accelerate(self.net, self.device, self.dtype, batch_sizes, mode)
 
     def warmup(self, batch_sizes: Sequence[int] | int) -> dict[int, float]:
         """Set up the fast path and build every bucket now (compile / capture each); seconds per bucket."""
@@ -189,13 +201,37 @@ class Model:
             features = net.forward_features(x, attentions=attentions, layers=layers)
             tokens, maps = features.tokens, features.attentions
             logits = net.forward_head(tokens)
-        tokens = tokens.float()
+        probe = self.net.pool(tokens, need_weights=True)[1] if attentions and self.config.pool == "map" else None
         return Output(
             logits=logits.float() if logits is not None else None,
-            embedding=tokens[:, 0],
-            tokens=tokens,
+            embedding=self.net.embed(tokens).float(),
+            tokens=tokens.float(),
             attentions=[None if a is None else a.float() for a in maps] if attentions else None,
+            probe_attention=probe.float() if probe is not None else None,
         )
+
+    def pooled(self, out: Output, pool: str = "default") -> torch.Tensor:
+        """(B, dim) float32 embedding of a forward's output for /v1/embed's `pool`:
+
+        - `default`: the family's own embedding (`out.embedding`; ModelInfo "pool" and "embedding_dim");
+        - `cls`: the final-normed class token (never projected); a ValueError for a model without one (SigLIP, gap);
+        - `mean`: the mean of the patch tokens only (never class, distillation or register tokens), through the
+          model's `fc_norm` where it has one (then the tokens themselves are not normed), else through the final norm.
+        """
+        if pool == "default":
+            return out.embedding
+        if pool == "cls":
+            if not self.config.class_token:
+                raise ValueError(
+                    f"pool=cls: this {self.config.family} model has no class token (its own pooling is "
+                    f"{self.config.pool!r}); use pool=default or pool=mean"
+                )
+            return out.tokens[:, 0]
+        if pool == "mean":
+            patches = out.tokens[:, self.config.num_prefix_tokens :].mean(dim=1)
+            with torch.inference_mode():
+                return self.net.fc_norm(patches.to(self.dtype)).float()
+        raise ValueError(f"unknown pool {pool!r}; use one of {', '.join(POOLS)}")
 
     def device_error(self) -> str | None:
         """Why the device can no longer run anything, or None while it can. Called after a forward fails: a CUDA
@@ -213,6 +249,12 @@ class Model:
         return None
 
     @property
+    def embedding_dim(self) -> int:
+        """The size of the default embedding: the projection's width for CLIP, else the token width."""
+        cfg = self.config
+        return cfg.num_classes if cfg.projection and cfg.num_classes > 0 else cfg.embed_dim
+
+    @property
     def info(self) -> dict:
         cfg = self.config
         return {
@@ -225,7 +267,11 @@ class Model:
             "embed_dim": cfg.embed_dim,
             "depth": cfg.depth,
             "num_heads": cfg.num_heads,
-            "num_classes": cfg.num_classes,
+            "num_classes": 0 if cfg.projection else cfg.num_classes,
+            "family": cfg.family,
+            "pool": {"cls_dist": "cls"}.get(cfg.pool, cfg.pool),
+            "prefix_tokens": cfg.prefix_tokens,
+            "embedding_dim": self.embedding_dim,
             "device": str(self.device),
             "dtype": "float8" if self.float8 else str(self.dtype).removeprefix("torch."),
             "preprocess": self.preprocess_config.to_dict(),

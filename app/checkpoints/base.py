@@ -24,3 +24,5 @@ class Checkpoint:
     source: str  # the spec it came from
     weights_path: Path | None = None  # the file whose sha256 ModelInfo reports
     labels: list[str] = field(default_factory=list)
+    # how the library the weights come from resamples the position embedding to another grid (bicubic either way)
+    pos_antialias: bool = True
