@@ -90,7 +90,7 @@ def infer_shape(state_dict: dict[str, torch.Tensor], source: str) -> dict:
     fc2 = _require(state_dict, "blocks.0.mlp.fc2.weight", source)
     head = state_dict.get("head.weight")
     variations = variations_from_keys(state_dict)
-    prefix = int(variations["class_token"]) + int(variations["dist_token"])
+    prefix = embedded_prefix(variations)
     if prefix and not _is_square(pos.shape[1] - prefix) and _is_square(pos.shape[1]):
         variations["no_embed_class"] = True  # timm's DeiT-3 / DINOv2-with-registers layout
     return {
@@ -130,10 +130,11 @@ def square_grid(num_positions: int, source: str, num_prefix: int = 1) -> tuple[i
 
 
 def embedded_prefix(variations: dict) -> int:
-    """Position-embedding slots before the patches: class and distillation tokens, unless `no_embed_class`."""
+    """Position-embedding slots before the patches: every prefix token, unless `no_embed_class`."""
     if variations.get("no_embed_class"):
         return 0
-    return int(variations.get("class_token", True)) + int(variations.get("dist_token", False))
+    v = variations
+    return int(v.get("class_token", True)) + int(v.get("dist_token", False)) + int(v.get("reg_tokens", 0))
 
 
 def square_image_size(shape: dict, source: str) -> tuple[int, int]:

@@ -9,8 +9,9 @@ The families deployed today vary this recipe in a few places, each a field of `V
 the paper's, and each a small piece of twists.py:
 
 - prefix tokens before the patches: the class token (none in SigLIP), DeiT's distillation token, R register
-  tokens (Darcet et al. 2023) which take no position embedding; with `no_embed_class` (timm's DeiT-3 / big_vision
-  layout) no prefix token does, the position embedding covering the patches only;
+  tokens (Darcet et al. 2023); with `no_embed_class` (timm's DeiT-3 / big_vision layout, and DINOv2 with
+  registers, whose class token then carries its own position embedding) the position embedding covers the
+  patches only, else every token;
 - a LayerNorm before the blocks (CLIP's `ln_pre`), layer scale, the activation, a SwiGLU MLP (DINOv2-giant);
 - pooling: the class token, the mean of the class and distillation tokens (DeiT distilled), the mean of the
   patch tokens through `fc_norm` (timm's `gap` models, whose final norm is then left out), or attention
@@ -83,8 +84,8 @@ class ViTConfig:
 
     @property
     def num_embedded_prefix(self) -> int:
-        """Prefix tokens that have a slot in the position embedding (registers never do)."""
-        return 0 if self.no_embed_class else int(self.class_token) + int(self.dist_token)
+        """Prefix tokens that have a slot in the position embedding: all of them, or none (`no_embed_class`)."""
+        return 0 if self.no_embed_class else self.num_prefix_tokens
 
     @property
     def is_plain(self) -> bool:
@@ -250,22 +251,14 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(head.bias) if head.bias is not None else None
 
     def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, P + N, D): patches and prefix tokens, position embeddings added where they have one."""
+        """(B, 3, H, W) -> (B, P + N, D): the prefix tokens, then the patches, position embeddings added."""
         x = self.patch_embed(x)  # (B, N, D)
-        B = x.shape[0]
-        embedded = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
-        if self.cfg.no_embed_class:
-            x = x + self.pos_embed
-            embedded = [*embedded, x]
-        else:
-            x = torch.cat([*embedded, x], dim=1) + self.pos_embed
-            embedded = [x]
-        if self.reg_token is None:
-            return torch.cat(embedded, dim=1) if len(embedded) > 1 else embedded[0]
-        # registers go after the class (and distillation) token, without a position embedding
-        P = int(self.cfg.class_token) + int(self.cfg.dist_token)
-        x = torch.cat(embedded, dim=1)
-        return torch.cat([x[:, :P], self.reg_token.expand(B, -1, -1), x[:, P:]], dim=1)
+        prefix = [
+            t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None
+        ]
+        if self.cfg.no_embed_class:  # the position embedding covers the patches only
+            return torch.cat([*prefix, x + self.pos_embed], dim=1)
+        return torch.cat([*prefix, x], dim=1) + self.pos_embed
 
     def forward_features(
         self, x: torch.Tensor, attentions: bool = False, layers: Collection[int] | None = None
