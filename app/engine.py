@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app import analysis
 from app.checkpoints import Checkpoint, CheckpointError, read_checkpoint
 from app.model import VisionTransformer, ViTConfig, resample_pos_embed
 from app.model.float8 import float8_problem, to_float8
@@ -93,6 +94,7 @@ def build_model(ckpt: Checkpoint, image_size: int | tuple[int, int] | None) -> V
     """A VisionTransformer holding the checkpoint's weights, at `image_size` when given."""
     config = ckpt.config
     state_dict = dict(ckpt.state_dict)
+    image_size = image_size if image_size is not None else ckpt.serve_size
     if image_size is not None:
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if size[0] % config.patch_size or size[1] % config.patch_size:
@@ -247,6 +249,26 @@ class Model:
         except Exception as e:  # torch.AcceleratorError (a RuntimeError before torch 2.8)
             return f"{type(e).__name__}: {' '.join(str(e).split())}"
         return None
+
+    def attention_heatmap(
+        self, out: Output, method: str = "rollout", layer: int = -1, head: int | None = None
+    ) -> tuple[torch.Tensor, str]:
+        """(B, gh*gw) heatmap of /v1/attention's `method` (cls, rollout) for this model's token layout, and the
+        method the response names (cls, rollout, probe, probe_rollout, mean, mean_rollout): see
+        `analysis.attention_heatmap`. `out` comes from a forward with attentions=True."""
+        if out.attentions is None:
+            raise ValueError("the forward was run without attentions=True")
+        cfg = self.config
+        pool = cfg.pool if not cfg.class_token else "cls"
+        return analysis.attention_heatmap(
+            out.attentions,
+            method,
+            prefix=cfg.num_prefix_tokens,
+            pool=pool,
+            probe=out.probe_attention,
+            layer=layer,
+            head=head,
+        )
 
     @property
     def embedding_dim(self) -> int:

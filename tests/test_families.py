@@ -115,3 +115,148 @@ def test_timm_resampled(tmp_path, name):
     x = pixels(48)
     with torch.no_grad():
         close(model(x).logits, big(x))
+
+
+# -- transformers --------------------------------------------------------------------------------------------
+
+HF_SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
+TEXT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def save_hf(tmp_path, name: str, model, crop: int = 32, mean=(0.5, 0.5, 0.5)):
+    folder = tmp_path / name
+    model.save_pretrained(folder)
+    processor = {
+        "do_resize": True,
+        "size": {"shortest_edge": crop},
+        "do_center_crop": True,
+        "crop_size": {"height": crop, "width": crop},
+        "resample": 3,
+        "image_mean": list(mean),
+        "image_std": [0.25, 0.25, 0.25],
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    return folder
+
+
+def hf_model(cls, config):
+    model = cls(config)
+    model.set_attn_implementation("eager")
+    return perturb(model)
+
+
+def features(result) -> torch.Tensor:
+    """get_image_features returns a tensor, or in recent transformers an output whose pooler_output it is."""
+    return result if isinstance(result, torch.Tensor) else result.pooler_output
+
+
+def check_hf(model, x, tokens, embedding, attentions, logits=None):
+    out = model(x, attentions=True)
+    close(out.tokens, tokens)
+    close(out.embedding, embedding)
+    for ours, theirs in zip(out.attentions, attentions, strict=True):
+        close(ours, theirs)
+    if logits is None:
+        assert out.logits is None
+    else:
+        close(out.logits, logits)
+    return out
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_hf_dinov2(tmp_path, swiglu):
+    """Served at the processor's crop (32) though config.json says 48: resampled as transformers does (no
+    antialias); Dinov2ForImageClassification's head reads [class token, mean patch token]."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Dinov2Config(**HF_SMALL, image_size=48, patch_size=8, use_swiglu_ffn=swiglu, num_labels=3)
+    ref = hf_model(transformers.Dinov2ForImageClassification, config)
+    model = app.load_model(str(save_hf(tmp_path, "dinov2", ref)))
+    assert model.info["image_size"] == [32, 32] and model.info["family"] == "dinov2"
+    x = pixels()
+    with torch.no_grad():
+        trunk = ref.dinov2(x, output_attentions=True)
+        logits = ref(x).logits
+    check_hf(model, x, trunk.last_hidden_state, trunk.pooler_output, trunk.attentions, logits)
+
+
+def test_hf_dinov2_with_registers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Dinov2WithRegistersConfig(**HF_SMALL, image_size=48, patch_size=8, num_register_tokens=4)
+    ref = hf_model(transformers.Dinov2WithRegistersModel, config)
+    model = app.load_model(str(save_hf(tmp_path, "dinov2reg", ref)))
+    assert model.info["prefix_tokens"] == {"class": 1, "distillation": 0, "registers": 4}
+    x = pixels()
+    with torch.no_grad():
+        r = ref(x, output_attentions=True)
+    out = check_hf(model, x, r.last_hidden_state, r.pooler_output, r.attentions)
+    heat, method = model.attention_heatmap(out, "rollout")
+    assert heat.shape == (2, 16) and method == "rollout"
+    close(heat, analysis.rollout(out.attentions, prefix=5))
+
+
+def test_hf_clip(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    vision = {**HF_SMALL, "image_size": 32, "patch_size": 8}
+    config = transformers.CLIPConfig(vision_config=vision, text_config=TEXT, projection_dim=16)
+    ref = hf_model(transformers.CLIPModel, config)
+    model = app.load_model(str(save_hf(tmp_path, "clip", ref)))
+    info = model.info
+    assert (info["family"], info["embedding_dim"], info["num_classes"]) == ("clip", 16, 0)
+    x = pixels()
+    with torch.no_grad():
+        v = ref.vision_model(x, output_attentions=True)
+        embedding = features(ref.get_image_features(pixel_values=x))
+        tokens = ref.vision_model.post_layernorm(v.last_hidden_state)
+    out = check_hf(model, x, tokens, embedding, v.attentions)
+    close(model.pooled(out, "cls"), v.pooler_output)
+    close(model.pooled(out, "mean"), tokens[:, 1:].mean(dim=1))
+
+
+def test_hf_clip_vision_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPVisionConfig(**HF_SMALL, image_size=32, patch_size=8)
+    ref = hf_model(transformers.CLIPVisionModel, config)
+    model = app.load_model(str(save_hf(tmp_path, "clipv", ref)))
+    x = pixels()
+    with torch.no_grad():
+        v = ref(x, output_attentions=True)
+    post_layernorm = getattr(ref, "vision_model", ref).post_layernorm
+    check_hf(model, x, post_layernorm(v.last_hidden_state), v.pooler_output, v.attentions)
+
+
+@pytest.mark.parametrize("classifier", [False, True])
+def test_hf_siglip(tmp_path, classifier):
+    transformers = pytest.importorskip("transformers")
+    vision = {**HF_SMALL, "image_size": 32, "patch_size": 8}
+    config = transformers.SiglipConfig(vision_config=vision, text_config=TEXT, num_labels=3)
+    cls = transformers.SiglipForImageClassification if classifier else transformers.SiglipModel
+    ref = hf_model(cls, config)
+    model = app.load_model(str(save_hf(tmp_path, "siglip", ref)))
+    assert (model.info["family"], model.info["pool"]) == ("siglip", "map")
+    x = pixels()
+    with torch.no_grad():
+        v = ref.vision_model(x, output_attentions=True)
+        pooled = ref.vision_model.head(v.last_hidden_state)
+        logits = ref(pixel_values=x).logits if classifier else None
+    out = check_hf(model, x, v.last_hidden_state, pooled, v.attentions, logits)
+    if not classifier:
+        close(out.embedding, v.pooler_output)
+    assert out.probe_attention.shape == (2, 2, 1, 16)
+    with pytest.raises(ValueError, match="no class token"):
+        model.pooled(out, "cls")
+
+
+@pytest.mark.parametrize("teacher", [False, True])
+def test_hf_deit(tmp_path, teacher):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DeiTConfig(**HF_SMALL, image_size=32, patch_size=8, num_labels=3)
+    cls = transformers.DeiTForImageClassificationWithTeacher if teacher else transformers.DeiTForImageClassification
+    ref = hf_model(cls, config)
+    model = app.load_model(str(save_hf(tmp_path, "deit", ref)))
+    assert model.info["prefix_tokens"] == {"class": 1, "distillation": 1, "registers": 0}
+    x = pixels()
+    with torch.no_grad():
+        r = ref.deit(x, output_attentions=True)
+        logits = ref(x).logits
+    tokens = r.last_hidden_state
+    check_hf(model, x, tokens, (tokens[:, 0] + tokens[:, 1]) / 2, r.attentions, logits)

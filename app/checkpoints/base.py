@@ -26,3 +26,4 @@ class Checkpoint:
     labels: list[str] = field(default_factory=list)
     # how the library the weights come from resamples the position embedding to another grid (bicubic either way)
     pos_antialias: bool = True
+    serve_size: tuple[int, int] | None = None  # the size to serve at when not the weights' own (HF: the crop)
