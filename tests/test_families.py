@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 import app
 from app import analysis
+from app.checkpoints import CheckpointError
 
 ATOL, RTOL = 1e-4, 1e-3
 SMALL = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
@@ -260,3 +261,64 @@ def test_hf_deit(tmp_path, teacher):
         logits = ref(x).logits
     tokens = r.last_hidden_state
     check_hf(model, x, tokens, (tokens[:, 0] + tokens[:, 1]) / 2, r.attentions, logits)
+
+
+# -- DINOv2's torch.hub state dicts, open_clip, refusals ---------------------------------------------------------
+
+
+def test_dinov2_hub_state_dict(tmp_path):
+    """A torch.hub DINOv2 with registers (register_tokens, mask_token, w12/w3 naming) against timm's conversion."""
+    timm = pytest.importorskip("timm")
+    args = {**SMALL, "img_size": 518, "patch_size": 14, "embed_dim": 384, "num_heads": 6}
+    ref = perturb(timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, **args))
+    sd = ref.state_dict()
+    hub = {k: v for k, v in sd.items() if k not in ("cls_token", "reg_token", "pos_embed")}
+    hub["cls_token"] = sd["cls_token"] - torch.zeros(1)  # hub: the class position lives in pos_embed
+    hub["pos_embed"] = torch.cat([torch.zeros(1, 1, 384), sd["pos_embed"]], dim=1)
+    hub["register_tokens"] = sd["reg_token"]
+    hub["mask_token"] = torch.zeros(1, 384)
+    torch.save(hub, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+    model = app.load_model(str(tmp_path / "dinov2_vits14_reg4_pretrain.pth"), image_size=56)
+    assert model.info["family"] == "dinov2" and model.info["num_heads"] == 6
+    ref56 = perturb(
+        timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, **{**args, "img_size": 56})
+    )
+    ref56.load_state_dict(timm.models.vision_transformer.checkpoint_filter_fn(dict(hub), ref56))
+    x = pixels(56)
+    with torch.no_grad():
+        close(model(x).embedding, ref56(x))
+
+
+@pytest.mark.parametrize("quick_gelu", [True, False])
+def test_open_clip(tmp_path, quick_gelu):
+    open_clip = pytest.importorskip("open_clip")
+    vision = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32, "ls_init_value": 0.5}
+    text = {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}
+    ref = perturb(open_clip.model.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text, quick_gelu=quick_gelu))
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    cfg = {"model_cfg": {"embed_dim": 16, "quick_gelu": quick_gelu, "vision_cfg": vision, "text_cfg": text}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(cfg))
+    model = app.load_model(str(tmp_path / "open_clip_model.safetensors"))
+    assert (model.info["family"], model.info["format"], model.info["embedding_dim"]) == ("clip", "open_clip", 16)
+    x = pixels()
+    with torch.no_grad():
+        embedding = ref.encode_image(x)
+        ref.visual.output_tokens = True
+        pooled, patch_tokens = ref.visual(x)
+    out = model(x)
+    close(out.embedding, embedding)
+    close(out.embedding, pooled)
+    close(out.tokens[:, 1:], patch_tokens)
+
+
+def test_torchscript_refused(tmp_path):
+    module = torch.jit.script(torch.nn.Linear(2, 2))
+    torch.jit.save(module, str(tmp_path / "ViT-B-16.pt"))
+    with pytest.raises(CheckpointError, match="TorchScript.*open_clip"):
+        app.load_model(str(tmp_path / "ViT-B-16.pt"))
+
+
+def test_rope_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "dinov3_vit"}))
+    with pytest.raises(CheckpointError, match="RoPE"):
+        app.load_model(str(tmp_path))

@@ -20,7 +20,7 @@ class Checkpoint:
     config: ViTConfig
     state_dict: dict[str, torch.Tensor]  # in our (timm) parameter names
     preprocess: PreprocessConfig
-    format: str  # "hf" | "timm" | "torchvision" | "native"
+    format: str  # "hf" | "timm" | "torchvision" | "open_clip" | "native"
     source: str  # the spec it came from
     weights_path: Path | None = None  # the file whose sha256 ModelInfo reports
     labels: list[str] = field(default_factory=list)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.checkpoints import hf, hf_families, hub, native, timm, torchvision
+from app.checkpoints import hf, hf_families, hub, native, open_clip, timm, torchvision
 from app.checkpoints.base import Checkpoint, CheckpointError
 from app.checkpoints.files import WEIGHT_SUFFIXES, load_tensors, read_json, weight_files
 from app.settings import split_name
@@ -156,6 +156,8 @@ def read_file(path: Path, source: str, arch: str | None = None) -> Checkpoint:
     keys = list(state_dict)
     if hf.is_hf_state_dict(keys):
         return hf.read_file(path, state_dict, side, source, arch)
+    if open_clip.is_open_clip_state_dict(keys):
+        return open_clip.read(path, state_dict, arch, source)
     if torchvision.is_torchvision_state_dict(keys):
         return torchvision.read(path, state_dict, arch, side, source)
     if timm.is_timm_state_dict(keys):

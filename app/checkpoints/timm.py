@@ -70,6 +70,8 @@ def read(
     path: Path, state_dict: dict[str, torch.Tensor], arch: str | None, side_config: dict | None, source: str
 ) -> Checkpoint:
     side = side_config or {}
+    hub = "mask_token" in state_dict or "register_tokens" in state_dict  # DINOv2's torch.hub layout
+    state_dict = convert_dinov2_hub(state_dict)
     shape = infer_shape(state_dict, source)
     name, tag = parse_arch(arch) if arch else _arch_from_side(side)
     entry = lookup_arch(name, source) if name else None
@@ -80,10 +82,12 @@ def read(
         check_arch(shape, entry, name, source)
         num_heads, eps, qkv_bias = entry["num_heads"], entry["layer_norm_eps"], entry["qkv_bias"]
     else:
-        num_heads = side_num_heads(side) or heads_for_width(shape["embed_dim"], source)
-        eps, qkv_bias = LAYER_NORM_EPS, shape["qkv_bias"]
         name = matching_arch(shape, square_image_size(shape, source))
         entry = timm_table()["architectures"][name] if name else None
+        known = entry["num_heads"] if entry else None
+        num_heads = side_num_heads(side) or known or heads_for_width(shape["embed_dim"], source)
+        eps = entry["layer_norm_eps"] if entry else LAYER_NORM_EPS
+        qkv_bias = shape["qkv_bias"]
     own_cfg = _side_pretrained_cfg(side)
     if tagged is not None:
         cfg = tagged
@@ -92,6 +96,8 @@ def read(
     else:
         cfg = pretrained_cfg(name, tag, source)
     variations = _variations(shape, entry, name, source)
+    if hub:
+        variations["family"] = "dinov2"
     variations["projection"] = bool(cfg.get("projection")) and shape["num_classes"] > 0
     config = config_from_shape(shape, source, num_heads=num_heads, qkv_bias=qkv_bias, layer_norm_eps=eps, **variations)
     preprocess = preprocess_config(cfg, source)
@@ -101,6 +107,20 @@ def read(
     if len(labels) != config.num_classes:
         labels = labels_for(config.num_classes)
     return Checkpoint(config, state_dict, preprocess, "timm", source, path, [str(x) for x in labels])
+
+
+def convert_dinov2_hub(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DINOv2's torch.hub state dicts -> timm's names, as timm's DINOv2 filter converts them: the mask token is
+    dropped; with registers, the class token absorbs its position embedding, which then covers the patches only;
+    the giant's SwiGLU `w12` / `w3` become `fc1` / `fc2`."""
+    if "mask_token" not in state_dict and "register_tokens" not in state_dict:
+        return state_dict
+    out = {k: v for k, v in state_dict.items() if k != "mask_token"}
+    if "register_tokens" in out:
+        out["reg_token"] = out.pop("register_tokens")
+        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
+        out["pos_embed"] = out["pos_embed"][:, 1:]
+    return {k.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2."): v for k, v in out.items()}
 
 
 def _variations(shape: dict, entry: dict | None, name: str | None, source: str) -> dict:
