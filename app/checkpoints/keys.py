@@ -148,7 +148,7 @@ def config_from_shape(
 ) -> ViTConfig:
     """The ViTConfig of a square model from `infer_shape` and the three fields its weights leave open; `variations`
     (activation, family, ...) override those the keys fix."""
-    variations = {**shape["variations"], **variations}
+    variations = {**shape.get("variations", {}), **variations}
     shape = {**shape, "variations": variations}
     return ViTConfig(
         image_size=square_image_size(shape, source),
