@@ -251,21 +251,31 @@ class Model:
         return None
 
     def attention_heatmap(
-        self, out: Output, method: str = "rollout", layer: int = -1, head: int | None = None
+        self,
+        out: Output,
+        method: str = "rollout",
+        layer: int = -1,
+        head: int | None = None,
+        rows: list[int] | None = None,
     ) -> tuple[torch.Tensor, str]:
         """(B, gh*gw) heatmap of /v1/attention's `method` (cls, rollout) for this model's token layout, and the
         method the response names (cls, rollout, probe, probe_rollout, mean, mean_rollout): see
-        `analysis.attention_heatmap`. `out` comes from a forward with attentions=True."""
+        `analysis.attention_heatmap`. `out` comes from a forward with attentions=True; `rows` picks batch rows
+        (all, without a copy, when None or every row in order)."""
         if out.attentions is None:
             raise ValueError("the forward was run without attentions=True")
+        maps, probe = out.attentions, out.probe_attention
+        B = next(a.shape[0] for a in maps if a is not None)
+        if rows is not None and rows != list(range(B)):
+            maps = [None if a is None else a[rows] for a in maps]
+            probe = probe[rows] if probe is not None else None
         cfg = self.config
-        pool = cfg.pool if not cfg.class_token else "cls"
         return analysis.attention_heatmap(
-            out.attentions,
+            maps,  # type: ignore[arg-type]  # the layers read are computed
             method,
             prefix=cfg.num_prefix_tokens,
-            pool=pool,
-            probe=out.probe_attention,
+            pool="cls" if cfg.class_token else cfg.pool,
+            probe=probe,
             layer=layer,
             head=head,
         )

@@ -47,7 +47,7 @@ class Classify:
 
 @dataclass(frozen=True)
 class Embed:
-    pool: Literal["cls", "mean"] = "cls"
+    pool: Literal["default", "cls", "mean"] = "default"
     normalize: bool = False
     key = FAST
 
@@ -314,14 +314,15 @@ def _classify(model: Model, out, index: list[int], tasks: list[Classify]) -> lis
 
 
 def _embed(model: Model, out, index: list[int], tasks: list[Embed]) -> list[np.ndarray]:
-    rows = out.embedding[index].float()  # (n, D) class tokens
-    if any(t.pool == "mean" for t in tasks):  # decided on the host: no device sync
-        mean = torch.tensor([t.pool == "mean" for t in tasks], device=rows.device)
-        rows = torch.where(mean[:, None], out.tokens[index, 1:].float().mean(dim=1), rows)
-    if any(t.normalize for t in tasks):
-        norm = torch.tensor([t.normalize for t in tasks], device=rows.device)
+    results: list[np.ndarray] = [np.empty(0)] * len(tasks)
+    for pool in sorted({t.pool for t in tasks}):  # the pools may differ in size (CLIP: projected vs token width)
+        js = [j for j, t in enumerate(tasks) if t.pool == pool]
+        rows = model.pooled(out, pool)[[index[j] for j in js]].float()
+        norm = torch.tensor([tasks[j].normalize for j in js], device=rows.device)
         rows = torch.where(norm[:, None], F.normalize(rows, dim=-1), rows)
-    return list(rows.cpu().numpy())
+        for j, row in zip(js, rows.cpu().numpy(), strict=True):
+            results[j] = row
+    return results
 
 
 def _rows(maps: list[torch.Tensor | None], index: list[int]) -> list[torch.Tensor | None]:
@@ -339,8 +340,7 @@ def _attention_map(model: Model, out, index: list[int], tasks: list[AttentionMap
     for j, t in enumerate(tasks):
         by_kind[(t.method, t.layer, t.head) if t.method == "cls" else ("rollout",)].append(j)
     for kind, js in by_kind.items():
-        sub = _rows(out.attentions, [index[j] for j in js])
-        heat = analysis.rollout(sub) if kind[0] == "rollout" else analysis.cls_attention(sub, kind[1], kind[2])
+        heat = model.attention_heatmap(out, *kind, rows=[index[j] for j in js])[0]
         for j, h in zip(js, heat, strict=True):
             maps[j] = h
     stacked = torch.stack(maps).reshape(len(tasks), *grid).float().cpu().numpy()  # type: ignore[arg-type]
@@ -349,7 +349,8 @@ def _attention_map(model: Model, out, index: list[int], tasks: list[AttentionMap
 
 def _attention_distance(model: Model, out, index: list[int], tasks: list[AttentionDistance]) -> list[np.ndarray]:
     attns = _rows(out.attentions, index)
-    dist = analysis.attention_distance(attns, tuple(model.config.grid), model.config.patch_size)
+    prefix = model.config.num_prefix_tokens
+    dist = analysis.attention_distance(attns, tuple(model.config.grid), model.config.patch_size, prefix)
     return list(dist.float().cpu().numpy())
 
 
@@ -366,8 +367,8 @@ def _tensors(model: Model, out, index: list[int], tasks: list[Tensors]) -> list[
         computed["embedding"] = out.embedding[index].float().cpu().numpy()
     rows = [j for j, t in enumerate(tasks) if "attention_rollout" in t.outputs]
     if rows:  # as /v1/attention?method=rollout: only the rows that asked for it
-        attns = _rows(out.attentions, [index[j] for j in rows])
-        heat = analysis.rollout(attns).reshape(len(rows), *model.config.grid).float().cpu().numpy()
+        heat = model.attention_heatmap(out, "rollout", rows=[index[j] for j in rows])[0]
+        heat = heat.reshape(len(rows), *model.config.grid).float().cpu().numpy()
         computed["attention_rollout"] = np.zeros((len(tasks), *heat.shape[1:]), np.float32)
         computed["attention_rollout"][rows] = heat
     return [{name: computed[name][j] for name in t.outputs} for j, t in enumerate(tasks)]
@@ -385,7 +386,8 @@ HANDLERS = {
 def position_similarity(model: Model) -> np.ndarray:
     """(N, N) cosine similarity of the model's patch position embeddings, on the CPU."""
     with torch.inference_mode():
-        return analysis.position_similarity(model.net.pos_embed.detach()).float().cpu().numpy()
+        prefix = model.config.num_embedded_prefix
+        return analysis.position_similarity(model.net.pos_embed.detach(), prefix).float().cpu().numpy()
 
 
 def warmup_items(model: Model, batch_size: int, key: str, jpeg_decoder: str = "auto") -> list[Item]:

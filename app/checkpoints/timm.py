@@ -54,8 +54,7 @@ def lookup_arch(name: str, source: str) -> dict:
         return table["architectures"][name]
     if name in table["unsupported"]:
         raise CheckpointError(
-            f"{source}: timm architecture {name} has {table['unsupported'][name]}, which vitserve does not support "
-            f"(it serves class-token ViTs / DeiTs)"
+            f"{source}: timm architecture {name} has {table['unsupported'][name]}, which vitserve does not support"
         )
     hint = (
         " (a torchvision name: its weights have torchvision keys)"
