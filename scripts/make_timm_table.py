@@ -26,7 +26,15 @@ import timm
 import torch
 from timm.layers import AttentionPoolLatent, GluMlp, LayerScale, PatchEmbed, QuickGELU
 from timm.models import PretrainedCfg
-from timm.models.vision_transformer import Attention, Block, Mlp, VisionTransformer, _cfg
+from timm.models.vision_transformer import (
+    Attention,
+    Block,
+    Mlp,
+    ParallelThingsBlock,
+    ResPostBlock,
+    VisionTransformer,
+    _cfg,
+)
 from torch import nn
 
 OUT = Path(__file__).resolve().parent.parent / "app" / "data" / "timm_pretrained.json"
@@ -63,6 +71,24 @@ def mlp_of(mlp: nn.Module) -> tuple[str, int, str | None] | str:
     return ("mlp", mlp.fc1.out_features, act) if act else f"activation {mlp.act}"
 
 
+def block_parts(b: nn.Module) -> tuple[str, list[nn.Module], list[nn.Module], list[nn.Module], list[nn.Module]] | None:
+    """(kind, attentions, MLPs, norms, layer scales) of a block our ViT has, else None."""
+    if type(b) is Block:
+        return "pre", [b.attn], [b.mlp], [b.norm1, b.norm2], [b.ls1, b.ls2]
+    if type(b) is ResPostBlock:
+        return "post", [b.attn], [b.mlp], [b.norm1, b.norm2], []
+    if type(b) is ParallelThingsBlock:
+        branches = [*b.attns, *b.ffns]
+        return (
+            "parallel",
+            [a.attn for a in b.attns],
+            [f.mlp for f in b.ffns],
+            [x.norm for x in branches],
+            [x.ls for x in branches],
+        )
+    return None
+
+
 def describe(m: nn.Module) -> dict | str:
     """The architecture entry of timm model `m` for our ViT, or why our ViT cannot hold it."""
     if not isinstance(m, VisionTransformer):
@@ -77,25 +103,33 @@ def describe(m: nn.Module) -> dict | str:
     if m.global_pool not in ("token", "avg", "map") or m.pool_include_prefix:
         return f"{m.global_pool!r} pooling"
     dist = getattr(m, "dist_token", None) is not None
-    b0 = m.blocks[0]
-    mlp = mlp_of(b0.mlp) if hasattr(b0, "mlp") else "no MLP"
+    parts = [block_parts(b) for b in m.blocks]
+    if any(p is None for p in parts):
+        bad = next(b for b, p in zip(m.blocks, parts, strict=True) if p is None)
+        return f"a non-standard block ({type(bad).__name__})"
+    kind, attns0, mlps0, norms0, ls0 = parts[0]
+    b0 = attns0[0]
+    mlp = mlp_of(mlps0[0])
     if isinstance(mlp, str):
         return mlp
-    eps = b0.norm1.eps if isinstance(b0.norm1, nn.LayerNorm) else None
-    for b in m.blocks:
-        if type(b) is not Block or type(b.attn) is not Attention:
-            return f"a non-standard block ({type(b).__name__})"
-        if not isinstance(b.attn.q_norm, nn.Identity) or not isinstance(b.attn.k_norm, nn.Identity):
-            return "qk norm"
-        if not isinstance(b.attn.norm, nn.Identity):
-            return "extra norms inside attention / MLP (scale norm)"
-        if b.attn.proj.bias is None:
-            return "linear layers without bias"
-        if mlp_of(b.mlp) != mlp:
+    eps = norms0[0].eps if isinstance(norms0[0], nn.LayerNorm) else None
+    for k, attns, mlps, norms, scales in parts:
+        if k != kind or len(attns) != len(attns0) or len(scales) != len(ls0):
             return "blocks that differ"
-        if not isinstance(b.norm1, nn.LayerNorm) or b.norm1.eps != eps or not isinstance(b.norm2, nn.LayerNorm):
+        for attn in attns:
+            if type(attn) is not Attention:
+                return f"a non-standard attention ({type(attn).__name__})"
+            if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity):
+                return "qk norm"
+            if not isinstance(attn.norm, nn.Identity):
+                return "extra norms inside attention / MLP (scale norm)"
+            if attn.proj.bias is None:
+                return "linear layers without bias"
+        if any(mlp_of(x) != mlp for x in mlps):
+            return "blocks that differ"
+        if any(not isinstance(n, nn.LayerNorm) or n.eps != eps for n in norms):
             return "non-standard block norms"
-        if isinstance(b.ls1, LayerScale) != isinstance(b0.ls1, LayerScale):
+        if any(isinstance(x, LayerScale) != isinstance(ls0[0], LayerScale) for x in scales):
             return "blocks that differ"
     norms = [n for n in (m.norm_pre, m.norm, m.fc_norm) if not isinstance(n, nn.Identity)]
     if any(not isinstance(n, nn.LayerNorm) or n.eps != eps for n in norms):
@@ -117,11 +151,11 @@ def describe(m: nn.Module) -> dict | str:
     return {
         "embed_dim": m.embed_dim,
         "depth": len(m.blocks),
-        "num_heads": b0.attn.num_heads,
+        "num_heads": b0.num_heads,
         "patch_size": pe.patch_size[0],
         "image_size": list(pe.img_size),
         "mlp_dim": mlp[1],
-        "qkv_bias": b0.attn.qkv.bias is not None,
+        "qkv_bias": b0.qkv.bias is not None,
         "layer_norm_eps": eps,
         "num_classes": m.num_classes,
         "family": family,
@@ -131,7 +165,9 @@ def describe(m: nn.Module) -> dict | str:
         "no_embed_class": m.no_embed_class,
         "patch_bias": pe.proj.bias is not None,
         "pre_norm": not isinstance(m.norm_pre, nn.Identity),
-        "layer_scale": isinstance(b0.ls1, LayerScale),
+        "layer_scale": bool(ls0) and isinstance(ls0[0], LayerScale),
+        "post_norm": kind == "post",
+        "parallel": len(attns0),
         "act": mlp[2],
         "mlp": mlp[0],
         "final_norm": not isinstance(m.norm, nn.Identity),

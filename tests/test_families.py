@@ -41,16 +41,21 @@ def pixels(size: int = 32, batch: int = 2) -> torch.Tensor:
 
 
 def timm_attentions(model, x) -> list[torch.Tensor]:
-    """Each block's softmaxed attention, caught at its (identity) attention dropout on timm's unfused path."""
-    maps, hooks = [], []
+    """Each block's softmaxed attention, caught at its (identity) attention dropout on timm's unfused path; a
+    parallel block's branches side by side along the heads."""
+    caught, hooks = [], []
     for block in model.blocks:
-        block.attn.fused_attn = False
-        hooks.append(block.attn.attn_drop.register_forward_hook(lambda m, i, o: maps.append(o.detach())))
+        attns = [a.attn for a in block.attns] if hasattr(block, "attns") else [block.attn]
+        caught.append([])
+        for attn in attns:
+            attn.fused_attn = False
+            hook = attn.attn_drop.register_forward_hook(lambda m, i, o, maps=caught[-1]: maps.append(o.detach()))
+            hooks.append(hook)
     with torch.no_grad():
         model.forward_features(x)
     for h in hooks:
         h.remove()
-    return maps
+    return [torch.cat(maps, dim=1) for maps in caught]
 
 
 def save_timm(tmp_path, name: str, model, model_args: dict):
@@ -74,6 +79,8 @@ TIMM = [
     ("vit_medium_patch16_gap_256", {}, "vit_gap", "mean", (0, 0, 0)),
     ("vit_medium_patch16_reg4_gap_256", {}, "vit_gap", "mean", (0, 0, 4)),
     ("vit_so150m_patch16_reg4_map_256", {}, "vit", "map", (0, 0, 4)),
+    ("vit_base_patch16_rpn_224", {}, "vit_gap", "mean", (0, 0, 0)),  # post-norm blocks
+    ("vit_small_patch16_18x2_224", {}, "vit", "cls", (1, 0, 0)),  # parallel blocks
 ]
 
 
@@ -331,5 +338,5 @@ def test_timm_architectures_load_or_are_refused_by_name():
     from scripts.count_timm_archs import count
 
     loaded, refused = count()
-    assert len(loaded) >= 136, sorted(refused.items())
+    assert len(loaded) >= 139, sorted(refused.items())
     assert "vit_giant_patch14_reg4_dinov2" in loaded and "vit_so400m_patch14_siglip_384" in loaded

@@ -26,6 +26,7 @@ REFUSED = (
     (r"^patch_embed\.backbone\.|^patch_embed\.stem\.", "a hybrid CNN stem (ResNet-ViT)"),
 )
 BLOCK = re.compile(r"^blocks\.(\d+)\.")
+PARALLEL = re.compile(r"^blocks\.0\.attns\.(\d+)\.")  # a parallel block's attention branches
 
 
 def refuse_unsupported(state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -43,7 +44,9 @@ def variations_from_keys(state_dict: dict[str, torch.Tensor]) -> dict:
     and the family are not among them: the format's config or the architecture tells those."""
     sd = state_dict
     reg = sd.get("reg_token")
-    fc1, fc2 = sd.get("blocks.0.mlp.fc1.weight"), sd.get("blocks.0.mlp.fc2.weight")
+    parallel = len({m.group(1) for k in sd if (m := PARALLEL.match(k))})
+    mlp = "blocks.0.ffns.0.mlp" if parallel else "blocks.0.mlp"
+    fc1, fc2 = sd.get(f"{mlp}.fc1.weight"), sd.get(f"{mlp}.fc2.weight")
     swiglu = fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]
     if "attn_pool.latent" in sd:
         pool = "map"
@@ -59,7 +62,8 @@ def variations_from_keys(state_dict: dict[str, torch.Tensor]) -> dict:
         "reg_tokens": int(reg.shape[1]) if reg is not None else 0,
         "patch_bias": "patch_embed.proj.bias" in sd,
         "pre_norm": "norm_pre.weight" in sd,
-        "layer_scale": "blocks.0.ls1.gamma" in sd,
+        "layer_scale": "blocks.0.ls1.gamma" in sd or "blocks.0.attns.0.ls.gamma" in sd,
+        "parallel": max(parallel, 1),
         "mlp": "swiglu" if swiglu else "mlp",
         "final_norm": "norm.weight" in sd,
         "fc_norm": "fc_norm.weight" in sd,
@@ -87,11 +91,13 @@ def infer_shape(state_dict: dict[str, torch.Tensor], source: str) -> dict:
     depth = 1 + max((int(m.group(1)) for k in state_dict if (m := BLOCK.match(k))), default=-1)
     if depth == 0:
         raise CheckpointError(f"{source}: the checkpoint has no transformer blocks")
-    fc2 = _require(state_dict, "blocks.0.mlp.fc2.weight", source)
+    parallel = "blocks.0.attns.0.attn.qkv.weight" in state_dict  # the first branch of a parallel block
+    first = "blocks.0.attns.0." if parallel else "blocks.0."
+    fc2 = _require(state_dict, "blocks.0.ffns.0.mlp.fc2.weight" if parallel else "blocks.0.mlp.fc2.weight", source)
     head = state_dict.get("head.weight")
     variations = variations_from_keys(state_dict)
-    prefix = embedded_prefix(variations)
-    if prefix and not _is_square(pos.shape[1] - prefix) and _is_square(pos.shape[1]):
+    slots = embedded_prefix(variations)
+    if slots and not _is_square(pos.shape[1] - slots) and _is_square(pos.shape[1]):
         variations["no_embed_class"] = True  # timm's DeiT-3 / DINOv2-with-registers layout
     return {
         "embed_dim": proj.shape[0],
@@ -100,7 +106,7 @@ def infer_shape(state_dict: dict[str, torch.Tensor], source: str) -> dict:
         "depth": depth,
         "num_positions": pos.shape[1],
         "mlp_dim": fc2.shape[1],  # the hidden width (after SwiGLU's gate)
-        "qkv_bias": "blocks.0.attn.qkv.bias" in state_dict,
+        "qkv_bias": f"{first}attn.qkv.bias" in state_dict,
         "num_classes": head.shape[0] if head is not None else 0,
         "variations": variations,
     }

@@ -69,11 +69,11 @@ def read(
     path: Path, state_dict: dict[str, torch.Tensor], arch: str | None, side_config: dict | None, source: str
 ) -> Checkpoint:
     side = side_config or {}
+    name, tag = parse_arch(arch) if arch else _arch_from_side(side)
+    entry = lookup_arch(name, source) if name else None  # an unsupported architecture is refused by its reason
     hub = "mask_token" in state_dict or "register_tokens" in state_dict  # DINOv2's torch.hub layout
     state_dict = convert_dinov2_hub(state_dict)
     shape = infer_shape(state_dict, source)
-    name, tag = parse_arch(arch) if arch else _arch_from_side(side)
-    entry = lookup_arch(name, source) if name else None
     tagged = pretrained_cfg(name, tag, source) if arch and tag else None  # an unknown tag fails early
     if entry is not None and not arch:  # named by timm's config.json: its model_args override the defaults
         entry = with_model_args(entry, side.get("model_args") or {}, source)
@@ -135,6 +135,7 @@ def _variations(shape: dict, entry: dict | None, name: str | None, source: str) 
         return variations
     variations["act"] = entry.get("act", "gelu")
     variations["family"] = entry.get("family", "vit")
+    variations["post_norm"] = entry.get("post_norm", False)  # the same keys as a pre-norm block
     if entry.get("pool") == "mean" and variations["pool"] == "cls":
         variations["pool"] = "mean"
     return variations
@@ -204,7 +205,7 @@ def matching_arch(shape: dict, image_size: tuple[int, int]) -> str | None:
     preprocessing and activation."""
     size = list(image_size)
     keys = ("embed_dim", "depth", "patch_size", "mlp_dim")
-    structure = ("class_token", "dist_token", "reg_tokens", "pre_norm", "layer_scale", "mlp", "fc_norm")
+    structure = ("class_token", "dist_token", "reg_tokens", "pre_norm", "layer_scale", "mlp", "fc_norm", "parallel")
     v = shape["variations"]
     matches = [
         name

@@ -13,6 +13,7 @@ the paper's, and each a small piece of twists.py:
   registers, whose class token then carries its own position embedding) the position embedding covers the
   patches only, else every token;
 - a LayerNorm before the blocks (CLIP's `ln_pre`), layer scale, the activation, a SwiGLU MLP (DINOv2-giant);
+  post-norm blocks and parallel blocks (two of timm's ViTs);
 - pooling: the class token, the mean of the class and distillation tokens (DeiT distilled), the mean of the
   patch tokens through `fc_norm` (timm's `gap` models, whose final norm is then left out), or attention
   pooling (SigLIP's MAP head);
@@ -68,6 +69,8 @@ class ViTConfig:
     head_input: str = "pool"  # one of HEAD_INPUTS
     head_bias: bool = True
     projection: bool = False  # the head is an image-text projection (CLIP): it makes the embedding, no logits
+    post_norm: bool = False  # each branch normed after it, before the residual addition (timm's ResPostBlock)
+    parallel: int = 1  # attention branches (and MLP branches) side by side in a block (timm's ParallelThingsBlock)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -113,7 +116,7 @@ class ViTConfig:
 # the ViTConfig fields that vary the plain ViT (all but the shapes)
 VARIATIONS = (
     "family", "class_token", "dist_token", "reg_tokens", "no_embed_class", "patch_bias", "pre_norm", "layer_scale",
-    "act", "mlp", "final_norm", "pool", "fc_norm", "head_input", "head_bias", "projection",
+    "act", "mlp", "final_norm", "pool", "fc_norm", "head_input", "head_bias", "projection", "post_norm", "parallel",
 )  # fmt: skip
 
 
@@ -204,6 +207,66 @@ class Block(nn.Module):
         return x, weights
 
 
+class PostNormBlock(Block):
+    """Residual post-norm (Liu et al. 2022, Swin v2; timm's ResPostBlock): x + LN(MSA(x)), then x + LN(MLP(x))."""
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_out, weights = self.attn(x, need_weights)
+        x = x + self.ls1(self.norm1(attn_out))
+        x = x + self.ls2(self.norm2(self.mlp(x)))
+        return x, weights
+
+
+class AttentionBranch(nn.Module):
+    """LS(MSA(LN(x))): one of a parallel block's attention branches."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias)
+        self.ls = LayerScale(cfg.embed_dim) if cfg.layer_scale else nn.Identity()
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out, weights = self.attn(self.norm(x), need_weights)
+        return self.ls(out), weights
+
+
+class MlpBranch(nn.Module):
+    """LS(MLP(LN(x))): one of a parallel block's MLP branches."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        self.mlp = make_mlp(cfg)
+        self.ls = LayerScale(cfg.embed_dim) if cfg.layer_scale else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls(self.mlp(self.norm(x)))
+
+
+class ParallelBlock(nn.Module):
+    """Parallel ViT block (Touvron et al. 2022, "Three things everyone should know about ViTs"):
+    x + sum_i MSA_i(LN_i(x)), then x + sum_i MLP_i(LN_i(x)). The branches' attention maps are returned side by side,
+    as if they were more heads of one attention."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.attns = nn.ModuleList(AttentionBranch(cfg) for _ in range(cfg.parallel))
+        self.ffns = nn.ModuleList(MlpBranch(cfg) for _ in range(cfg.parallel))
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        outs = [branch(x, need_weights) for branch in self.attns]
+        x = x + sum(out for out, _ in outs)
+        x = x + sum(ffn(x) for ffn in self.ffns)
+        return x, torch.cat([w for _, w in outs], dim=1) if need_weights else None
+
+
+def make_block(cfg: ViTConfig) -> nn.Module:
+    if cfg.parallel > 1:
+        return ParallelBlock(cfg)
+    return PostNormBlock(cfg) if cfg.post_norm else Block(cfg)
+
+
 @dataclass
 class Features:
     tokens: (
@@ -225,7 +288,7 @@ class VisionTransformer(nn.Module):
         self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, D)) if cfg.reg_tokens else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_embedded_prefix + cfg.num_patches, D))
         self.norm_pre = nn.LayerNorm(D, eps=cfg.layer_norm_eps) if cfg.pre_norm else nn.Identity()
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(make_block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps) if cfg.final_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps) if cfg.fc_norm else nn.Identity()
         self.attn_pool = MapHead(D, cfg.num_heads, make_mlp(cfg), cfg.layer_norm_eps) if cfg.pool == "map" else None
