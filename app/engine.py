@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,7 @@ class Output:
     embedding: torch.Tensor  # (B, embedding_dim) float32: the family's default embedding (ModelInfo "pool")
     tokens: torch.Tensor  # (B, P + gh*gw, D) float32: every final-normed token, P prefix tokens first
     attentions: list[torch.Tensor | None] | None = None  # depth x (B, heads, T, T) float32, when asked
-    probe_attention: torch.Tensor | None = None  # (B, heads, 1, gh*gw) float32: the MAP probe's, when asked
+    probe_attention: torch.Tensor | None = None  # (B, heads, 1, gh*gw) float32: a MAP head's probe, with attentions
 
 
 def resolve_device(device: str) -> torch.device:
@@ -127,7 +127,6 @@ class Model:
         net: VisionTransformer,
         device: torch.device,
         dtype: torch.dtype,
-        compile: str = "off",
         float8: bool = False,
     ):
         self.checkpoint_format = ckpt.format
@@ -148,26 +147,6 @@ class Model:
         n = 0 if self.config.projection else self.config.num_classes
         self.labels = ckpt.labels if len(ckpt.labels) == n else [f"class_{i}" for i in range(n)]
         self.sha256 = file_sha256(ckpt.weights_path)
-        self.compile_mode = compile  # app.accel: off, auto, on (or a strategy name)
-        self._fast = None  # the accelerated fast path, set up by accelerate() or warmup()
-
-    def accelerate(self, batch_sizes: Sequence[int] | int) -> None:
-        """Set up the fast path for these batch sizes; each bucket is built (compiled / captured) on first use."""
-        from app.accel import accelerate
-
-        # the speed-ups are built for the plain ViT's blocks; the families run their own modules as they are
-        mode = self.compile_mode if self.config.is_plain else "off"
-        self._fast = accelerate(self.net, self.device, self.dtype, batch_sizes, mode)
-
-    def warmup(self, batch_sizes: Sequence[int] | int) -> dict[int, float]:
-        """Set up the fast path and build every bucket now (compile / capture each); seconds per bucket."""
-        self.accelerate(batch_sizes)
-        assert self._fast is not None
-        return self._fast.warmup()
-
-    @property
-    def accel_strategy(self) -> str:
-        return self._fast.strategy if self._fast is not None else "eager"
 
     # -- preprocessing -------------------------------------------------------------------------
     def to_pixels(self, image: Image.Image) -> np.ndarray:
@@ -195,20 +174,30 @@ class Model:
         """The forward; with `attentions`, every layer's attention maps, or only those of `layers` (0-based; the
         others are None and run the fused attention kernel)."""
         x = pixels.to(self.device, self.dtype, non_blocking=True)
-        if self._fast is not None and not attentions:
-            tokens, logits = self._fast(x)
-            maps = None
-        else:
-            net = self._fast.attention_net if self._fast is not None else self.net
-            features = net.forward_features(x, attentions=attentions, layers=layers)
-            tokens, maps = features.tokens, features.attentions
-            logits = net.forward_head(tokens)
-        probe = self.net.pool(tokens, need_weights=True)[1] if attentions and self.config.pool == "map" else None
+        features = self.net.forward_features(x, attentions=attentions, layers=layers)
+        return self.output(features.tokens, self.net.forward_head(features.tokens), features.attentions)
+
+    def fast_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """pixels -> (final-normed tokens, logits or None) without attention weights: what a CUDA graph captures."""
+        tokens = self.net.forward_features(x).tokens
+        return tokens, self.net.forward_head(tokens)
+
+    def output(
+        self, tokens: torch.Tensor, logits: torch.Tensor | None, maps: list[torch.Tensor | None] | None = None
+    ) -> Output:
+        """The forward's results in float32, as the Python API gives them: the default embedding is computed here
+        from the tokens (the pooling and projection are small next to the blocks), and with attention maps a MAP
+        head's probe attention."""
+        with torch.inference_mode():
+            embedding = self.net.embed(tokens)
+            probe = (
+                self.net.pool(tokens, need_weights=True)[1] if maps is not None and self.config.pool == "map" else None
+            )
         return Output(
             logits=logits.float() if logits is not None else None,
-            embedding=self.net.embed(tokens).float(),
+            embedding=embedding.float(),
             tokens=tokens.float(),
-            attentions=[None if a is None else a.float() for a in maps] if attentions else None,
+            attentions=None if maps is None else [None if a is None else a.float() for a in maps],
             probe_attention=probe.float() if probe is not None else None,
         )
 
@@ -234,21 +223,6 @@ class Model:
             with torch.inference_mode():
                 return self.net.fc_norm(patches.to(self.dtype)).float()
         raise ValueError(f"unknown pool {pool!r}; use one of {', '.join(POOLS)}")
-
-    def device_error(self) -> str | None:
-        """Why the device can no longer run anything, or None while it can. Called after a forward fails: a CUDA
-        error such as an illegal memory access or a device-side assert is sticky (every later call in this
-        process fails as well), and only a new process gets a working device again; an out-of-memory error is
-        not (this returns None, and smaller batches may well succeed)."""
-        if self.device.type != "cuda":
-            return None
-        try:
-            torch.ones(1, device=self.device).add_(1).cpu()  # the copy waits for the device: a sticky error shows
-        except torch.cuda.OutOfMemoryError:  # even 4 bytes: the failed batch's tensors may still be held
-            return None
-        except Exception as e:  # torch.AcceleratorError (a RuntimeError before torch 2.8)
-            return f"{type(e).__name__}: {' '.join(str(e).split())}"
-        return None
 
     def attention_heatmap(
         self,
@@ -279,6 +253,34 @@ class Model:
             layer=layer,
             head=head,
         )
+
+    def attention_distance(self, out: Output, rows: list[int] | None = None) -> torch.Tensor:
+        """(B, depth, heads) mean attention distance over the patch tokens (prefix tokens left out)."""
+        assert out.attentions is not None
+        maps = out.attentions if rows is None else [None if a is None else a[rows] for a in out.attentions]
+        cfg = self.config
+        return analysis.attention_distance(maps, tuple(cfg.grid), cfg.patch_size, cfg.num_prefix_tokens)  # type: ignore[arg-type]
+
+    def position_similarity(self) -> np.ndarray:
+        """(N, N) cosine similarity of the model's patch position embeddings, on the CPU (prefix slots left out)."""
+        with torch.inference_mode():
+            pos = self.net.pos_embed.detach()
+            return analysis.position_similarity(pos, self.config.num_embedded_prefix).float().cpu().numpy()
+
+    def device_error(self) -> str | None:
+        """Why the device can no longer run anything, or None while it can. A CUDA error such as an illegal
+        memory access or a device-side assert is sticky (every later call in this process fails as well), and
+        only a new process gets a working device again; an out-of-memory error is not (None: smaller batches may
+        well succeed)."""
+        if self.device.type != "cuda":
+            return None
+        try:
+            torch.ones(1, device=self.device).add_(1).cpu()  # the copy waits for the device: a sticky error shows
+        except torch.cuda.OutOfMemoryError:  # even 4 bytes: the failed batch's tensors may still be held
+            return None
+        except Exception as e:  # torch.AcceleratorError (a RuntimeError before torch 2.8)
+            return f"{type(e).__name__}: {' '.join(str(e).split())}"
+        return None
 
     @property
     def embedding_dim(self) -> int:
@@ -317,21 +319,20 @@ def load_model(
     device: str = "cpu",
     dtype: str = "float32",
     models_dir: str | Path | None = None,
-    compile: str = "off",
 ) -> Model:
     """Load a checkpoint (see API.md for the SPEC forms) onto `device` in `dtype`.
 
     dtype: float32, bfloat16, float16, auto, or float8 (the blocks' linear layers in float8 e4m3, the rest in
-    bfloat16: for GPUs with float8 tensor cores; on a CPU it runs, slowly, for checking its accuracy).
-    compile: the fast path's speed-up (app.accel): `off`, `auto` or `on`; it is built by `Model.warmup`.
+    bfloat16: for GPUs with float8 tensor cores).
+    The model is the plain `app/model/` network in eval mode; a runner (app.runner) makes it fast for serving.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if dtype == "float8":
+        if dev.type != "cuda":
+            raise CheckpointError("--dtype float8 needs a CUDA GPU with float8 tensor cores (compute capability 8.9+)")
         if problem := float8_problem(dev):
             raise CheckpointError(f"--dtype float8: {problem}")
-        if dev.type == "cpu":
-            log.warning("--dtype float8 on the CPU is emulated: a third of bfloat16's speed (for checking accuracy)")
     ckpt = read_checkpoint(spec, arch=arch, models_dir=models_dir)
     net = build_model(ckpt, image_size)
-    return Model(ckpt, net, dev, dt, compile=compile, float8=dtype == "float8")
+    return Model(ckpt, net, dev, dt, float8=dtype == "float8")

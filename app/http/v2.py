@@ -33,16 +33,30 @@ from starlette.responses import Response
 from app.batching import Admission
 from app.decode import ImageError, check_resize, check_size, model_input
 from app.http.checks import CheckedRoute, require_ready
-from app.http.errors import ApiError, invalid
+from app.http.errors import ApiError, image_error, invalid
 from app.http.inputs import Upload, read_body, too_many
 from app.http.middleware import note
 from app.http.pipeline import decode_uploads, expect, guarded, pick_model, reserve, run_items, state_of, to_item
 from app.http.responses import FastJSON
+from app.http.schemas import (
+    EXAMPLES,
+    V1_CHECKS,
+    V1_IMAGES,
+    V2_INFER_BODY,
+    V2InferResponse,
+    V2Live,
+    V2ModelMetadata,
+    V2ModelReady,
+    V2Ready,
+    V2ServerMetadata,
+    errors,
+    ok,
+)
 from app.http.state import ServedModel, ServerState
 from app.http.v2_codec import HEADER_LENGTH, InputTensor, OutputTensor, RequestedOutput, decompress, parse_request
 from app.http.v2_codec import encode_response as encode
 from app.preprocess import PreprocessConfig
-from app.tasks import Item, Tensors
+from app.tasks import Item, Tensors, top_k
 
 VERSION = "1"  # a served model has one version
 EXTENSIONS = ["binary_tensor_data", "classification"]
@@ -52,22 +66,34 @@ router = APIRouter(prefix="/v2", tags=["v2"])  # server metadata and health: ope
 model_router = APIRouter(prefix="/v2", route_class=CheckedRoute, tags=["v2"])  # /v2/models/...: key, readiness
 Name = Annotated[str, Path(description="a loaded model's name")]
 Version = Annotated[str, Path(description="the model's version (always 1)")]
+V2_METADATA = {**ok(V2ModelMetadata, EXAMPLES["v2_metadata"]), **errors(*V1_CHECKS, 404, v2=True)}
+V2_MODEL_READY = {**ok(V2ModelReady, {"name": "mnist-vit", "ready": True}), **errors(*V1_CHECKS, 404, v2=True)}
+V2_INFER = {**ok(V2InferResponse, EXAMPLES["v2_infer"]), **errors(*V1_IMAGES, v2=True)}
 
 
 # -- server ----------------------------------------------------------------------------------------------
 
 
-@router.get("", response_model=None)
+@router.get(
+    "",
+    response_model=None,
+    responses={
+        **ok(V2ServerMetadata, {"name": "vitserve", "version": "0.1.0", "extensions": EXTENSIONS}),
+        **errors(500, v2=True),
+    },
+)
 async def server_metadata(request: Request) -> Response:
     return FastJSON({"name": "vitserve", "version": request.app.version, "extensions": EXTENSIONS})
 
 
-@router.get("/health/live", response_model=None)
+@router.get("/health/live", response_model=None, responses={**ok(V2Live, {"live": True}), **errors(500, v2=True)})
 async def live() -> Response:
     return FastJSON({"live": True})
 
 
-@router.get("/health/ready", response_model=None)
+@router.get(
+    "/health/ready", response_model=None, responses={**ok(V2Ready, {"ready": True}), **errors(500, 503, v2=True)}
+)
 async def ready(request: Request) -> Response:
     """200 once every model is loaded and warm (as /readyz); 503 while loading or draining."""
     require_ready(request)
@@ -108,34 +134,36 @@ def model_metadata(served: ServedModel) -> dict:
     }
 
 
-@model_router.get("/models/{name}", response_model=None)
+@model_router.get("/models/{name}", response_model=None, responses=V2_METADATA)
 async def get_model(request: Request, name: Name) -> Response:
     return FastJSON(model_metadata(find_model(state_of(request), name)))
 
 
-@model_router.get("/models/{name}/versions/{version}", response_model=None)
+@model_router.get("/models/{name}/versions/{version}", response_model=None, responses=V2_METADATA)
 async def get_model_version(request: Request, name: Name, version: Version) -> Response:
     return FastJSON(model_metadata(find_model(state_of(request), name, version)))
 
 
-@model_router.get("/models/{name}/ready", response_model=None)
+@model_router.get("/models/{name}/ready", response_model=None, responses=V2_MODEL_READY)
 async def model_ready(request: Request, name: Name) -> Response:
     find_model(state_of(request), name)
     return FastJSON({"name": name, "ready": True})
 
 
-@model_router.get("/models/{name}/versions/{version}/ready", response_model=None)
+@model_router.get("/models/{name}/versions/{version}/ready", response_model=None, responses=V2_MODEL_READY)
 async def model_version_ready(request: Request, name: Name, version: Version) -> Response:
     find_model(state_of(request), name, version)
     return FastJSON({"name": name, "ready": True})
 
 
-@model_router.post("/models/{name}/infer", response_model=None)
+@model_router.post("/models/{name}/infer", response_model=None, responses=V2_INFER, openapi_extra=V2_INFER_BODY)
 async def infer(request: Request, name: Name) -> Response:
     return await _infer(request, name, None)
 
 
-@model_router.post("/models/{name}/versions/{version}/infer", response_model=None)
+@model_router.post(
+    "/models/{name}/versions/{version}/infer", response_model=None, responses=V2_INFER, openapi_extra=V2_INFER_BODY
+)
 async def infer_version(request: Request, name: Name, version: Version) -> Response:
     return await _infer(request, name, version)
 
@@ -207,7 +235,7 @@ def _check_pixels(height: int, width: int, cfg: PreprocessConfig, max_pixels: in
         check_size(width, height, max_pixels)
         check_resize((width, height), cfg, max_pixels)
     except ImageError as e:
-        raise ApiError(400, e.code, f"{where}: {e}") from None
+        raise image_error(e, where=where) from None
 
 
 def requested_outputs(outputs: list[RequestedOutput] | None, served: ServedModel) -> list[RequestedOutput]:
@@ -242,10 +270,10 @@ async def _items(state: ServerState, served: ServedModel, t: InputTensor, task: 
     """The input tensor -> batcher items: uint8 pixels at the model's input size, or float32 as sent."""
     cfg = served.model.preprocess_config
     if t.datatype == "FP32":
-        return [Item(np.ascontiguousarray(x, dtype=np.float32), task) for x in t.data]  # type: ignore[union-attr]
+        return [Item(task, tensor=np.ascontiguousarray(x, dtype=np.float32)) for x in t.data]  # type: ignore[union-attr]
     if t.datatype == "UINT8":
         pixels = await asyncio.to_thread(_resize_all, t.data, cfg)
-        return [Item(p, task) for p in pixels]
+        return [Item(task, pixels=p) for p in pixels]
     decoded, _ = await decode_uploads(state, served, [Upload(data, None) for data in t.data])  # type: ignore[union-attr]
     return [to_item(d, task) for d in decoded]
 
@@ -257,7 +285,7 @@ def _resize_all(pixels: np.ndarray, cfg: PreprocessConfig) -> list[np.ndarray]:
         try:
             out.append(model_input(Image.fromarray(np.ascontiguousarray(a)), cfg))
         except ImageError as e:
-            raise ApiError(400, e.code, f"image {i}: {e}", index=i) from None
+            raise image_error(e, i) from None
     return out
 
 
@@ -269,6 +297,6 @@ def _output_tensor(o: RequestedOutput, results: list[dict], served: ServedModel,
     labels = served.model.labels
     rows = []
     for row in stacked:
-        top = np.argsort(-row, kind="stable")[: o.classification]
-        rows += [f"{row[i]:f}:{i}:{labels[i]}".encode() for i in top]
+        top = top_k(row, o.classification)
+        rows += [f"{score:f}:{i}:{labels[i]}".encode() for i, score in zip(top.indices, top.scores, strict=True)]
     return OutputTensor(o.name, "BYTES", (len(stacked), o.classification), rows, binary)
