@@ -340,3 +340,70 @@ def test_timm_architectures_load_or_are_refused_by_name():
     loaded, refused = count()
     assert len(loaded) >= 139, sorted(refused.items())
     assert "vit_giant_patch14_reg4_dinov2" in loaded and "vit_so400m_patch14_siglip_384" in loaded
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_hf_resampled(tmp_path, family):
+    """At another image size the position embedding is resampled as transformers interpolates it (bicubic,
+    without antialias), against the library's own `interpolate_pos_encoding=True`."""
+    transformers = pytest.importorskip("transformers")
+    vision = {**HF_SMALL, "image_size": 32, "patch_size": 8}
+    if family == "clip":
+        ref = hf_model(transformers.CLIPVisionModel, transformers.CLIPVisionConfig(**vision))
+    else:
+        ref = hf_model(transformers.SiglipVisionModel, transformers.SiglipVisionConfig(**vision))
+    model = app.load_model(str(save_hf(tmp_path, family, ref)), image_size=48)
+    x = pixels(48)
+    with torch.no_grad():
+        r = ref(x, interpolate_pos_encoding=True)
+    close(model(x).embedding, r.pooler_output)
+
+
+def test_timm_clip_tags(tmp_path):
+    """A timm CLIP tag fine-tuned on ImageNet (`_ft_`, this architecture's default) keeps its head as a classifier;
+    a tag without `_ft_` (openai, laion2b, ...) makes the head the image-text projection of the default embedding."""
+    timm = pytest.importorskip("timm")
+    name = "vit_base_patch16_clip_224"
+    ref = perturb(timm.create_model(name, pretrained=False, num_classes=5, **SMALL))
+    folder = save_timm(tmp_path, name, ref, {k: v for k, v in SMALL.items() if k != "img_size"})
+    x = pixels()
+    with torch.no_grad():
+        feats = ref.forward_features(x)
+        logits, pre_logits = ref.forward_head(feats), ref.forward_head(feats, pre_logits=True)
+    fine_tuned = app.load_model(str(folder))
+    assert (fine_tuned.info["num_classes"], fine_tuned.info["embedding_dim"]) == (5, 64)
+    close(fine_tuned(x).logits, logits)
+    close(fine_tuned(x).embedding, pre_logits)
+    config = json.loads((folder / "config.json").read_text())
+    pretrained = {"tag": "openai", "input_size": [3, 32, 32], "crop_pct": 1.0, "interpolation": "bicubic"}
+    pretrained |= {"mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": 5}
+    (folder / "config.json").write_text(json.dumps({**config, "pretrained_cfg": pretrained}))
+    projected = app.load_model(str(folder))
+    assert (projected.info["num_classes"], projected.info["embedding_dim"]) == (0, 5)
+    assert projected(x).logits is None
+    close(projected(x).embedding, logits)
+    close(projected.pooled(projected(x), "cls"), pre_logits)
+
+
+@pytest.mark.parametrize(
+    "name", ["vit_base_patch16_siglip_224", "vit_giant_patch14_dinov2", "vit_small_patch16_18x2_224"]
+)
+def test_packed_cpu_path_keeps_the_numbers(tmp_path, name):
+    """The CPU runner packs every linear layer of the model in place (app.runner.pack_linears): the families'
+    pieces (MAP head, SwiGLU, parallel branches) run packed to the same numbers."""
+    timm = pytest.importorskip("timm")
+    from app import runner
+
+    if not runner.has_onednn_linear():
+        pytest.skip("this torch has no oneDNN linear")
+    extra = {"mlp_ratio": 4.0} if "giant" in name else {}
+    ref = perturb(timm.create_model(name, pretrained=False, num_classes=5, **SMALL, **extra))
+    folder = save_timm(tmp_path, name, ref, {**{k: v for k, v in SMALL.items() if k != "img_size"}, **extra})
+    model = app.load_model(str(folder))
+    x = pixels()
+    before = model(x, attentions=True)
+    runner.pack_linears(model.net, rows_hint=2 * 17)
+    after = model(x, attentions=True)
+    close(after.logits, before.logits)
+    close(after.embedding, before.embedding)
+    close(after.attentions[-1], before.attentions[-1])

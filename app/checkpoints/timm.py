@@ -97,7 +97,8 @@ def read(
     variations = _variations(shape, entry, name, source)
     if hub:
         variations["family"] = "dinov2"
-    variations["projection"] = bool(cfg.get("projection")) and shape["num_classes"] > 0
+    published = timm_table()["pretrained"].get(f"{name}.{cfg.get('tag')}", {}) if name and cfg.get("tag") else {}
+    variations["projection"] = bool(cfg.get("projection") or published.get("projection")) and shape["num_classes"] > 0
     config = config_from_shape(shape, source, num_heads=num_heads, qkv_bias=qkv_bias, layer_norm_eps=eps, **variations)
     preprocess = preprocess_config(cfg, source)
     labels = side.get("label_names") or (own_cfg or {}).get("label_names") or []
