@@ -187,19 +187,30 @@ def test_hf_dinov2(tmp_path, swiglu):
     check_hf(model, x, trunk.last_hidden_state, trunk.pooler_output, trunk.attentions, logits)
 
 
-def test_hf_dinov2_with_registers(tmp_path):
+@pytest.mark.parametrize("classifier", [False, True])
+def test_hf_dinov2_with_registers(tmp_path, classifier):
+    """Registers between the class token and the patches; resampled 6x6 -> 4x4 with antialias, as transformers'
+    DINOv2 with registers does; the classifier reads [class token, mean patch token] (registers left out)."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.Dinov2WithRegistersConfig(**HF_SMALL, image_size=48, patch_size=8, num_register_tokens=4)
-    ref = hf_model(transformers.Dinov2WithRegistersModel, config)
+    config = transformers.Dinov2WithRegistersConfig(
+        **HF_SMALL, image_size=48, patch_size=8, num_register_tokens=4, num_labels=3
+    )
+    cls = (
+        transformers.Dinov2WithRegistersForImageClassification if classifier else transformers.Dinov2WithRegistersModel
+    )
+    ref = hf_model(cls, config)
     model = app.load_model(str(save_hf(tmp_path, "dinov2reg", ref)))
     assert model.info["prefix_tokens"] == {"class": 1, "distillation": 0, "registers": 4}
     x = pixels()
+    trunk = ref.dinov2_with_registers if classifier else ref
     with torch.no_grad():
-        r = ref(x, output_attentions=True)
-    out = check_hf(model, x, r.last_hidden_state, r.pooler_output, r.attentions)
+        r = trunk(x, output_attentions=True)
+        logits = ref(x).logits if classifier else None
+    out = check_hf(model, x, r.last_hidden_state, r.pooler_output, r.attentions, logits)
     heat, method = model.attention_heatmap(out, "rollout")
     assert heat.shape == (2, 16) and method == "rollout"
     close(heat, analysis.rollout(out.attentions, prefix=5))
+    close(model.pooled(out, "mean"), r.last_hidden_state[:, 5:].mean(dim=1))
 
 
 def test_hf_clip(tmp_path):

@@ -3,9 +3,9 @@
 model_type (config.json) -> what is read:
 
 - `dinov2` (`Dinov2Model`, `Dinov2ForImageClassification`: head over [class token, mean patch token]),
-  `dinov2_with_registers`: layer scale, SwiGLU (`mlp.weights_in/out`) for the giant; registers are converted to
-  timm's layout (the class token absorbs its position embedding, the position embedding covers the patches only),
-  as timm's DINOv2 filter does;
+  `dinov2_with_registers` (and its classifier, whose mean patch token leaves the registers out): layer scale,
+  SwiGLU (`mlp.weights_in/out`) for the giant; registers are converted to timm's layout (the class token absorbs
+  its position embedding, the position embedding covers the patches only), as timm's DINOv2 filter does;
 - `clip` (the full `CLIPModel`: its vision tower and `visual_projection`; the text tower is ignored),
   `clip_vision_model` (with or without projection): QuickGELU, a pre-norm, a patch projection without bias;
 - `siglip` (`SiglipModel`, text ignored), `siglip_vision_model`, `SiglipForImageClassification` (head over the mean
@@ -39,7 +39,7 @@ REFUSED_TYPES = {
     "vit_hybrid": "a hybrid CNN stem (ViT-hybrid)",
     "dpt": "a hybrid CNN stem (DPT)",
 }
-TRUNKS = ("dinov2.", "deit.", "vision_model.")
+TRUNKS = ("dinov2_with_registers.", "dinov2.", "deit.", "vision_model.")
 IGNORED = re.compile(r"^(text_model\.|text_projection|logit_scale|logit_bias|pooler\.|embeddings\.mask_token$)")
 TOP = {
     "embeddings.cls_token": "cls_token",
