@@ -6,7 +6,7 @@ projection). A learned class token is prepended, a learned 1-D position embeddin
 pre-norm transformer blocks follow. The head reads the class token after the final LayerNorm.
 
 The families deployed today vary this recipe in a few places, each a field of `ViTConfig` whose default is
-the paper's, and each a small piece of twists.py:
+the paper's, and each a small named piece (in twists.py; the block variants beside `Block` here):
 
 - prefix tokens before the patches: the class token (none in SigLIP), DeiT's distillation token, R register
   tokens (Darcet et al. 2023); with `no_embed_class` (timm's DeiT-3 / big_vision layout, and DINOv2 with
@@ -92,8 +92,9 @@ class ViTConfig:
 
     @property
     def is_plain(self) -> bool:
-        """The paper's ViT, with none of the families' variations."""
-        return all(getattr(self, k) == f.default for k, f in self.__dataclass_fields__.items() if k in VARIATIONS)
+        """The paper's ViT, with none of the families' variations (whichever family the weights come from)."""
+        fields = self.__dataclass_fields__
+        return all(getattr(self, k) == fields[k].default for k in VARIATIONS if k != "family")
 
     @property
     def prefix_tokens(self) -> dict[str, int]:
@@ -269,9 +270,8 @@ def make_block(cfg: ViTConfig) -> nn.Module:
 
 @dataclass
 class Features:
-    tokens: (
-        torch.Tensor
-    )  # (B, P + gh*gw, D), after the final LayerNorm; P prefix tokens (class, distillation, registers)
+    # (B, P + gh*gw, D), after the final LayerNorm; P prefix tokens (class, distillation, registers) first
+    tokens: torch.Tensor
     attentions: list[torch.Tensor | None] | None = field(default=None)  # depth x (B, heads, T, T); None: not asked
 
 
@@ -389,8 +389,9 @@ def resample_pos_embed(
 
     The prefix tokens' embeddings are kept as they are; the patch part is treated as a D-channel gh x gw image
     and resized bicubically in float32. timm (`resample_abs_pos_embed`) and transformers' DINOv2 with registers
-    antialias when shrinking; transformers' DINOv2, CLIP, SigLIP and DeiT do not: each checkpoint is resampled
-    as its own library would, so that a model served at another resolution agrees with it.
+    pass antialias=True (torch then uses PIL's bicubic kernel, a = -0.5, which differs even when enlarging);
+    transformers' DINOv2, CLIP, SigLIP and DeiT do not (a = -0.75): each checkpoint is resampled as its own
+    library would, so that a model served at another resolution agrees with it.
     """
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed
