@@ -144,7 +144,8 @@ class Model:
             torch.backends.cudnn.allow_tf32 = False
         self.preprocess_config = preprocess_for_size(ckpt.preprocess, self.config.image_size)
         self.normalizer = Normalizer(self.preprocess_config).to(device)
-        n = 0 if self.config.projection else self.config.num_classes
+        self.num_classes = 0 if self.config.projection else self.config.num_classes  # a projection classifies nothing
+        n = self.num_classes
         self.labels = ckpt.labels if len(ckpt.labels) == n else [f"class_{i}" for i in range(n)]
         self.sha256 = file_sha256(ckpt.weights_path)
 
@@ -301,7 +302,7 @@ class Model:
             "embed_dim": cfg.embed_dim,
             "depth": cfg.depth,
             "num_heads": cfg.num_heads,
-            "num_classes": 0 if cfg.projection else cfg.num_classes,
+            "num_classes": self.num_classes,
             "family": cfg.family,
             "pool": {"cls_dist": "cls"}.get(cfg.pool, cfg.pool),
             "prefix_tokens": cfg.prefix_tokens,

@@ -35,7 +35,7 @@ class ServedModel:
 
     def __post_init__(self) -> None:
         self.config = self.model.config
-        self.num_classes = int(self.config.num_classes)
+        self.num_classes = int(self.model.num_classes)  # 0 for a projection head: no classifier
 
     @property
     def info(self) -> dict:

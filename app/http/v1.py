@@ -99,19 +99,30 @@ async def classify(
 )
 async def embed(
     request: Request,
-    pool: Annotated[Literal["cls", "mean"], Query(description="class token or mean of patch tokens")] = "cls",
+    pool: Annotated[
+        Literal["default", "cls", "mean"],
+        Query(
+            description="default (the model family's own embedding), cls (the class token) or mean (of patch tokens)"
+        ),
+    ] = "default",
     normalize: Annotated[bool, Query(description="divide by the L2 norm")] = False,
     encoding: Annotated[Literal["float", "base64"], Query(description="float list or base64 float32 LE")] = "float",
     model: ModelName = None,
 ) -> Response:
     served = _model(request, model)
+    if pool == "cls" and not served.config.class_token:
+        raise invalid(
+            f"pool must be default or mean for model {served.name!r}: it has no class token "
+            f"(its own pooling is {served.model.info['pool']!r}), not cls"
+        )
     out = await infer(request, served, Embed(pool, normalize))
     results = []
     for upload, vector in zip(out.uploads, out.results, strict=True):
         v = np.asarray(vector, dtype="<f4")
         value = base64.b64encode(v.tobytes()).decode("ascii") if encoding == "base64" else v
         results.append({"filename": upload.filename, "embedding": value})
-    return FastJSON({"model": served.name, "dim": int(served.config.embed_dim), "results": results})
+    dim = len(out.results[0])  # the returned vector's size: pools may differ (CLIP: 512 projected, 768 cls)
+    return FastJSON({"model": served.name, "dim": dim, "results": results})
 
 
 def _layer_head(served: ServedModel, layer: int, head: str) -> tuple[int, int | None]:
@@ -154,19 +165,19 @@ async def attention(
     grid = [int(g) for g in served.config.grid]
     if png:
         assert out.previews is not None
-        return await _overlay(served, out.previews[0], out.results[0])  # type: ignore[arg-type]
+        return await _overlay(served, out.previews[0], out.results[0].values)  # type: ignore[union-attr]
     cfg = served.model.preprocess_config
     # "region" (beyond the contract): the box (left, top, right, bottom) of the uploaded image, in its pixels,
     # that the heatmap covers (the model's crop), so a client can lay the map over the photo; the page uses it.
     results = [
         {
             "filename": u.filename,
-            "method": method,
+            "method": heat.method,  # cls or rollout; probe... or mean... for a model without a class token
             "grid": grid,
-            "heatmap": heat,
+            "heatmap": heat.values,
             "region": [float(v) for v in seen_region(*d.size, cfg)],
         }
-        for u, d, heat in zip(out.uploads, out.decoded, out.results, strict=True)
+        for u, d, heat in zip(out.uploads, out.decoded, out.results, strict=True)  # type: ignore[misc]
     ]
     return FastJSON({"model": served.name, "results": results})
 

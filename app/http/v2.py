@@ -125,7 +125,7 @@ def model_metadata(served: ServedModel) -> dict:
     outputs = [{"name": n, "datatype": "FP32", "shape": [-1, served.num_classes]} for n in HEAD_OUTPUTS]
     outputs = outputs if served.num_classes else []
     outputs += [
-        {"name": "embedding", "datatype": "FP32", "shape": [-1, int(cfg.embed_dim)]},
+        {"name": "embedding", "datatype": "FP32", "shape": [-1, served.model.embedding_dim]},
         {"name": "attention_rollout", "datatype": "FP32", "shape": [-1, gh, gw]},
     ]
     return {
