@@ -57,6 +57,8 @@ SCALARS = {
     "--workers": ("workers", "server processes on one socket, each with its own models (default 1)"),
     "--threads": ("threads", "intra-op threads for the forward (default: the CPUs available, cgroup quota included)"),
     "--lanes": ("lanes", "CPU forwards of one model at once, sharing --threads (default 2 with 2+ threads; GPU: 1)"),
+    "--data-dir": ("data_dir", "where the embedded PostgreSQL for collections lives (default ~/.local/share/vitserve)"),
+    "--collections-url": ("collections_url", "a shared PostgreSQL with pgvector (postgresql://...) for collections"),
 }
 
 

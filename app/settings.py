@@ -122,6 +122,15 @@ class Settings(BaseSettings):
     # forwards of one model that may run at once on the CPU, sharing `threads`; None: 2 where there are 2+
     # threads (app.tasks.forward_lanes); always 1 on a GPU and under torch.compile
     lanes: int | None = Field(None, ge=1)
+    data_dir: str | None = Field(
+        None,
+        description="where the embedded PostgreSQL for collections lives (None: the user's data directory, "
+        "~/.local/share/vitserve); started on the first use of a collections endpoint",
+    )
+    collections_url: str | None = Field(
+        None,
+        description="a shared PostgreSQL with pgvector (postgresql://...) for collections instead of the embedded one",
+    )
 
     @field_validator("model", "arch", "image_size", mode="before")
     @classmethod

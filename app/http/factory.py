@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 
 from app.decode import Decoder
-from app.http import errors, health, page, v1, v2
+from app.http import collections, errors, health, page, v1, v2
 from app.http.loading import Loader, engine_loader, load_all
 from app.http.middleware import RequestContext
 from app.http.responses import FastJSON
@@ -66,6 +66,7 @@ def create_app(
     errors.install(app)
     app.include_router(health.router)
     app.include_router(v1.router)
+    app.include_router(collections.router)  # /v1/collections: image search (app.collections)
     app.include_router(v2.router)
     app.include_router(v2.model_router)
     app.include_router(page.router)  # GET / and the page's assets
