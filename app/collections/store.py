@@ -167,9 +167,12 @@ def check_vector(value: object, dim: int, metric: str, where: str) -> np.ndarray
         ):
             raise Invalid(f"{where}: a vector is a list of numbers")
         try:
-            arr = np.asarray(value, dtype=np.float32)
+            wide = np.asarray(value, dtype=np.float64)
         except (OverflowError, ValueError):
             raise Invalid(f"{where}: a vector is a list of finite numbers") from None
+        if wide.size and np.abs(wide).max() > np.finfo(np.float32).max:
+            raise Invalid(f"{where}: a vector holds finite numbers only (float32)")
+        arr = wide.astype(np.float32)
     if arr.shape != (dim,):
         raise Invalid(f"{where}: the vector has {arr.size} dimensions; this collection's have {dim}")
     if not np.isfinite(arr).all():
