@@ -364,7 +364,7 @@ class Store:
                 raise Conflict(f"item id {i[:100]!r} appears more than once in the request")
             seen.add(i)
         async with self._conn() as conn, conn.transaction():
-            coll = await self._get(conn, name, lock="SHARE")  # a concurrent delete waits for this add
+            coll = await self._get(conn, name, lock="KEY SHARE")  # a delete of the collection waits; adds do not
             if binding is not None and coll.binding != binding:
                 raise Conflict(f"collection {name!r} is bound to another model; nothing was added")
             for it in items:
@@ -435,7 +435,7 @@ class Store:
 
     async def delete_item(self, name: str, item_id: str) -> None:
         async with self._conn() as conn, conn.transaction():
-            coll = await self._get(conn, name, lock="SHARE")
+            coll = await self._get(conn, name, lock="KEY SHARE")
             row = await (
                 await conn.execute(sql.SQL("DELETE FROM {} WHERE id = %s RETURNING 1").format(coll.table), (item_id,))
             ).fetchone()

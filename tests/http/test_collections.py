@@ -12,7 +12,9 @@ import io
 import json
 import logging
 import os
+import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,9 +41,24 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+def private_dir() -> Iterator[Path]:
+    """A folder for an embedded PostgreSQL, outside pytest's tmp root: as root, pgserver opens the parent folders
+    to its own `pgserver` user, and a pytest session starting beside this one would close pytest's root again."""
+    folder = Path(tempfile.mkdtemp(prefix="vitserve-test-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cdata") / "vitserve"
+def data_dir() -> Iterator[Path]:
+    yield from private_dir()
+
+
+@pytest.fixture
+def fresh_dir() -> Iterator[Path]:
+    yield from private_dir()
 
 
 @pytest.fixture(scope="module")
@@ -425,10 +442,10 @@ def test_hnsw_recall_against_exact_search(client: TestClient) -> None:
 # ---------------------------------------------------------------------------------------------- binding to the model
 
 
-def test_collection_bound_to_its_model(models, tmp_path: Path) -> None:
+def test_collection_bound_to_its_model(models, fresh_dir: Path) -> None:
     """A collection made with "tiny" answers 409 to adds and image searches once "tiny" is other weights or is
     not loaded; searches by id and by vector still work."""
-    data = tmp_path / "data"
+    data = fresh_dir / "data"
     png = digit_png(2)
     with TestClient(create_app(settings_for(models, "tiny", data_dir=str(data)))) as c:
         wait_ready(c)
@@ -460,8 +477,8 @@ def test_collection_bound_to_its_model(models, tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- safety
 
 
-def test_api_key_covers_collections(models, tmp_path: Path) -> None:
-    settings = settings_for(models, "tiny", data_dir=str(tmp_path / "d"), api_key="sekrit")
+def test_api_key_covers_collections(models, fresh_dir: Path) -> None:
+    settings = settings_for(models, "tiny", data_dir=str(fresh_dir / "d"), api_key="sekrit")
     with TestClient(create_app(settings)) as c:
         wait_ready(c)
         for method, path in (("GET", "/v1/collections"), ("POST", "/v1/collections"), ("GET", "/v1/collections/x")):
