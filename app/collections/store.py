@@ -227,6 +227,7 @@ class Store:
     def __init__(self, conninfo: str, *, min_size: int = 1, max_size: int = 8, secrets: Sequence[str] = ()):
         self._conninfo = conninfo
         self._secrets = [s for s in secrets if s]
+        self._cache: dict[str, Collection] = {}  # name -> collection, for searches (`describe`)
         self.pool = AsyncConnectionPool(
             conninfo,
             min_size=min_size,
@@ -242,6 +243,15 @@ class Store:
         from pgvector.psycopg import register_vector_async
 
         await register_vector_async(conn)
+        # every search's settings as the session's defaults, so a search is one statement (one round trip):
+        # strict_order: the scan goes on past rows a filter rejects, in exact distance order; no sequential scans,
+        # so a search uses the index whatever the planner's statistics say (a table filled since its last
+        # ANALYZE looks small, and a sequential scan would be chosen: exact, but slow)
+        await conn.execute(
+            "SELECT set_config('hnsw.ef_search', %s, false), set_config('hnsw.iterative_scan', 'strict_order', false),"
+            " set_config('enable_seqscan', 'off', false)",
+            (str(EF_SEARCH),),
+        )
 
     async def open(self, timeout: float = 30.0) -> None:
         """Connect and create the schema (pgvector's extension too, where it is missing)."""
@@ -343,14 +353,17 @@ class Store:
         query = "SELECT * FROM vitserve_collections WHERE name = %s" + (f" FOR {lock}" if lock else "")
         row = await (await cur.execute(query, (name,))).fetchone()
         if row is None:
+            self._cache.pop(name, None)
             raise NotFound(f"no collection named {name!r}")
-        return _collection(row)
+        coll = self._cache[name] = _collection(row)
+        return coll
 
     async def delete(self, name: str) -> None:
         async with self._conn() as conn, conn.transaction():
             coll = await self._get(conn, name, lock="UPDATE")
             await conn.execute("DELETE FROM vitserve_collections WHERE id = %s", (coll.id,))
             await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(coll.table))
+        self._cache.pop(name, None)
 
     # ---------------------------------------------------------------------------------------- items
 
@@ -455,6 +468,15 @@ class Store:
 
     # ---------------------------------------------------------------------------------------- search
 
+    async def describe(self, name: str) -> Collection:
+        """The collection as this process last saw it (its count may be stale): what searches need, without a
+        round trip. A collection deleted or made anew elsewhere has a new items table, so a stale entry shows
+        as a missing table, and the search that meets it looks the collection up again."""
+        coll = self._cache.get(name)
+        if coll is None:
+            coll = await self.get(name)
+        return coll
+
     async def search(
         self,
         name: str,
@@ -464,46 +486,74 @@ class Store:
         exclude: str | None = None,
         exact: bool = False,
         ef_search: int | None = None,
+        binding: Binding | None = None,
     ) -> tuple[Collection, list[dict]]:
         """The k nearest items to `vector` (best first) whose metadata has every key of `where` equal, leaving
-        out the item `exclude`. `exact` skips the index (the bench's ground truth)."""
+        out the item `exclude`. `exact` skips the index (the bench's ground truth). With `binding` (a search by
+        image), the collection must still be bound to it."""
         if not 1 <= k <= MAX_K:
             raise Invalid(f"k must be between 1 and {MAX_K}, not {k}")
         where = check_filter(where)
+        for attempt in (0, 1):
+            coll = await self.describe(name)
+            if binding is not None and coll.binding != binding:
+                raise Conflict(f"collection {name!r} is bound to another model")
+            try:
+                return coll, await self._search(coll, vector, k, where, exclude, exact, ef_search)
+            except psycopg.errors.UndefinedTable:
+                self._cache.pop(name, None)
+                if attempt:
+                    raise NotFound(f"no collection named {name!r}") from None
+        raise AssertionError("unreachable")
+
+    async def _search(
+        self,
+        coll: Collection,
+        vector: object,
+        k: int,
+        where: dict,
+        exclude: str | None,
+        exact: bool,
+        ef_search: int | None,
+    ) -> list[dict]:
+        q = check_vector(vector, coll.dim, coll.metric, "the query")
+        conds: list[sql.Composable] = []
+        params: list[Any] = [q]
+        for key, value in where.items():
+            conds.append(sql.SQL("metadata -> %s = %s"))
+            params += [key, Jsonb(value)]
+        if exclude is not None:
+            conds.append(sql.SQL("id <> %s"))
+            params.append(exclude)
+        query = sql.SQL(
+            "SELECT id, metadata, embedding {} %s AS distance FROM {} {} ORDER BY distance LIMIT %s"
+        ).format(
+            sql.SQL(OPERATOR[coll.metric]),
+            coll.table,
+            sql.SQL("WHERE ") + sql.SQL(" AND ").join(conds) if conds else sql.SQL(""),
+        )
+        params.append(k)
+        rows: list = []
+        ef = max(k, ef_search or EF_SEARCH)
         async with self._conn() as conn:
-            coll = await self._get(conn, name)
-            q = check_vector(vector, coll.dim, coll.metric, "the query")
-            op = sql.SQL(OPERATOR[coll.metric])
-            conds: list[sql.Composable] = []
-            params: list[Any] = [q]
-            for key, value in where.items():
-                conds.append(sql.SQL("metadata -> %s = %s"))
-                params += [key, Jsonb(value)]
-            if exclude is not None:
-                conds.append(sql.SQL("id <> %s"))
-                params.append(exclude)
-            query = sql.SQL(
-                "SELECT id, metadata, embedding {} %s AS distance FROM {} {} ORDER BY distance LIMIT %s"
-            ).format(
-                op,
-                coll.table,
-                sql.SQL("WHERE ") + sql.SQL(" AND ").join(conds) if conds else sql.SQL(""),
-            )
-            params.append(k)
-            rows: list = []
             if coll.index == "hnsw" and not exact:
-                async with conn.transaction():
-                    ef = max(k, ef_search or EF_SEARCH)
-                    await conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(min(ef, MAX_K))))
-                    await conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
+                if ef == EF_SEARCH:  # the session's settings (`_configure`)
                     rows = await (await conn.execute(query, params)).fetchall()
-            if len(rows) < k and (exact or coll.index != "hnsw" or len(rows) < min(k, coll.count)):
-                # fewer than k: the index scan stopped early (or there is no index); an exact scan finds all
-                async with conn.transaction():
-                    await conn.execute("SET LOCAL enable_indexscan = off")
-                    rows = await (await conn.execute(query, params)).fetchall()
-        results = [{"id": r[0], "score": score_of(coll.metric, float(r[2])), "metadata": r[1]} for r in rows]
-        return coll, results
+                else:
+                    async with conn.pipeline(), conn.transaction():
+                        await conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(min(ef, MAX_K)),))
+                        cur = await conn.execute(query, params)
+                    rows = await cur.fetchall()
+            if len(rows) < k:
+                # fewer than k: the index scan stopped early (its tuple cap, a filter matching few rows), the
+                # collection holds fewer than k matches, or there is no index: an exact scan finds them all
+                async with conn.pipeline(), conn.transaction():
+                    await conn.execute(
+                        "SELECT set_config('enable_indexscan', 'off', true), set_config('enable_seqscan', 'on', true)"
+                    )
+                    cur = await conn.execute(query, params)
+                rows = await cur.fetchall()
+        return [{"id": r[0], "score": score_of(coll.metric, float(r[2])), "metadata": r[1]} for r in rows]
 
 
 def psycopg_pool_timeout() -> type[Exception]:

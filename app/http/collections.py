@@ -551,7 +551,7 @@ async def add_images(request: Request, name: str) -> Response:
 
     store = await _store(request)
     with _answers():
-        coll = await store.get(name)
+        coll = await store.describe(name)  # the add checks the binding again, under its lock
     served = _bound_model(request, coll.binding, name)
 
     async def read() -> ImageBatch:
@@ -639,7 +639,7 @@ async def search(
     start = time.perf_counter()
     store = await _store(request)
     with _answers():
-        coll = await store.get(name)
+        coll = await store.describe(name)
     kind = media_type(request)
     vectors: list[np.ndarray] = []
     if kind == "application/json" or kind.endswith("+json"):
@@ -673,6 +673,6 @@ async def search(
             query = check_vector(batch.extra["vector"], coll.dim, coll.metric, "vector")
         else:
             raise invalid("no query: send one image, or JSON with 'image', 'id' or 'vector'")
-        _, results = await store.search(name, query, k, where, exclude=exclude)
+        _, results = await store.search(name, query, k, where, exclude, binding=coll.binding if vectors else None)
     took = round((time.perf_counter() - start) * 1000.0, 3)
     return FastJSON({"collection": name, "results": results, "took_ms": took})
