@@ -341,7 +341,7 @@ def run_digits(stack: Stack) -> dict:
     with psycopg.connect(stack.uri, autocommit=True) as conn:
         register_vector(conn)
         for i, v in conn.execute(f"SELECT id, embedding FROM vitserve_items_{_cid(stack, name)}"):
-            stored[int(i)] = v
+            stored[int(i)] = v.to_numpy()
     emb = []
     for s in range(0, len(queries), 64):
         files = [("images", ("q.png", q, "image/png")) for q in queries[s : s + 64]]
