@@ -578,24 +578,3 @@ def _collection(row: dict) -> Collection:
 
 def elapsed_ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000.0, 3)
-
-
-__all__ = [
-    "EF_SEARCH",
-    "MAX_K",
-    "Binding",
-    "Collection",
-    "Conflict",
-    "Invalid",
-    "NewItem",
-    "NotFound",
-    "Store",
-    "StoreError",
-    "Unavailable",
-    "check_filter",
-    "check_id",
-    "check_metadata",
-    "check_name",
-    "check_vector",
-    "elapsed_ms",
-]
