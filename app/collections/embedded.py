@@ -29,6 +29,8 @@ from pathlib import Path
 
 import psutil
 
+from app.collections.store import redact_loggers
+
 log = logging.getLogger("vitserve")
 
 SOCKET_NAME = ".s.PGSQL.5432"
@@ -48,20 +50,6 @@ def default_data_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_data_dir("vitserve", appauthor=False))
-
-
-class _Redact(logging.Filter):
-    """Replaces the data folder in pgserver's log records (its commands and errors quote it)."""
-
-    def __init__(self, secret: str):
-        super().__init__()
-        self.secret = secret
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if self.secret in text:
-            record.msg, record.args = text.replace(self.secret, "<data-dir>"), ()
-        return True
 
 
 def _import_pgserver():  # type: ignore[no-untyped-def]
@@ -84,8 +72,7 @@ class EmbeddedPostgres:
     def start(self) -> str:
         """Start (or join) the server; its connection string (a Unix socket path, no password)."""
         pg_logger = logging.getLogger("pgserver")
-        if not any(isinstance(f, _Redact) for f in pg_logger.filters):
-            pg_logger.addFilter(_Redact(str(self.data_dir)))
+        redact_loggers([str(self.data_dir)], ("pgserver",))
         if pg_logger.level == logging.NOTSET or pg_logger.level < logging.WARNING:
             pg_logger.setLevel(logging.WARNING)
         if len(str(self.pgdata / SOCKET_NAME).encode()) > MAX_SOCKET_PATH:

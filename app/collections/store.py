@@ -227,6 +227,7 @@ class Store:
     def __init__(self, conninfo: str, *, min_size: int = 1, max_size: int = 8, secrets: Sequence[str] = ()):
         self._conninfo = conninfo
         self._secrets = [s for s in secrets if s]
+        redact_loggers(self._secrets)
         self._cache: dict[str, Collection] = {}  # name -> collection, for searches (`describe`)
         self.pool = AsyncConnectionPool(
             conninfo,
@@ -279,6 +280,8 @@ class Store:
         try:
             async with self.pool.connection() as conn:
                 yield conn
+        except psycopg.DataError as e:  # a value PostgreSQL refuses (the checks above should have caught it)
+            raise Invalid(f"a value in the request cannot be stored: {type(e).__name__}") from e
         except (psycopg.OperationalError, psycopg.InterfaceError) as e:  # the database went away, or is full
             raise Unavailable(self.redact(f"the collections database is unavailable: {type(e).__name__}")) from e
         except psycopg_pool_timeout() as e:
@@ -422,6 +425,7 @@ class Store:
         return page, (str(rows[-1][0]) if more else None)
 
     async def item(self, name: str, item_id: str) -> dict:
+        _known_id(name, item_id)
         async with self._conn() as conn:
             coll = await self._get(conn, name)
             row = await (
@@ -435,6 +439,7 @@ class Store:
         return {"id": row[0], "metadata": row[1], "has_thumbnail": bool(row[2])}
 
     async def thumbnail(self, name: str, item_id: str) -> bytes:
+        _known_id(name, item_id)
         async with self._conn() as conn:
             coll = await self._get(conn, name)
             row = await (
@@ -447,6 +452,7 @@ class Store:
         return bytes(row[0])
 
     async def delete_item(self, name: str, item_id: str) -> None:
+        _known_id(name, item_id)
         async with self._conn() as conn, conn.transaction():
             coll = await self._get(conn, name, lock="KEY SHARE")
             row = await (
@@ -457,6 +463,7 @@ class Store:
             await conn.execute("UPDATE vitserve_collections SET count = count - 1 WHERE id = %s", (coll.id,))
 
     async def vector_of(self, name: str, item_id: str) -> np.ndarray:
+        _known_id(name, item_id)
         async with self._conn() as conn:
             coll = await self._get(conn, name)
             row = await (
@@ -554,6 +561,38 @@ class Store:
                     cur = await conn.execute(query, params)
                 rows = await cur.fetchall()
         return [{"id": r[0], "score": score_of(coll.metric, float(r[2])), "metadata": r[1]} for r in rows]
+
+
+def _known_id(name: str, item_id: str) -> None:
+    """An id no item can have (PostgreSQL's text holds no NUL) is simply absent."""
+    if "\x00" in item_id:
+        raise NotFound(f"collection {name!r} holds no such item")
+
+
+class Redact(logging.Filter):
+    """Replaces secrets (a connection URL, its password, the data folder) in the log records of a logger."""
+
+    def __init__(self, secrets: Sequence[str], label: str = "<redacted>"):
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+        self.label = label
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if any(s in text for s in self.secrets):
+            for secret in self.secrets:
+                text = text.replace(secret, self.label)
+            record.msg, record.args = text, ()
+        return True
+
+
+def redact_loggers(secrets: Sequence[str], names: Sequence[str] = ("psycopg", "psycopg.pool")) -> None:
+    """Keep `secrets` out of the driver's and the pool's own log lines (a failed reconnection quotes the
+    server it tried)."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, Redact) and f.secrets == list(secrets) for f in logger.filters):
+            logger.addFilter(Redact(secrets))
 
 
 def psycopg_pool_timeout() -> type[Exception]:

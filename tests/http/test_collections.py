@@ -258,6 +258,11 @@ def test_items_paging_get_thumbnail_delete(client: TestClient) -> None:
     assert im.format == "WEBP" and max(im.size) == 128
     assert client.get("/v1/collections/pages/items/nope").status_code == 404
     assert client.get("/v1/collections/pages/items/nope/thumbnail").status_code == 404
+    for path in ("/items/a%00b", "/items/a%00b/thumbnail"):  # no id holds a NUL
+        assert client.get("/v1/collections/pages" + path).status_code == 404
+    assert client.delete("/v1/collections/pages/items/%00").status_code == 404
+    r = client.post("/v1/collections/pages/search", json={"id": "a\u0000b"})
+    assert r.status_code in (404, 422)
 
     assert client.delete("/v1/collections/pages/items/i2").json() == {"deleted": "i2"}
     assert client.delete("/v1/collections/pages/items/i2").status_code == 404
