@@ -373,115 +373,57 @@ def _thumbnail(pixels: np.ndarray) -> bytes:
 
 # ---------------------------------------------------------------------------------------------- routes
 
-ItemsBody = {
-    "requestBody": {
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                        "ids": {"type": "string", "description": "a JSON list of ids, one per image"},
-                        "metadata": {"type": "string", "description": "a JSON list of objects, one per image"},
-                    },
-                    "required": ["images"],
-                }
-            },
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "items": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "properties": {
-                                    "id": {"type": "string"},
-                                    "image": {"type": "string", "description": "base64 or a data: URL"},
-                                    "metadata": {"type": "object"},
-                                },
-                                "required": ["image"],
-                            },
-                        }
-                    },
-                }
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        }
-    }
-}
-VectorsBody = {
-    "requestBody": {
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "items": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "properties": {
-                                    "id": {"type": "string"},
-                                    "vector": {"type": "array", "items": {"type": "number"}},
-                                    "metadata": {"type": "object"},
-                                },
-                                "required": ["id", "vector"],
-                            },
-                        }
-                    },
-                }
-            }
-        }
-    }
-}
-SearchBody = {
-    "requestBody": {
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "description": "exactly one of image, id, vector; filter is optional",
-                    "properties": {
-                        "image": {"type": "string", "description": "base64 or a data: URL"},
-                        "id": {"type": "string", "description": "a stored item (left out of the results)"},
-                        "vector": {"type": "array", "items": {"type": "number"}},
-                        "filter": {"type": "object", "description": "equality on top-level metadata keys"},
-                    },
-                }
-            },
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "images": {"type": "string", "format": "binary"},
-                        "filter": {"type": "string", "description": "a JSON object"},
-                    },
-                }
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        }
-    }
-}
-CreateBody = {
-    "requestBody": {
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"},
-                        "model": {"type": "string", "description": "a loaded model (default: the default model)"},
-                        "pool": {"type": "string", "enum": list(POOLS), "default": "default"},
-                        "metric": {"type": "string", "enum": ["cosine", "l2", "ip"], "default": "cosine"},
-                        "thumbnails": {"type": "boolean", "default": True},
-                    },
-                    "required": ["name"],
-                }
-            }
-        }
-    }
-}
+
+def _obj(required: tuple[str, ...] = (), description: str | None = None, **properties: dict) -> dict:
+    schema: dict = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def _body(**content: dict) -> dict:
+    """OpenAPI's requestBody for a route that reads its own body: {media type: schema}."""
+    kinds = {"multipart": "multipart/form-data", "json": "application/json", "image": "image/*"}
+    return {"requestBody": {"content": {kinds[kind]: {"schema": s} for kind, s in content.items()}}}
+
+
+STRING = {"type": "string"}
+OBJECT = {"type": "object"}
+FILE = {"type": "string", "format": "binary"}
+BASE64 = {"type": "string", "description": "base64 or a data: URL"}
+VECTOR = {"type": "array", "items": {"type": "number"}}
+JSON_TEXT = {"type": "string", "description": "JSON"}
+ItemsBody = _body(
+    multipart=_obj(("images",), images={"type": "array", "items": FILE}, ids=JSON_TEXT, metadata=JSON_TEXT),
+    json=_obj(items={"type": "array", "items": _obj(("image",), id=STRING, image=BASE64, metadata=OBJECT)}),
+    image=FILE,
+)
+VectorsBody = _body(
+    json=_obj(items={"type": "array", "items": _obj(("id", "vector"), id=STRING, vector=VECTOR, metadata=OBJECT)})
+)
+SearchBody = _body(
+    json=_obj(
+        description="exactly one of image, id (a stored item, left out of the results), vector; filter optional",
+        image=BASE64,
+        id=STRING,
+        vector=VECTOR,
+        filter={"type": "object", "description": "equality on top-level metadata keys"},
+    ),
+    multipart=_obj(images=FILE, filter=JSON_TEXT),
+    image=FILE,
+)
+CreateBody = _body(
+    json=_obj(
+        ("name",),
+        name={"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"},
+        model={"type": "string", "description": "a loaded model (default: the default model)"},
+        pool={"type": "string", "enum": list(POOLS), "default": "default"},
+        metric={"type": "string", "enum": ["cosine", "l2", "ip"], "default": "cosine"},
+        thumbnails={"type": "boolean", "default": True},
+    )
+)
 
 
 @router.post("", response_model=None, status_code=201, openapi_extra=CreateBody, summary="Create a collection")

@@ -515,3 +515,26 @@ def test_embedded_server_is_private(client: TestClient, data_dir: Path) -> None:
     hba = [line.split() for line in (pgdata / "pg_hba.conf").read_text().splitlines() if line and line[0] != "#"]
     assert hba and all(line[0] == "local" for line in hba)
     assert "listen_addresses = ''" in (pgdata / "postgresql.auto.conf").read_text()
+
+
+def test_flags_and_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.__main__ import parse_settings
+
+    s = parse_settings(["--data-dir", "/srv/vitserve", "--collections-url", "postgresql://u:p@db:5432/v"])
+    assert (s.data_dir, s.collections_url) == ("/srv/vitserve", "postgresql://u:p@db:5432/v")
+    monkeypatch.setenv("VIT_COLLECTIONS_URL", "postgresql://other@db/v")
+    monkeypatch.setenv("VIT_DATA_DIR", "/var/lib/vitserve")
+    s = parse_settings([])
+    assert (s.data_dir, s.collections_url) == ("/var/lib/vitserve", "postgresql://other@db/v")
+    assert parse_settings(["--collections-url", "postgresql://flag@db/v"]).collections_url == "postgresql://flag@db/v"
+
+
+def test_openapi_documents_the_routes(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert set(paths["/v1/collections"]) == {"get", "post"}
+    search = paths["/v1/collections/{name}/search"]["post"]
+    assert {"application/json", "multipart/form-data", "image/*"} <= set(search["requestBody"]["content"])
+    assert {p["name"] for p in search["parameters"]} == {"name", "k"}
+    images = paths["/v1/collections/{name}/images"]["post"]["requestBody"]["content"]
+    assert images["application/json"]["schema"]["properties"]["items"]["items"]["required"] == ["image"]
+    assert "/v1/collections/{name}/items/{item_id}/thumbnail" in paths
