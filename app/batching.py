@@ -1,33 +1,34 @@
 """Dynamic batching, per model: admission, batch formation, cancellation, fault isolation.
 
-Nothing here knows FastAPI or torch. A `Batcher` is handed a `run_batch(items) -> results` callable
-(see `app.tasks`) and calls it on its own forward thread(s), off the event loop:
+Nothing here knows FastAPI or torch. A `Batcher` is handed a runner (`app.runner`: one per device) and calls
+its `prepare(items)` and `forward(prepared) -> results` on its own forward thread(s), off the event loop:
 
 - `reserve()` takes room for one image before a request's body is even read, or raises `Overloaded` with a
   Retry-After estimate, and `Admission.expect(n)` grows it once the body says how many images it holds: so
   bodies being read count against `max_queue` too, and the memory they hold is bounded with the queue's. The
   room is held while the images decode, wait and run, and given back when the request is answered (or
   dropped). `admit(n)` reserves room for n images at once, when they are known before anything is read.
-- `run(items, key)` queues the items and returns their results in order. Items with the same `key`
-  may share a forward; a request with many items may span several batches.
+- `run(items, key)` queues the items and returns their results in order; an item that failed has its exception
+  in its place (`ForwardFailed`, the runner's own, or `Stopped` when the device is lost), so the caller knows
+  which one. Items with the same `key` may share a forward; a request with many items may span several batches.
 - the worker seals a batch when it is full, or when the forward thread is free and either the oldest item
   has waited `max_wait_s` or no admitted image is still on its way (decoding): waiting then would only add
   latency, since nothing more can join the batch soon. While one batch runs, the next one fills (and, once
   full, is sealed and queued behind it), so the forward thread never waits for the event loop.
-- with `lanes` > 1 (the CPU: `app.tasks.forward_lanes`), that many forwards may run at once, each on its own
-  thread. A lane that frees up beside a running forward takes a full batch, or a partial one only once it has
-  waited `max_wait_s` and nothing more is on its way, so lanes do not chop the queue into small batches.
+- with the runner's `lanes` > 1 (the CPU), that many forwards may run at once, each on its own thread. A lane
+  that frees up beside a running forward takes a full batch, or a partial one only once it has waited
+  `max_wait_s` and nothing more is on its way, so lanes do not chop the queue into small batches.
 - cancelling `run` (a timeout, a client that went away) removes its items that have not started.
 - a batch whose forward raises is split in halves and retried; only items that fail alone get an
   error (`ForwardFailed`), so one poisoned item never takes its batch-mates down with it. Unless `fatal(error)`
   gives a reason that no retry can succeed (the device itself is lost): then the batch fails at once, with
   `Stopped(reason)`.
-- with a `prepare(items) -> prepared` callable, `run_batch` takes the prepared batch instead of the items,
-  and prepare runs on a second thread as soon as a batch is sealed: the next batch is assembled (stacked,
-  copied to the GPU, decoded) while the current one runs. A failure in either step falls back to the
-  split-in-halves retry, where both steps run one after the other on the forward thread.
-- a result that is an exception (for example an image that turned out to be undecodable) is raised for that
-  item alone; the batch is not split for it.
+- a runner that `overlap`s (CUDA) has each batch prepared on a second thread as soon as it is sealed: the next
+  batch is assembled (stacked, copied to the GPU, decoded) while the current one runs. Otherwise both steps
+  run one after the other on the forward thread. A failure in either step falls back to the split-in-halves
+  retry, where both steps run on the forward thread.
+- a result that is an exception (for example an image that turned out to be undecodable) is that item's alone;
+  the batch is not split for it.
 - with `stall_s` > 0, a forward still running after `stall_s` seconds means the device has hung (a GPU kernel
   that never returns). Nothing can interrupt the thread stuck in it; only a new process helps. So the batcher
   halts: the running and queued items fail with `Stopped`, no batch is formed any more, and `on_stall(seconds)`
@@ -46,7 +47,10 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from app.runner import Runner
 
 log = logging.getLogger("vitserve.batching")
 
@@ -87,34 +91,31 @@ class Staged:
 class Admission:
     """Room for `n` images in a batcher's queue; give it back with `release()` (or use `with`)."""
 
-    def __init__(self, batcher: Batcher, n: int, on_the_way: int | None = None):
+    def __init__(self, batcher: Batcher, n: int, on_the_way: int):
         self._batcher = batcher
         self.n = n
-        self.on_the_way = n if on_the_way is None else on_the_way  # images not handed to `Batcher.run` yet
+        self.on_the_way = on_the_way  # images not handed to `Batcher.run` yet
         self._released = False
 
     def expect(self, n: int) -> None:
         """The request turned out to hold n images: grow the room to n (or raise `Overloaded`, keeping what it had),
         all of them now on their way to the queue."""
-        batcher = self._batcher
         if n > self.n:
-            batcher.check_room(n - self.n)
-        batcher._admitted += n - self.n
-        batcher._arriving += n - self.on_the_way
+            self._batcher.check_room(n - self.n)
+        self._batcher._count(admitted=n - self.n, arriving=n - self.on_the_way)
         self.n = self.on_the_way = n
-        batcher._on_depth(batcher._admitted)
 
     def arrived(self, n: int) -> None:
         """n of its images reached the queue (`Batcher.run` calls this)."""
         n = min(n, self.on_the_way)
         self.on_the_way -= n
-        self._batcher._arriving -= n
+        self._batcher._count(arriving=-n)
 
     def release(self) -> None:
         if not self._released:
             self._released = True
             self.arrived(self.on_the_way)  # those never queued (a bad image, a timeout) are not coming
-            self._batcher._release(self.n)
+            self._batcher._count(admitted=-self.n)
 
     def __enter__(self) -> Admission:
         return self
@@ -126,27 +127,24 @@ class Admission:
 class Batcher:
     def __init__(
         self,
-        run_batch: Callable[[Any], Sequence[Any]],
+        runner: Runner,
         *,
-        prepare: Callable[[list[Any]], Any] | None = None,
         name: str = "model",
         max_batch_size: int = 8,
         max_wait_s: float = 0.005,
         max_queue: int = 256,
-        lanes: int = 1,
         on_batch: Callable[[int], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
         fatal: Callable[[Exception], str | None] | None = None,
         stall_s: float = 0.0,
         on_stall: Callable[[float], None] | None = None,
     ):
-        self.run_batch = run_batch
-        self.prepare = prepare
+        self.runner = runner
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
-        self.lanes = max(1, lanes)  # forwards that may run at once, one thread each
+        self.lanes = max(1, runner.lanes)  # forwards that may run at once, one thread each
         self._on_batch = on_batch or (lambda n: None)
         self._on_depth = on_depth or (lambda n: None)
         # after a forward fails: why no retry can succeed (the device is lost), or None; such a batch is not split
@@ -173,7 +171,7 @@ class Batcher:
         """Start the worker on the running event loop (and the forward thread)."""
         self._wake = asyncio.Event()
         self._thread = ThreadPoolExecutor(self.lanes, thread_name_prefix=f"forward-{self.name}")
-        if self.prepare is not None:
+        if self.runner.overlap:
             self._prepare_thread = ThreadPoolExecutor(1, thread_name_prefix=f"prepare-{self.name}")
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._loop(), name=f"batcher-{self.name}")
@@ -196,11 +194,10 @@ class Batcher:
                 pool.shutdown(wait=False, cancel_futures=True)
         self._thread = self._prepare_thread = None
 
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn(*args)` on a forward thread (warm-up: CUDA graphs and compiled code stay on their thread; a
-        model served on the GPU or compiled has one lane)."""
+    async def warmup(self) -> None:
+        """The runner's warm-up, on a forward thread (CUDA graphs replay on the thread that captured them)."""
         assert self._thread is not None, "start() the batcher first"
-        return await asyncio.get_running_loop().run_in_executor(self._thread, lambda: fn(*args))
+        await asyncio.get_running_loop().run_in_executor(self._thread, self.runner.warmup, self.max_batch_size)
 
     # -- admission -------------------------------------------------------------------------------
     @property
@@ -225,24 +222,24 @@ class Batcher:
     def admit(self, n: int) -> Admission:
         """Reserve room for n images, or raise `Overloaded` at once (the whole request, before any work)."""
         self.check_room(n)
-        self._admitted += n
-        self._arriving += n
-        self._on_depth(self._admitted)
-        return Admission(self, n)
+        self._count(admitted=n, arriving=n)
+        return Admission(self, n, on_the_way=n)
 
     def reserve(self) -> Admission:
         """Room for one image while a request's body is read, or raise `Overloaded`; `Admission.expect(n)` grows it
         once the images are known. Not counted as on its way (an upload may take long; see `_seal`)."""
         self.check_room(1)
-        self._admitted += 1
-        self._on_depth(self._admitted)
+        self._count(admitted=1)
         return Admission(self, 1, on_the_way=0)
 
-    def _release(self, n: int) -> None:
-        self._admitted -= n
-        self._on_depth(self._admitted)
-        if self._wake is not None:  # images the worker may have been waiting for are not coming any more
-            self._wake.set()
+    def _count(self, admitted: int = 0, arriving: int = 0) -> None:
+        """The one place the admission counters change (`Admission` calls it)."""
+        self._arriving += arriving
+        if admitted:
+            self._admitted += admitted
+            self._on_depth(self._admitted)
+            if admitted < 0 and self._wake is not None:  # images the worker waited for are not coming any more
+                self._wake.set()
 
     def retry_after(self, n: int) -> int:
         """Whole seconds until room for n more images should free up, from the measured throughput."""
@@ -254,9 +251,10 @@ class Batcher:
     # -- work ------------------------------------------------------------------------------------
     async def run(self, items: Sequence[Any], key: Hashable = None, admission: Admission | None = None) -> list[Any]:
         """Queue `items` (which may share forwards with other requests' items of the same `key`) and
-        return their results in order. A failed item raises its `ForwardFailed`; cancelling this
-        coroutine drops the items that have not started. `admission`: the room these items were admitted
-        with, so that the batcher knows they are no longer on their way."""
+        return their results in order, a failed item's exception in its place. Raises `Stopped` when the
+        batcher stops or halts first. Cancelling this coroutine drops the items that have not started.
+        `admission`: the room these items were admitted with, so that the batcher knows they are no longer on
+        their way."""
         if self._wake is None:
             raise Stopped("the server is shutting down")  # stopped, or not started yet
         if self._halted is not None:
@@ -331,9 +329,8 @@ class Batcher:
         live = [i for i, e in enumerate(batch) if not e.dropped]
         if not live:
             return live, Staged(None)
-        assert self.prepare is not None
         try:
-            return live, Staged(self.prepare([batch[i].item for i in live]))
+            return live, Staged(self.runner.prepare([batch[i].item for i in live]))
         except Exception as e:
             return live, Staged(None, e)
 
@@ -385,14 +382,14 @@ class Batcher:
         halves on failure, down to single items."""
         try:
             if staged is None:
-                batch = self.prepare(items) if self.prepare is not None else items
+                prepared = self.runner.prepare(items)
             elif staged.error is not None:
                 raise staged.error
             else:
-                batch = staged.batch
-            results = list(self.run_batch(batch))
+                prepared = staged.batch
+            results = list(self.runner.forward(prepared))
             if len(results) != len(items):
-                raise RuntimeError(f"run_batch returned {len(results)} results for {len(items)} items")
+                raise RuntimeError(f"the forward returned {len(results)} results for {len(items)} items")
             self._on_batch(len(items))
             return results
         except Exception as e:
@@ -423,9 +420,5 @@ class Batcher:
             if ran:
                 self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
         for entry, result in zip(batch, results, strict=True):
-            if entry.future.done():
-                continue  # its request has gone
-            if isinstance(result, BaseException):
-                entry.future.set_exception(result)
-            else:
+            if not entry.future.done():  # else its request has gone
                 entry.future.set_result(result)

@@ -47,7 +47,6 @@ class ImageError(Exception):
     """An image the server will not decode; `code` is the API error code."""
 
     code = "invalid_image"
-    item: object | None = None  # set when a batch finds it (app.tasks), so the caller can name the image
 
 
 class InvalidImage(ImageError):

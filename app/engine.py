@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app import analysis
 from app.checkpoints import Checkpoint, CheckpointError, read_checkpoint
 from app.model import VisionTransformer, ViTConfig, resample_pos_embed
 from app.model.float8 import float8_problem, to_float8
@@ -115,7 +116,6 @@ class Model:
         net: VisionTransformer,
         device: torch.device,
         dtype: torch.dtype,
-        compile: str = "off",
         float8: bool = False,
     ):
         self.checkpoint_format = ckpt.format
@@ -136,24 +136,6 @@ class Model:
         n = self.config.num_classes
         self.labels = ckpt.labels if len(ckpt.labels) == n else [f"class_{i}" for i in range(n)]
         self.sha256 = file_sha256(ckpt.weights_path)
-        self.compile_mode = compile  # app.accel: off, auto, on (or a strategy name)
-        self._fast = None  # the accelerated fast path, set up by accelerate() or warmup()
-
-    def accelerate(self, batch_sizes: Sequence[int] | int) -> None:
-        """Set up the fast path for these batch sizes; each bucket is built (compiled / captured) on first use."""
-        from app.accel import accelerate
-
-        self._fast = accelerate(self.net, self.device, self.dtype, batch_sizes, self.compile_mode)
-
-    def warmup(self, batch_sizes: Sequence[int] | int) -> dict[int, float]:
-        """Set up the fast path and build every bucket now (compile / capture each); seconds per bucket."""
-        self.accelerate(batch_sizes)
-        assert self._fast is not None
-        return self._fast.warmup()
-
-    @property
-    def accel_strategy(self) -> str:
-        return self._fast.strategy if self._fast is not None else "eager"
 
     # -- preprocessing -------------------------------------------------------------------------
     def to_pixels(self, image: Image.Image) -> np.ndarray:
@@ -181,27 +163,36 @@ class Model:
         """The forward; with `attentions`, every layer's attention maps, or only those of `layers` (0-based; the
         others are None and run the fused attention kernel)."""
         x = pixels.to(self.device, self.dtype, non_blocking=True)
-        if self._fast is not None and not attentions:
-            tokens, logits = self._fast(x)
-            maps = None
-        else:
-            net = self._fast.attention_net if self._fast is not None else self.net
-            features = net.forward_features(x, attentions=attentions, layers=layers)
-            tokens, maps = features.tokens, features.attentions
-            logits = net.forward_head(tokens)
+        features = self.net.forward_features(x, attentions=attentions, layers=layers)
+        return self.output(features.tokens, self.net.forward_head(features.tokens), features.attentions)
+
+    def fast_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """pixels -> (final-normed tokens, logits or None) without attention weights: what a CUDA graph captures."""
+        tokens = self.net.forward_features(x).tokens
+        return tokens, self.net.forward_head(tokens)
+
+    def output(
+        self, tokens: torch.Tensor, logits: torch.Tensor | None, maps: list[torch.Tensor | None] | None = None
+    ) -> Output:
+        """The forward's results in float32, as the Python API gives them."""
         tokens = tokens.float()
         return Output(
             logits=logits.float() if logits is not None else None,
             embedding=tokens[:, 0],
             tokens=tokens,
-            attentions=[None if a is None else a.float() for a in maps] if attentions else None,
+            attentions=None if maps is None else [None if a is None else a.float() for a in maps],
         )
 
+    def position_similarity(self) -> np.ndarray:
+        """(N, N) cosine similarity of the model's patch position embeddings, on the CPU."""
+        with torch.inference_mode():
+            return analysis.position_similarity(self.net.pos_embed.detach()).float().cpu().numpy()
+
     def device_error(self) -> str | None:
-        """Why the device can no longer run anything, or None while it can. Called after a forward fails: a CUDA
-        error such as an illegal memory access or a device-side assert is sticky (every later call in this
-        process fails as well), and only a new process gets a working device again; an out-of-memory error is
-        not (this returns None, and smaller batches may well succeed)."""
+        """Why the device can no longer run anything, or None while it can. A CUDA error such as an illegal
+        memory access or a device-side assert is sticky (every later call in this process fails as well), and
+        only a new process gets a working device again; an out-of-memory error is not (None: smaller batches may
+        well succeed)."""
         if self.device.type != "cuda":
             return None
         try:
@@ -239,21 +230,20 @@ def load_model(
     device: str = "cpu",
     dtype: str = "float32",
     models_dir: str | Path | None = None,
-    compile: str = "off",
 ) -> Model:
     """Load a checkpoint (see API.md for the SPEC forms) onto `device` in `dtype`.
 
     dtype: float32, bfloat16, float16, auto, or float8 (the blocks' linear layers in float8 e4m3, the rest in
-    bfloat16: for GPUs with float8 tensor cores; on a CPU it runs, slowly, for checking its accuracy).
-    compile: the fast path's speed-up (app.accel): `off`, `auto` or `on`; it is built by `Model.warmup`.
+    bfloat16: for GPUs with float8 tensor cores).
+    The model is the plain `app/model/` network in eval mode; a runner (app.runner) makes it fast for serving.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if dtype == "float8":
+        if dev.type != "cuda":
+            raise CheckpointError("--dtype float8 needs a CUDA GPU with float8 tensor cores (compute capability 8.9+)")
         if problem := float8_problem(dev):
             raise CheckpointError(f"--dtype float8: {problem}")
-        if dev.type == "cpu":
-            log.warning("--dtype float8 on the CPU is emulated: a third of bfloat16's speed (for checking accuracy)")
     ckpt = read_checkpoint(spec, arch=arch, models_dir=models_dir)
     net = build_model(ckpt, image_size)
-    return Model(ckpt, net, dev, dt, compile=compile, float8=dtype == "float8")
+    return Model(ckpt, net, dev, dt, float8=dtype == "float8")

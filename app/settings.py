@@ -1,5 +1,7 @@
 """The one settings object: every start-up option of API.md, from flags (see `app.__main__`) or `VIT_*` variables.
 
+Each field's description is its flag's help.
+
 Precedence is pydantic-settings' own: values passed to `Settings(...)` (the command line) win over the
 environment, which wins over the defaults. The repeatable options (`model`, `arch`, `image_size`) are
 kept as lists; `Settings.model_specs()` pairs them into one `ModelSpec` per model.
@@ -82,49 +84,88 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VIT_", extra="forbid", validate_default=True)
 
     # repeatable options: one value or a JSON list in the environment; pairing is done by model_specs()
-    model: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    arch: Annotated[list[str | None], NoDecode] = Field(default_factory=list)
-    image_size: Annotated[list[int | None], NoDecode] = Field(default_factory=list)
+    model: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="a checkpoint, NAME=SPEC to name it (repeatable; default: every model in the model repository)",
+    )
+    arch: Annotated[list[str | None], NoDecode] = Field(
+        default_factory=list, description="architecture of the --model it follows (default: inferred)"
+    )
+    image_size: Annotated[list[int | None], NoDecode] = Field(
+        default_factory=list,
+        description="serve the --model it follows at N x N pixels; before any --model, every model (repeatable)",
+    )
 
-    models_dir: str | None = None  # None: ./models where it exists, else the bundled repository
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16", "float8"] = "auto"
-    max_batch_size: int | None = Field(None, ge=1)  # None: 32 on a GPU, 8 on the CPU
-    max_wait_ms: float = Field(5.0, ge=0)
-    max_queue: int = Field(256, ge=1)
-    request_timeout_s: float = Field(30.0, gt=0)
-    max_upload_bytes: int = Field(20 * MiB, ge=1)
-    max_images_per_request: int = Field(64, ge=1)
-    max_image_pixels: int = Field(40_000_000, ge=1)
-    api_key: str | None = None
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    models_dir: str | None = Field(
+        None, description="the model repository (default ./models where it exists, else the bundled one)"
+    )
+    host: str = Field("127.0.0.1", description="address to listen on (default 127.0.0.1)")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (default 8000)")
+    device: str = Field("auto", description="cpu, cuda, cuda:N or auto (default)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float8"] = Field(
+        "auto", description="float32, bfloat16, float16, float8 (GPUs with float8 tensor cores) or auto (default)"
+    )
+    max_batch_size: int | None = Field(
+        None, ge=1, description="most images in one forward pass (default 32 on a GPU, 8 on the CPU)"
+    )
+    max_wait_ms: float = Field(5.0, ge=0, description="longest an image waits for its batch to fill (default 5)")
+    max_queue: int = Field(256, ge=1, description="per model: most images accepted and not yet answered (default 256)")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="per request, from the moment its body is read (default 30)"
+    )
+    max_upload_bytes: int = Field(20 * MiB, ge=1, description="largest request body (default 20 MiB)")
+    max_images_per_request: int = Field(64, ge=1, description="most images in one request (default 64)")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded width x height (default 40,000,000)")
+    api_key: str | None = Field(None, description="when set, every /v1 request needs 'Authorization: Bearer <key>'")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="debug, info (default), warning or error"
+    )
 
     # additions beyond the contract's table
-    decode_workers: int = Field(default_factory=lambda: min(4, available_cpus()), ge=0)  # 0: decode inline
+    decode_workers: int = Field(
+        default_factory=lambda: min(4, available_cpus()),
+        ge=0,
+        description="decoding processes or threads (default min(4, CPUs); 0: inline)",
+    )
     # auto: threads on a machine with 2 CPUs or fewer (no pickling, no extra processes competing for the
     # cores; measured faster end to end by bench/decode_pool.py), a process pool above (out of the GIL)
-    decode_pool: Literal["auto", "process", "thread"] = "auto"
-    jpeg_draft: bool = True  # JPEG DCT scaling while the image stays >= 2x the resize target
-    # where JPEGs are decoded: pil (the pool, exact), torchvision (with the batch on the model's device: nvJPEG on
-    # a GPU), auto (torchvision on CUDA when it is installed, else pil)
-    jpeg_decoder: Literal["auto", "pil", "torchvision"] = "auto"
-    warmup: bool = True  # run each batch size once before /readyz says ready
-    drain_timeout_s: float = Field(60.0, ge=0)  # after SIGTERM, longest wait for accepted requests
-    # a forward that runs longer means a hung device: the server stops, to be restarted (0: never)
-    forward_timeout_s: float = Field(300.0, ge=0)
-    compile: str = "auto"  # the engine's fast-path speed-up (app.accel): off, auto, on or a strategy name
-    # > 1: a supervisor and N server processes on one socket, each with its own models (app.supervisor)
-    workers: int = Field(1, ge=1)
-    # intra-op threads for the forward; None: OMP_NUM_THREADS where set, else the available CPUs / workers
-    threads: int | None = Field(None, ge=1)
-    # forwards of one model that may run at once on the CPU, sharing `threads`; None: 2 where there are 2+
-    # threads (app.tasks.forward_lanes); always 1 on a GPU and under torch.compile
-    lanes: int | None = Field(None, ge=1)
+    decode_pool: Literal["auto", "process", "thread"] = Field(
+        "auto", description="auto (default: threads on <= 2 CPUs, else processes), process or thread"
+    )
+    jpeg_draft: bool = Field(
+        True, description="true (default) or false: JPEG DCT scaling while the image stays >= 2x the resize target"
+    )
+    # torchvision decodes with the batch on the model's device: nvJPEG on a GPU
+    jpeg_decoder: Literal["auto", "pil", "torchvision"] = Field(
+        "auto",
+        description="auto (default: torchvision on CUDA where installed), pil (exact) or torchvision (nvJPEG)",
+    )
+    warmup: bool = Field(True, description="true (default) or false: run every batch size once before ready")
+    drain_timeout_s: float = Field(
+        60.0, ge=0, description="after SIGTERM, longest wait for accepted requests (default 60)"
+    )
+    forward_timeout_s: float = Field(
+        300.0, ge=0, description="a longer forward means a hung device: exit 1 (default 300; 0: off)"
+    )
+    compile: Literal["off", "auto"] = Field(  # the forward's speed-up (app.runner)
+        "auto", description="auto (default: oneDNN linears on a CPU, CUDA graphs on a GPU) or off (the plain model)"
+    )
+    workers: int = Field(  # > 1: a supervisor and N server processes (app.process)
+        1, ge=1, description="server processes on one socket, each with its own models (default 1)"
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="intra-op threads for the forward (default: OMP_NUM_THREADS, else the CPUs available, "
+        "cgroup quota included, shared by the workers)",
+    )
+    # always 1 on a GPU (app.runner.CpuRunner)
+    lanes: int | None = Field(
+        None, ge=1, description="CPU forwards of one model at once, sharing --threads (default 2 with 2+ threads)"
+    )
     data_dir: str | None = Field(
         None,
-        description="where the embedded PostgreSQL for collections lives (None: the user's data directory, "
+        description="where the embedded PostgreSQL for collections lives (default: the user's data directory, "
         "~/.local/share/vitserve); started on the first use of a collections endpoint",
     )
     collections_url: str | None = Field(

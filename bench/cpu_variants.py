@@ -1,51 +1,79 @@
-"""Which CPU forward is fastest for our ViT: the variants behind app.accel's choice, timed side by side.
+"""Which CPU forward is fastest for our ViT: the serving path (`app.runner`'s packed linears) beside the alternatives.
 
     OMP_WAIT_POLICY=PASSIVE python -m bench.cpu_variants --shape s16 --batch-sizes 1,8
-    python -m bench.cpu_variants --variants eager,freeze-static,onnx --seconds 20
+    python -m bench.cpu_variants --variants eager,onednn,freeze-static,onnx --seconds 20
 
 Variants (all float32 unless --dtype, same weights, round-robin timing, logits checked against eager):
-  eager            our model, SDPA attention (the engine without --compile)
-  onednn           app.accel's `onednn`: linears through oneDNN, weights pre-packed, GELU fused (--compile auto)
+  eager            our model, SDPA attention (the server with --compile off)
+  onednn           what the CPU runner serves (--compile auto): a copy of the model with its linear layers packed
+                   for oneDNN by `app.runner.pack_linears` (weights pre-packed, the MLP's GELU fused into fc1)
+  onednn-gelu-apart the same packed linears with the GELU left a separate op: what fusing it gains
   eager-manual     our model's attention-weights path (softmax(QK^T) materialised), as the attention endpoints run
-  freeze-static    torch.compile, inductor, freezing, dynamic=False: one graph per batch size (app.accel's choice)
+  freeze-static    torch.compile, inductor, freezing, dynamic=False: one graph per batch size
   freeze-dynamic   the same with a dynamic batch dimension: one graph for every batch size
   nofreeze-static  torch.compile without freezing (weights stay parameters: no pre-packing, no constant folding)
   autotune         freezing + mode="max-autotune-no-cudagraphs" (inductor's C++ GEMM templates; slow to compile)
   jit-freeze       torch.jit.trace + torch.jit.freeze + optimize_for_inference (TorchScript, oneDNN fusions)
   onnx             ONNX Runtime on an export of our model (graph optimisations on)
   hf               transformers' ViTForImageClassification (SDPA), the reference point
-Compile (build) seconds per variant and batch size are reported: the server pays them at start-up.
+The torch.compile variants are alternatives the server does not use (inductor lost to the packed linears on
+the CPU); they stay here to re-measure that. Build seconds per variant and batch size are reported: the server
+pays its own at start-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import time
 
 import torch
+from torch import nn
 
 from bench import common
 
-ALL = "eager,onednn,eager-manual,freeze-static,freeze-dynamic,nofreeze-static,jit-freeze,onnx,hf"
+ALL = "eager,onednn,onednn-gelu-apart,eager-manual,freeze-static,freeze-dynamic,nofreeze-static,jit-freeze,onnx,hf"
+
+
+class FastPath(nn.Module):
+    """The classify forward as one module: pixels -> (final-normed tokens, logits), what the variants compile."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens = self.net.forward_features(x).tokens
+        return tokens, self.net.forward_head(tokens)
 
 
 def build(variant: str, net, sd: dict, shape: str, batch: int, dtype: torch.dtype, folder):
     """(callable(x) -> logits, build seconds) for one variant at one batch size."""
-    from app.accel import FastPath
-
     fast = FastPath(net)
     with torch.inference_mode():  # an inference tensor, as every variant is timed on (compile guards on the kind)
         x = torch.randn(batch, 3, 224, 224).to(dtype)
     t0 = time.perf_counter()
     if variant == "eager":
         fn = lambda x: fast(x)[1]  # noqa: E731
-    elif variant == "onednn":
-        from app.accel import accelerate
+    elif variant in ("onednn", "onednn-gelu-apart"):
+        from app.runner import OneDNNLinear, has_onednn_linear, pack_linears
 
-        acc = accelerate(net, "cpu", dtype, [batch], mode="onednn")
-        acc.warmup()
-        fn = lambda x: acc(x)[1]  # noqa: E731
+        if not has_onednn_linear():
+            raise RuntimeError("this torch has no oneDNN linear with pre-packed weights")
+        packed = copy.deepcopy(net)  # packing replaces the layers in place: the other variants keep the plain net
+        rows_hint = batch * (1 + packed.cfg.num_patches)
+        if variant == "onednn":
+            pack_linears(packed, rows_hint)
+        else:  # every nn.Linear packed as pack_linears does, no epilogue
+            for module in list(packed.modules()):
+                for name, child in list(module.named_children()):
+                    if isinstance(child, nn.Linear):
+                        setattr(module, name, OneDNNLinear(child, rows_hint))
+        packed_fast = FastPath(packed)
+        with torch.inference_mode():
+            packed_fast(x)  # oneDNN builds its kernels per shape on first use
+        fn = lambda x: packed_fast(x)[1]  # noqa: E731
     elif variant == "eager-manual":
         fn = lambda x: net.forward_head(net.forward_features(x, attentions=True).tokens)  # noqa: E731
     elif variant in ("freeze-static", "freeze-dynamic", "nofreeze-static", "autotune"):

@@ -6,10 +6,11 @@
 
 Implementations (`--impls`):
   ours        the engine's `Model.__call__` (eager PyTorch, SDPA)
-  ours-accel  the same call after `Model.warmup` with `--compile` (inductor + freezing on CPU, CUDA graphs on GPU)
+  ours-accel  the same model after `app.runner.make_runner` (its linear layers packed for oneDNN on a CPU, called
+              as before; on a GPU the runner's CUDA graphs, one per batch-size bucket); `--compile off`: eager
   hf          transformers' ViTForImageClassification, SDPA attention
   timm        timm's VisionTransformer
-  timm-compile timm under torch.compile (GPU only by default: the issue's reference point)
+  timm-compile timm under torch.compile (GPU only by default: a compiled peer to compare with)
   onnx        our model exported with torch.onnx.export, run by ONNX Runtime (float32, CPU provider or CUDA)
 
 Each (shape, dtype, batch) times its implementations round-robin, so load changes hit all alike; the figures
@@ -37,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default=None, help="comma list (default 1,8,32,64; 256 added on CUDA)")
     p.add_argument("--dtypes", default=None, help="comma list (default float32 + bfloat16 where native)")
     p.add_argument("--impls", default=None, help="comma list of ours, ours-accel, hf, timm, timm-compile, onnx")
-    p.add_argument("--compile", default="auto", help="mode for ours-accel: auto, on, or a strategy name")
+    p.add_argument(
+        "--compile", default="auto", choices=("off", "auto"), help="ours-accel: auto (the runner's fast path) or off"
+    )
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's, reported)")
     p.add_argument("--seconds", type=float, default=None, help="time budget per (shape, dtype, batch)")
     p.add_argument("--min-repeats", type=int, default=None)
@@ -132,11 +135,17 @@ def build_impls(
     if "ours-accel" in impls:
 
         def make_accel():
-            m = load_model(str(ckpt), device=str(device), dtype=dtype_name, compile=args.compile)
-            seconds = m.warmup(batch_sizes)
-            notes_accel["buckets_s"] = {str(k): round(v, 2) for k, v in seconds.items()}
-            notes_accel["strategy"] = m.accel_strategy
-            return lambda x: m(x).logits
+            from app.runner import make_runner
+
+            m = load_model(str(ckpt), device=str(device), dtype=dtype_name)
+            runner = make_runner(m, max_batch_size=max(batch_sizes), fast=args.compile != "off")
+            notes_accel["fast_path"] = runner.fast_path
+            graphs = getattr(runner, "graphs", None)  # CUDA: one graph per batch-size bucket, captured here
+            if graphs is not None:
+                graphs.capture_all()
+                notes_accel["buckets_s"] = {str(k): round(v, 2) for k, v in sorted(graphs.build_seconds.items())}
+                return lambda x: graphs(x).logits
+            return lambda x: m(x).logits  # the CPU: the model itself runs packed
 
         notes_accel: dict = {}
         guarded("ours-accel", make_accel)

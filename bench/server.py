@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--shape", default="s16", help="for --spawn: ti16, s16, b16, or micro (the server around a free model)"
     )
-    p.add_argument("--compile", default="auto", help="for --spawn: the server's --compile (off, auto, on)")
+    p.add_argument("--compile", default="auto", choices=("off", "auto"), help="for --spawn: the server's --compile")
     p.add_argument("--max-batch-size", type=int, default=None, help="for --spawn")
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for the spawned server (repeat)")
     p.add_argument("--endpoint", default="/v1/classify?top_k=5")
@@ -123,29 +123,42 @@ class VitServe(Spawned):
 
 
 class RawForward:
-    """Our forward alone at the server's batch size (same checkpoint, compile mode and dtype), in this process."""
+    """Our forward alone at the server's batch size (same checkpoint, dtype and `--compile`, so the same runner's
+    fast path: packed linear layers on a CPU, CUDA graphs on a GPU), in this process."""
 
     def __init__(self, ckpt: Path, args: argparse.Namespace):
         import torch
 
         from app.engine import load_model
-        from app.tasks import forward_lanes
+        from app.runner import ThreadShare, make_runner
 
         self.batch, self.seconds = args.max_batch_size, args.raw_seconds
         self.windows: list[dict] = []  # every measurement, in order
-        self.model = load_model(str(ckpt), device=args.device, dtype=args.dtype, compile=args.compile)
-        self.build = self.model.warmup([self.batch])
-        self.x = torch.randn(self.batch, 3, *self.model.config.image_size, device=self.model.device)  # micro: 32x32
+        self.model = load_model(str(ckpt), device=args.device, dtype=args.dtype)
         self.threads = torch.get_num_threads()
-        self.lanes = forward_lanes(self.model, self.threads)  # what the spawned server runs by default
+        start = time.perf_counter()
+        # what the spawned server runs by default: its lanes too (`ThreadShare` and `lanes=None` as it passes them)
+        self.runner = make_runner(
+            self.model, max_batch_size=self.batch, fast=args.compile != "off", share=ThreadShare(self.threads)
+        )
+        graphs = getattr(self.runner, "graphs", None)  # CUDA: the graph buckets, captured here
+        if graphs is not None:
+            graphs.capture_all()
+        self.build = {"runner": time.perf_counter() - start, **(graphs.build_seconds if graphs is not None else {})}
+        self.forward = self.model if graphs is None else torch.inference_mode()(graphs)  # a CPU: the model runs packed
+        self.lanes = self.runner.lanes
+        # the input as the server hands it to the forward: normalised, in the model's dtype (micro: 32x32)
+        self.x = torch.randn(self.batch, 3, *self.model.config.image_size, device=self.model.device).to(
+            self.model.dtype
+        )
 
     def measure(self) -> dict:
         """Time the forward for about `--raw-seconds` (at least 3 calls); kept in `windows` too. With lanes (a
         CPU), also `lanes_images_per_s`: that many forwards at once sharing the threads, as the server runs them."""
-        fns = {"ours": lambda: self.model(self.x)}
+        fns = {"ours": lambda: self.forward(self.x)}
         timing = common.time_interleaved(fns, str(self.model.device), 3, self.seconds, warmup=1)["ours"]
         out = timing.as_dict(self.batch)
-        out.update({"strategy": self.model.accel_strategy, "loadavg": os.getloadavg()[0]})
+        out.update({"fast_path": self.runner.fast_path, "loadavg": os.getloadavg()[0]})
         if self.lanes > 1:
             out["lanes"], out["lanes_images_per_s"] = self.lanes, round(self._lanes_rate(), 2)
         self.windows.append(out)
@@ -154,7 +167,7 @@ class RawForward:
     def _lanes_rate(self) -> float:
         from concurrent.futures import ThreadPoolExecutor
 
-        from app.accel import ThreadShare
+        from app.runner import ThreadShare
 
         share = ThreadShare(self.threads)
         deadline = time.perf_counter() + self.seconds
@@ -163,7 +176,7 @@ class RawForward:
             images = 0
             while time.perf_counter() < deadline:
                 with share.slot():
-                    self.model(self.x)
+                    self.forward(self.x)
                 images += self.batch
             return images
 

@@ -1,7 +1,8 @@
 """The Batcher on its own: batch formation, admission, cancellation, keys, pipelining, split-on-failure.
 
-`run_batch` here is a plain function that records what it was given (the batcher's contract is just
-"a callable from items to results"); the real model path is exercised in tests/http.
+The runner here (`FnRunner`) wraps plain functions that record what they were given (the batcher's contract is
+just the runner's `prepare(items)` and `forward(prepared) -> results`); the real runners are exercised in
+tests/test_runner.py and tests/http.
 """
 
 from __future__ import annotations
@@ -37,11 +38,27 @@ class Recorder:
         return [x * 2 for x in items]
 
 
-def make(run, **kw) -> Batcher:
+class FnRunner:
+    """The runner contract over plain functions: `forward(prepared) -> results`, and `prepare(items)` (the items as
+    they are when None; given, it runs on a thread of its own beside the forward, as on CUDA)."""
+
+    def __init__(self, forward, prepare=None, lanes: int = 1):
+        self._forward, self._prepare = forward, prepare
+        self.lanes = lanes
+        self.overlap = prepare is not None
+
+    def prepare(self, items: list) -> object:
+        return self._prepare(items) if self._prepare is not None else items
+
+    def forward(self, prepared) -> list:
+        return self._forward(prepared)
+
+
+def make(run, prepare=None, lanes: int = 1, **kw) -> Batcher:
     kw.setdefault("max_batch_size", 4)
     kw.setdefault("max_wait_s", 0.02)
     kw.setdefault("max_queue", 64)
-    return Batcher(run, name="t", **kw)
+    return Batcher(FnRunner(run, prepare, lanes), name="t", **kw)
 
 
 def run_async(coro):
@@ -263,8 +280,8 @@ def test_cancelled_requests_are_dropped_from_the_queue():
 
 
 def run_four_single_items(run, **kw) -> tuple[list, list[int]]:
-    """Items 0-3 as four single-item requests through one batcher of 4: each answer (or exception), and the size
-    of each forward the batcher counted."""
+    """Items 0-3 as four single-item requests through one batcher of 4: each answer (a failed item's exception
+    in its place), and the size of each forward the batcher counted."""
     sizes: list[int] = []
 
     async def main():
@@ -281,7 +298,7 @@ def test_a_failing_item_is_isolated_by_splitting_the_batch():
     rec = Recorder(poison=3)
     out, sizes = run_four_single_items(rec)
     assert out[:3] == [[0], [2], [4]]
-    assert isinstance(out[3], ForwardFailed) and "poisoned" in str(out[3])
+    assert isinstance(out[3][0], ForwardFailed) and "poisoned" in str(out[3][0])
     # [0 1 2 3] failed -> [0 1] ok, [2 3] failed -> [2] ok, [3] fails alone
     assert rec.batches == [[0, 1, 2, 3], [0, 1], [2, 3], [2], [3]]
     assert sizes == [2, 1]  # only successful forwards are counted
@@ -295,7 +312,7 @@ def test_a_failure_that_no_retry_can_fix_fails_the_batch_at_once():
         return "the device is lost"
 
     out, sizes = run_four_single_items(rec, fatal=fatal)
-    assert all(isinstance(o, Stopped) and "device is lost" in str(o) for o in out)
+    assert all(isinstance(o, Stopped) and "device is lost" in str(o) for (o,) in out)
     assert rec.batches == [[0, 1, 2, 3]] and sizes == []  # not split into retries that could only fail
     assert [str(e) for e in errors] == ["poisoned batch"]
 
@@ -453,7 +470,7 @@ def test_with_a_prepare_step_a_failing_item_is_still_isolated(where):
     staged.overlap.set()  # no holding back here
     out, sizes = run_four_single_items(staged.forward, prepare=staged.prepare)
     assert out[:3] == [[0], [2], [4]]
-    assert isinstance(out[3], ForwardFailed) and "poisoned" in str(out[3])
+    assert isinstance(out[3][0], ForwardFailed) and "poisoned" in str(out[3][0])
     assert sizes == [2, 1]
     # the halves were prepared and run again on the forward thread, one after the other
     seen = staged.prepared if where == "prepare" else staged.forwarded
@@ -476,7 +493,7 @@ def test_an_exception_returned_as_one_items_result_fails_that_item_alone():
 
     out = run_async(main())
     assert out[0] == [0] and out[1] == [2] and out[3] == [6]
-    assert isinstance(out[2], BadInput)
+    assert isinstance(out[2][0], BadInput)  # in its own place, for the caller to name
 
 
 @pytest.mark.parametrize("prepare", [None, list], ids=["one step", "prepared beside the forward"])

@@ -81,6 +81,7 @@ def test_photo_jpeg_has_the_asked_size():
 
 def test_raw_bench_runs_and_reports_agreement():
     pytest.importorskip("timm")
+    from app.runner import has_onednn_linear
     from bench import raw
 
     argv = "--shapes ti16 --batch-sizes 1 --dtypes float32 --impls ours,ours-accel,timm --seconds 0 --min-repeats 1"
@@ -90,6 +91,8 @@ def test_raw_bench_runs_and_reports_agreement():
     assert entry["impls"]["timm"]["max_abs_diff_vs_ours"] < 1e-4
     assert entry["impls"]["ours-accel"]["max_abs_diff_vs_ours"] < 1e-4
     assert "ours-accel/timm" in entry["ratios"]
+    notes = result["build"]["ti16/float32"]["ours-accel"]
+    assert notes["fast_path"] == ("onednn" if has_onednn_linear() else "eager")  # the CPU runner's packed model
 
 
 def test_float8_bench_reports_accuracy_agreement_and_speed():
@@ -106,7 +109,7 @@ def test_float8_bench_reports_accuracy_agreement_and_speed():
     assert 0 < digits["bfloat16"]["logits_mean_abs_diff"] < digits["float8"]["logits_mean_abs_diff"]
     assert result["photos"]["float8"]["embedding_cosine_min"] > 0.9
     (row,) = result["speed"]
-    assert row["float8"]["images_per_s"] > 0 and row["strategy"]["float8"] == "eager"
+    assert row["float8"]["images_per_s"] > 0 and row["fast_path"]["float8"] == "eager"
 
     speed_only = float8.main(
         ["--device", "cpu", "--shape", "ti16", "--batch-sizes", "1", "--seconds", "0", "--speed-only"]
@@ -117,6 +120,7 @@ def test_float8_bench_reports_accuracy_agreement_and_speed():
 def test_raw_windows_time_the_forward_alone_and_as_the_servers_lanes_run_it(tmp_path):
     import argparse
 
+    from app.runner import has_onednn_linear
     from bench.server import RawForward
 
     ckpt = common.write_native_checkpoint("ti16", tmp_path)
@@ -124,6 +128,7 @@ def test_raw_windows_time_the_forward_alone_and_as_the_servers_lanes_run_it(tmp_
     raw = RawForward(ckpt, args)
     window = raw.measure()
     assert window["images_per_s"] > 0 and raw.windows == [window]
+    assert window["fast_path"] == raw.runner.fast_path == ("onednn" if has_onednn_linear() else "eager")
     if raw.lanes > 1:  # a CPU with 2+ threads: the server's default lanes, timed the same way
         assert window["lanes"] == raw.lanes and window["lanes_images_per_s"] > 0
     else:

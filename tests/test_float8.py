@@ -1,11 +1,13 @@
 """`--dtype float8` (app.model.float8): float8 e4m3 multiplies in the blocks' linear layers, bfloat16 around them.
 
-On this CPU `torch._scaled_mm` is emulated; the tests check the numbers, and the CUDA tests the GPU path where
-there is a GPU with float8 tensor cores.
+`--dtype float8` is for GPUs with float8 tensor cores; `app.load_model` refuses it on a CPU. On a CPU torch
+emulates `torch._scaled_mm`, so the tests check float8's numbers on a model converted by hand (`emulated_float8`),
+and the CUDA tests the GPU path where there is a GPU with float8 tensor cores.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,8 @@ from app import digits
 from app.checkpoints import CheckpointError
 from app.model import ViTConfig
 from app.model.float8 import Float8Linear, float8_problem, to_float8
+from app.runner import make_runner
+from app.tasks import Item, Tensors
 from app.train import score
 
 # the CPU tests need torch's (emulated) float8 multiply on the CPU; the CUDA tests only a GPU that has one
@@ -24,6 +28,14 @@ cpu_float8 = pytest.mark.skipif(float8_problem(torch.device("cpu")) is not None,
 
 def _float8_gpu() -> bool:
     return torch.cuda.is_available() and float8_problem(torch.device("cuda")) is None
+
+
+def emulated_float8(spec: str) -> app.Model:
+    """What `--dtype float8` loads, built on a CPU: bfloat16 with the blocks' linear layers in float8."""
+    model = app.load_model(spec, dtype="bfloat16")
+    to_float8(model.net)
+    model.float8 = True
+    return model
 
 
 def _reference(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -75,19 +87,31 @@ def test_to_float8_converts_the_block_linears_it_can(make_tiny_vit, tiny_config)
         assert isinstance(net.head, nn.Linear) and net.patch_embed.proj.weight.dtype == torch.bfloat16
 
 
+def test_load_model_refuses_float8_on_a_cpu(tiny_checkpoint):
+    with pytest.raises(CheckpointError, match=r"float8 needs a CUDA GPU with float8 tensor cores"):
+        app.load_model(str(tiny_checkpoint), dtype="float8")
+    if not torch.cuda.is_available():  # auto resolves to the CPU here
+        with pytest.raises(CheckpointError, match=r"float8 needs a CUDA GPU"):
+            app.load_model(str(tiny_checkpoint), device="auto", dtype="float8")
+
+
 @cpu_float8
-def test_load_model_float8(tiny_checkpoint, pixels):
+def test_a_float8_model_and_its_cpu_runner(tiny_checkpoint, pixels):
     exact = app.load_model(str(tiny_checkpoint))(pixels)
-    model = app.load_model(str(tiny_checkpoint), dtype="float8", compile="auto")
+    model = emulated_float8(str(tiny_checkpoint))
     assert model.info["dtype"] == "float8" and model.dtype == torch.bfloat16
     assert sum(isinstance(m, Float8Linear) for m in model.net.modules()) == 4 * model.config.depth
 
     eager = model(pixels)
-    model.warmup(2)
+    runner = make_runner(model, max_batch_size=2)
+    runner.warmup(2)
+    items = [Item(Tensors(("logits",)), tensor=p.numpy()) for p in pixels]  # preprocessed pixels, as /v2 takes
+    served = torch.from_numpy(np.stack([r["logits"] for r in runner.forward(runner.prepare(items))]))
     fast, maps = model(pixels), model(pixels, attentions=True)
 
-    assert model.accel_strategy == "eager"  # oneDNN's packed linears would leave the float8 layers out
-    assert torch.equal(fast.logits, eager.logits)
+    assert runner.fast_path == "eager"  # oneDNN's packed linears would leave the float8 layers out
+    assert sum(isinstance(m, Float8Linear) for m in model.net.modules()) == 4 * model.config.depth  # none packed
+    assert torch.equal(fast.logits, eager.logits) and torch.equal(served, eager.logits)
     torch.testing.assert_close(fast.logits, exact.logits, atol=0.1, rtol=0.1)  # about 0.04 here; bfloat16 0.01
     assert F.cosine_similarity(fast.logits, exact.logits).min() > 0.99
     # the attention path computes the same function (softmax in float32 there, fused kernel here)
@@ -99,7 +123,7 @@ def test_load_model_float8(tiny_checkpoint, pixels):
 def test_float8_keeps_the_bundled_digit_models_accuracy():
     images, labels = digits.mnist_test_images()
     exact = app.load_model("mnist-vit")
-    fp8 = app.load_model("mnist-vit", dtype="float8")
+    fp8 = emulated_float8("mnist-vit")
     reference = score(exact, images, labels)
     assert score(fp8, images, labels) >= reference - 0.005  # measured: 98.3% against 98.2% (1,000 digits)
     batch = exact.preprocess(images[:200])
@@ -110,11 +134,15 @@ def test_float8_keeps_the_bundled_digit_models_accuracy():
 @pytest.mark.skipif(not _float8_gpu(), reason="needs a GPU with float8 tensor cores")
 def test_float8_on_cuda_is_close_to_float32_and_runs_under_cuda_graphs(tiny_checkpoint, pixels):
     exact = app.load_model(str(tiny_checkpoint))(pixels)
-    model = app.load_model(str(tiny_checkpoint), device="cuda", dtype="float8", compile="auto")
+    model = app.load_model(str(tiny_checkpoint), device="cuda", dtype="float8")
+    assert model.info["dtype"] == "float8"
+    assert sum(isinstance(m, Float8Linear) for m in model.net.modules()) == 4 * model.config.depth
     eager = model(pixels)
-    model.warmup(2)
-    graphed = model(pixels)
-    assert model.accel_strategy == "cudagraph"
+    runner = make_runner(model, max_batch_size=2)
+    runner.warmup(2)
+    with torch.inference_mode():
+        graphed = runner.graphs(pixels.to("cuda", model.dtype))
+    assert runner.fast_path == "cudagraph"
     # the same kernels on the same shapes; a bfloat16 step apart at most, should cuBLASLt pick another algorithm
     torch.testing.assert_close(graphed.logits, eager.logits, atol=1e-2, rtol=1e-2)
     logits = eager.logits.cpu()  # the same bounds as on the CPU (test_load_model_float8)

@@ -15,7 +15,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 @cuda
 def test_pinned_stager_reuses_its_buffers_without_overwriting_a_copy_in_flight():
-    from app.transfer import PinnedStager
+    from app.cuda_runner import PinnedStager
 
     device = torch.device("cuda")
     stager = PinnedStager(device)
@@ -40,30 +40,49 @@ def test_pinned_stager_reuses_its_buffers_without_overwriting_a_copy_in_flight()
 @cuda
 def test_prepared_batches_on_the_side_stream_equal_the_cpu_path(tiny_checkpoint):
     import app
-    from app.tasks import Classify, Item, forward_batch, prepare_batch, run_batch
+    from app.runner import make_runner
+    from app.tasks import Classify, Item
 
-    cpu = app.load_model(str(tiny_checkpoint))
-    gpu = app.load_model(str(tiny_checkpoint), device="cuda", dtype="float32")
+    cpu = make_runner(app.load_model(str(tiny_checkpoint)), max_batch_size=8)
+    gpu = make_runner(app.load_model(str(tiny_checkpoint), device="cuda", dtype="float32"), max_batch_size=8)
     rng = np.random.default_rng(1)
-    items = [Item(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), Classify(3)) for _ in range(5)]
-    expected = run_batch(cpu, items)
-    prepared = [prepare_batch(gpu, items[:3]), prepare_batch(gpu, items[3:])]  # two in flight at once
+    items = [Item(Classify(3), pixels=rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(5)]
+    expected = cpu.forward(cpu.prepare(items))
+    prepared = [gpu.prepare(items[:3]), gpu.prepare(items[3:])]  # two in flight at once
     assert prepared[0].ready is not None and prepared[0].inputs.dtype == torch.float32
-    got = forward_batch(gpu, prepared[0]) + forward_batch(gpu, prepared[1])
+    got = gpu.forward(prepared[0]) + gpu.forward(prepared[1])
     for a, b in zip(got, expected, strict=True):
         assert list(a.indices) == list(b.indices)
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
 
 
-def test_the_batcher_gets_a_prepare_step_on_cuda_only(tiny_checkpoint):
-    import app
-    from app.tasks import batch_steps, forward_batch, prepare_batch, run_batch
+def test_a_batch_is_prepared_beside_the_forward_on_cuda_only(tiny_checkpoint):
+    import asyncio
+    import threading
 
-    steps = batch_steps(app.load_model(str(tiny_checkpoint)))
-    assert set(steps) == {"run_batch"} and steps["run_batch"].func is run_batch  # the CPU: one step, inline
+    import app
+    from app.batching import Batcher
+    from app.runner import make_runner
+    from app.tasks import Classify, Item
+
+    async def threads_used(device: str) -> set[str]:
+        runner = make_runner(app.load_model(str(tiny_checkpoint), device=device), max_batch_size=2)
+        seen = set()
+        prepare = runner.prepare
+        runner.prepare = lambda items: seen.add(threading.current_thread().name) or prepare(items)
+        batcher = Batcher(runner, max_batch_size=2, max_wait_s=0)
+        batcher.start()
+        try:
+            pixels = np.zeros((32, 32, 3), np.uint8)
+            results = await batcher.run([Item(Classify(1), pixels=pixels)] * 3)
+            assert all(r.indices.shape == (1,) for r in results)
+        finally:
+            await batcher.stop()
+        return {name.split("_")[0] for name in seen}
+
+    assert asyncio.run(threads_used("cpu")) == {"forward-model"}  # the CPU: one step on the forward thread
     if torch.cuda.is_available():
-        steps = batch_steps(app.load_model(str(tiny_checkpoint), device="cuda"))
-        assert steps["prepare"].func is prepare_batch and steps["run_batch"].func is forward_batch
+        assert asyncio.run(threads_used("cuda")) == {"prepare-model"}
 
 
 def _jpegs() -> list[bytes]:
@@ -108,16 +127,17 @@ def test_nvjpeg_batches_match_the_cpu_decoder_within_a_few_grey_levels():
 def test_a_cuda_batch_of_jpegs_and_pixels_with_a_corrupt_one(tiny_checkpoint, bogus_huffman_table):
     import app
     from app.decode import ImageError, jpeg_for_device
-    from app.tasks import Classify, Item, forward_batch, prepare_batch
+    from app.runner import make_runner
+    from app.tasks import Classify, Item
 
-    model = app.load_model(str(tiny_checkpoint), device="cuda", dtype="bfloat16")
-    cfg = model.preprocess_config
+    runner = make_runner(app.load_model(str(tiny_checkpoint), device="cuda", dtype="bfloat16"), max_batch_size=8)
+    cfg = runner.model.preprocess_config
     datas = _jpegs()
     datas[1] = bogus_huffman_table(datas[1])  # the header intact, the image data undecodable
-    items = [Item(jpeg_for_device(d, cfg, 10**8), Classify(2)) for d in datas]
-    items.append(Item(np.zeros((*cfg.output_size, 3), np.uint8), Classify(2)))
-    prepared = prepare_batch(model, items)
+    items = [Item(Classify(2), jpeg=jpeg_for_device(d, cfg, 10**8)) for d in datas]
+    items.append(Item(Classify(2), pixels=np.zeros((*cfg.output_size, 3), np.uint8)))
+    prepared = runner.prepare(items)
     assert prepared.ready is not None and prepared.inputs.dtype == torch.bfloat16
-    results = forward_batch(model, prepared)
+    results = runner.forward(prepared)
     assert 1 in prepared.errors and isinstance(results[1], ImageError)  # nvJPEG refused it, and so did Pillow
     assert all(results[i].indices.shape == (2,) for i in (0, 2, 3))

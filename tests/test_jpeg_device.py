@@ -18,7 +18,8 @@ import app
 from app import gpu_decode
 from app.decode import Encoded, ImageError, decode_to_pixels, jpeg_for_device
 from app.preprocess import PreprocessConfig
-from app.tasks import Classify, Item, forward_batch, prepare_batch, run_batch
+from app.runner import make_runner
+from app.tasks import Classify, Item
 
 pytestmark = [
     pytest.mark.skipif(not gpu_decode.available(), reason="torchvision is not installed"),
@@ -110,32 +111,34 @@ def test_memory_bounds_split_the_work_without_changing_results(jpegs, monkeypatc
 
 
 def test_a_corrupt_jpeg_fails_alone_and_its_batch_mates_run(tiny_checkpoint, jpegs, bogus_huffman_table):
-    model = app.load_model(str(tiny_checkpoint))
-    cfg = model.preprocess_config
+    runner = make_runner(app.load_model(str(tiny_checkpoint)), max_batch_size=4, jpeg_decoder="torchvision")
+    assert runner.takes_jpeg
+    cfg = runner.model.preprocess_config
     datas = [jpegs["chelsea@1.0"], bogus_huffman_table(jpegs["coffee@1.0"]), jpegs["china@0.5"]]
     pixels = np.zeros((*cfg.output_size, 3), np.uint8)
-    items = [Item(queued(d, cfg), Classify(3)) for d in datas] + [Item(pixels, Classify(3))]
-    prepared = prepare_batch(model, items)
+    items = [Item(Classify(3), jpeg=queued(d, cfg)) for d in datas] + [Item(Classify(3), pixels=pixels)]
+    prepared = runner.prepare(items)
     assert set(prepared.errors) == {1} and sorted(prepared.rows) == [0, 2, 3]
     error = prepared.errors[1]
-    assert isinstance(error, ImageError) and error.code == "invalid_image" and error.item is items[1]
-    results = forward_batch(model, prepared)
-    assert results[1] is error
+    assert isinstance(error, ImageError) and error.code == "invalid_image"
+    results = runner.forward(prepared)
+    assert results[1] is error  # in the failed item's own place
     # the others: exactly what the PIL path gives for the same pixels, and the uint8 item as before
-    exact = [Item(device_pixels([d], cfg)[0], Classify(3)) for d in (datas[0], datas[2])] + [items[3]]
-    for got, want in zip([results[0], results[2], results[3]], run_batch(model, exact), strict=True):
+    exact = [Item(Classify(3), pixels=device_pixels([d], cfg)[0]) for d in (datas[0], datas[2])] + [items[3]]
+    for got, want in zip([results[0], results[2], results[3]], runner.forward(runner.prepare(exact)), strict=True):
         assert list(got.indices) == list(want.indices)
         np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
 
 
 def test_logits_barely_move_between_the_pil_and_the_device_path(tiny_checkpoint, jpegs):
     model = app.load_model(str(tiny_checkpoint))
+    runner = make_runner(model, max_batch_size=8, fast=False, jpeg_decoder="torchvision")
     cfg = model.preprocess_config
     datas = list(jpegs.values())
     pil = np.stack([decode_to_pixels(d, cfg, LIMIT, draft=False).pixels for d in datas])
     with torch.inference_mode():
         expected = model(model.normalize(torch.from_numpy(pil))).logits
-        prepared = prepare_batch(model, [Item(queued(d, cfg), Classify(1)) for d in datas])
+        prepared = runner.prepare([Item(Classify(1), jpeg=queued(d, cfg)) for d in datas])
         order = np.argsort(prepared.rows)
         got = model(prepared.inputs).logits[torch.from_numpy(order)]
     scale = expected.abs().max()
@@ -144,11 +147,15 @@ def test_logits_barely_move_between_the_pil_and_the_device_path(tiny_checkpoint,
 
 
 def test_the_warm_up_decodes_a_jpeg_only_where_the_device_path_is_chosen(tiny_checkpoint):
-    from app.tasks import FAST, run_batch, warmup_items
+    from app.runner import warmup_items
+    from app.tasks import FAST
 
-    model = app.load_model(str(tiny_checkpoint))
-    assert not any(isinstance(i.pixels, Encoded) for i in warmup_items(model, 2, FAST, "pil"))
-    assert not any(isinstance(i.pixels, Encoded) for i in warmup_items(model, 2, FAST, "auto"))  # auto: not on a CPU
-    items = warmup_items(model, 2, FAST, "torchvision")
-    assert isinstance(items[0].pixels, Encoded) and isinstance(items[1].pixels, np.ndarray)
-    assert len(run_batch(model, items)) == 2  # the warm-up batch runs through the device decoder
+    def runner(choice: str):
+        return make_runner(app.load_model(str(tiny_checkpoint)), max_batch_size=2, jpeg_decoder=choice)
+
+    assert not any(i.jpeg for i in warmup_items(runner("pil"), 2, FAST))
+    assert not any(i.jpeg for i in warmup_items(runner("auto"), 2, FAST))  # auto: not on a CPU
+    device = runner("torchvision")
+    items = warmup_items(device, 2, FAST)
+    assert isinstance(items[0].jpeg, Encoded) and isinstance(items[1].pixels, np.ndarray)
+    assert len(device.forward(device.prepare(items))) == 2  # the warm-up batch runs through the device decoder

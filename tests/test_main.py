@@ -214,7 +214,7 @@ def test_bad_options_exit_2_and_help_works():
     ],
 )
 def test_openmp_threads_sleep_unless_the_user_chose_otherwise(given, expected):
-    from app.__main__ import sleeping_openmp_threads
+    from app.process import sleeping_openmp_threads
 
     environ = dict(given)
     sleeping_openmp_threads(environ)

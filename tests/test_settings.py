@@ -162,3 +162,53 @@ def test_a_cgroup_cpu_quota_caps_the_available_cpus(tmp_path):
     cpu_max.write_text("max 100000\n")
     assert available_cpus(cpu_max) == affinity
     assert available_cpus(tmp_path / "absent") == affinity  # no cgroup v2 file: the affinity mask alone
+
+
+FLAGS = [
+    "--model",
+    "--arch",
+    "--image-size",
+    "--models-dir",
+    "--host",
+    "--port",
+    "--device",
+    "--dtype",
+    "--max-batch-size",
+    "--max-wait-ms",
+    "--max-queue",
+    "--request-timeout-s",
+    "--max-upload-bytes",
+    "--max-images-per-request",
+    "--max-image-pixels",
+    "--api-key",
+    "--log-level",
+    "--decode-workers",
+    "--decode-pool",
+    "--jpeg-draft",
+    "--jpeg-decoder",
+    "--warmup",
+    "--drain-timeout-s",
+    "--forward-timeout-s",
+    "--compile",
+    "--workers",
+    "--threads",
+    "--lanes",
+]
+
+
+def test_every_setting_is_a_flag_whose_help_is_its_description(capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_settings(["--help"])
+    assert stop.value.code == 0
+    usage = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    for field, info in Settings.model_fields.items():
+        flag = "--" + field.replace("_", "-")
+        assert info.description and f"{flag} " in usage and " ".join(info.description.split()) in usage, field
+    assert [flag for flag in FLAGS if f"{flag} " not in usage] == []  # every flag of today, spelled as always
+
+
+def test_a_flag_sets_its_field_and_wins_over_its_variable(monkeypatch):
+    monkeypatch.setenv("VIT_JPEG_DRAFT", "true")
+    monkeypatch.setenv("VIT_DRAIN_TIMEOUT_S", "7")
+    s = parse_settings(["--jpeg-draft", "false", "--compile", "off", "--lanes", "3", "--models-dir", "/m"])
+    assert (s.jpeg_draft, s.compile, s.lanes, s.models_dir, s.drain_timeout_s) == (False, "off", 3, "/m", 7.0)

@@ -1,4 +1,4 @@
-"""app.tasks: a batch of mixed requests answers each one as it would be answered alone."""
+"""app.tasks through a runner: a batch of mixed requests answers each one as it would be answered alone."""
 
 from __future__ import annotations
 
@@ -6,19 +6,25 @@ import numpy as np
 import pytest
 
 from app.engine import load_model
-from app.tasks import ATTENTION, AttentionDistance, AttentionMap, Item, Tensors, batch_key, run_batch
+from app.runner import Runner, make_runner
+from app.tasks import ATTENTION, AttentionDistance, AttentionMap, Item, Tensors, batch_key
 
 
 @pytest.fixture
-def model(tiny_checkpoint, perturb):
-    loaded = load_model(str(tiny_checkpoint / "model.safetensors"), device="cpu", dtype="float32", compile="auto")
+def runner(tiny_checkpoint, perturb) -> Runner:
+    loaded = load_model(str(tiny_checkpoint / "model.safetensors"), device="cpu", dtype="float32")
     perturb(loaded.net)  # an untrained head and embeddings would give near-uniform attention everywhere
-    loaded.warmup(8)
-    return loaded
+    cpu = make_runner(loaded, max_batch_size=8)
+    cpu.warmup(8)
+    return cpu
 
 
-def test_a_mixed_attention_batch_answers_each_item_as_alone(model):
-    h, w = model.preprocess_config.output_size
+def run_batch(runner: Runner, items: list[Item]) -> list[object]:
+    return runner.forward(runner.prepare(items))
+
+
+def test_a_mixed_attention_batch_answers_each_item_as_alone(runner):
+    h, w = runner.model.preprocess_config.output_size
     rng = np.random.default_rng(0)
     tasks = [
         AttentionMap("rollout"),
@@ -28,11 +34,11 @@ def test_a_mixed_attention_batch_answers_each_item_as_alone(model):
         AttentionMap("cls", layer=-1, head=None),
         AttentionMap("rollout"),
     ]
-    items = [Item(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), t) for t in tasks]
+    items = [Item(t, pixels=rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for t in tasks]
     assert {batch_key(item) for item in items} == {ATTENTION}  # the batcher would put them in one batch
-    together = run_batch(model, items)
+    together = run_batch(runner, items)
     for item, got in zip(items, together, strict=True):
-        (alone,) = run_batch(model, [item])
+        (alone,) = run_batch(runner, [item])
         if isinstance(alone, dict):
             assert got.keys() == alone.keys()
             for name in alone:
@@ -43,14 +49,17 @@ def test_a_mixed_attention_batch_answers_each_item_as_alone(model):
     assert not np.allclose(together[0], together[5], atol=1e-3)
 
 
-def test_class_token_maps_compute_only_the_layers_they_read(model):
-    h, w = model.preprocess_config.output_size
+def test_class_token_maps_compute_only_the_layers_they_read(runner):
+    h, w = runner.model.preprocess_config.output_size
     pixels = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
     computed = []  # per block run: did it materialise its attention weights?
-    for block in model._fast.attention_net.blocks:
+    for block in runner.model.net.blocks:
         block.register_forward_hook(lambda module, args, out: computed.append(out[1] is not None))
-    run_batch(model, [Item(pixels, AttentionMap("cls", layer=0)), Item(pixels, AttentionMap("cls", layer=0, head=1))])
+    run_batch(
+        runner,
+        [Item(AttentionMap("cls", layer=0), pixels=pixels), Item(AttentionMap("cls", layer=0, head=1), pixels=pixels)],
+    )
     assert computed == [True, False]  # layer 1 kept the fused kernel
     computed.clear()
-    run_batch(model, [Item(pixels, AttentionMap("cls", layer=0)), Item(pixels, AttentionMap("rollout"))])
+    run_batch(runner, [Item(AttentionMap("cls", layer=0), pixels=pixels), Item(AttentionMap("rollout"), pixels=pixels)])
     assert computed == [True, True]  # the rollout reads every layer

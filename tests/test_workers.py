@@ -2,12 +2,13 @@
 
 - two workers answer what the engine computes, both serve, and `/metrics` in either one counts the requests
   and images of both (prometheus-client's multiprocess mode), also those of a worker that has died;
-- a worker killed with SIGKILL is replaced while the other keeps answering; SIGTERM drains both, the
-  supervisor exits 0 and removes its metrics directory;
-- a checkpoint that cannot be loaded ends the supervisor with status 1 and one error line; a worker that reports
-  a fatal error once serving (a GPU lost for good) is left to exit and be replaced;
-- the option itself: `--workers` / `VIT_WORKERS`, at least 1; the supervisor imports no torch.
-"""
+- a worker killed with SIGKILL is replaced by a new process (a new pid, which serves once its models are
+  ready) while the other keeps answering; SIGTERM drains both, the supervisor exits 0 and removes its metrics
+  directory; SIGTERM while a replacement still loads stops it before it is ready;
+- a checkpoint that cannot be loaded ends the supervisor with status 1 and one error line; a worker whose device
+  hangs while serving exits 1 and is replaced; a port in use ends the supervisor with status 3;
+- workers whose supervisor is killed drain and leave;
+- the option itself: `--workers` / `VIT_WORKERS`, at least 1; the supervisor imports no torch."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import io
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,9 +32,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_main import ROOT, free_port, start, wait_until
 
 import app
-from app.__main__ import log_config, parse_settings
+from app.__main__ import parse_settings
+from app.process import log_config, worker_environment
 from app.settings import available_cpus
-from app.supervisor import worker_environment
 
 sys.path.insert(0, str(ROOT / "tests" / "http"))
 from http_support import encode, photo, save_tiny
@@ -97,8 +99,9 @@ class Client:
         self.images += sum(1 + i % 2 for i in range(first, first + n))
 
 
-def serving_pids(log: Path) -> set[str]:
-    return set(re.findall(r"\[(\d+)\] q\d+ POST /v1/classify model=tiny", log.read_text()))
+def serving_pids(text: str) -> set[str]:
+    """The pids of the workers that logged a request in `text` (a part of the server's log)."""
+    return set(re.findall(r"\[(\d+)\] q\d+ POST /v1/classify model=tiny", text))
 
 
 def metric_sum(base: str, name: str, **labels: str) -> tuple[float, int]:
@@ -127,19 +130,32 @@ def test_two_workers_serve_count_together_survive_a_kill_and_drain(checkpoint, u
         client = Client(base, uploads, expected)
         for _ in range(5):  # the kernel hands each new connection to whichever worker accepts first
             client.send(20)
-            if serving_pids(log) == set(pids):
+            if serving_pids(log.read_text()) == set(pids):
                 break
-        assert serving_pids(log) == set(pids), "one worker took every request"
+        assert serving_pids(log.read_text()) == set(pids), "one worker took every request"
         assert metric_sum(base, "vit_requests_total", endpoint="/v1/classify", status="200")[0] == client.requests
         assert metric_sum(base, "vit_images_total", endpoint="/v1/classify", model="tiny")[0] == client.images
 
         os.kill(int(pids[0]), signal.SIGKILL)
         log_until(log, rf"worker 0 \(pid {pids[0]}\) was killed by SIGKILL; starting a new one", proc)
-        while not re.search(r"supervisor: worker 0 \(pid \d+\) ready", log.read_text()):
+        killed_at = len(log.read_text())  # the supervisor has seen it dead: nothing of it after this point
+        while not (ready := re.search(r"supervisor: worker 0 \(pid (\d+)\) ready", log.read_text())):
             client.send(4)  # the other worker answers meanwhile; the new one joins once ready
             assert proc.poll() is None
             time.sleep(0.2)  # leave the cores to the new worker's start
-        client.send(20)
+        new = ready.group(1)
+        assert new not in pids
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pids[0]), 0)  # the killed worker is gone
+        for _ in range(10):
+            client.send(20)
+            if new in serving_pids(log.read_text()[killed_at:]):
+                break
+        after_the_kill = serving_pids(log.read_text()[killed_at:])
+        assert new in after_the_kill and pids[0] not in after_the_kill
+        text = log.read_text()
+        # the replacement took no request before its models were ready
+        assert text.index(f"[{new}] ready: serving tiny") < text.index(f"[{new}] q")
         # the dead worker's counts stay in the sums; gauges combine the live workers into one sample
         assert metric_sum(base, "vit_requests_total", endpoint="/v1/classify", status="200")[0] == client.requests
         assert metric_sum(base, "vit_images_total", endpoint="/v1/classify", model="tiny")[0] == client.images
@@ -178,11 +194,107 @@ def test_a_bad_checkpoint_stops_every_worker_with_one_line(tmp_path):
     assert list(tmp.glob("vitserve-metrics-*")) == []
 
 
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped by its new parent counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] == "Z"
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+def test_workers_drain_and_leave_when_their_supervisor_is_killed(checkpoint, tmp_path):
+    port, log = free_port(), tmp_path / "server.log"
+    args = ["--workers", "2", "--model", f"tiny={checkpoint}", "--port", str(port), "--device", "cpu"]
+    proc = start([*args, "--decode-workers", "0"], log)
+    pids: list[int] = []
+    try:
+        pids = [int(p) for p in log_until(log, r"supervisor: 2 workers \(pids (\d+), (\d+)\)", proc).groups()]
+        log_until(log, r"supervisor: all 2 workers ready", proc)
+        proc.kill()  # SIGKILL: the supervisor cannot tell its workers
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while not all(gone(pid) for pid in pids):
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert log.read_text().count("the supervisor has gone; draining") == 2
+    finally:
+        for pid in pids:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_while_a_replacement_loads_stops_it_before_it_listens(checkpoint, tmp_path):
+    port, log = free_port(), tmp_path / "server.log"
+    args = ["--workers", "2", "--model", f"tiny={checkpoint}", "--port", str(port), "--device", "cpu"]
+    proc = start([*args, "--decode-workers", "0"], log)
+    try:
+        pids = log_until(log, r"supervisor: 2 workers \(pids (\d+), (\d+)\)", proc).groups()
+        log_until(log, r"supervisor: all 2 workers ready", proc)
+        os.kill(int(pids[0]), signal.SIGKILL)
+        log_until(log, r"starting a new one", proc)
+        proc.send_signal(signal.SIGTERM)  # the replacement is still importing torch, or loading
+        assert proc.wait(timeout=60) == 0, log.read_text()
+        out = log.read_text()
+        new = re.findall(r"\[(\d+)\] Started server process", out)[-1]
+        assert new not in pids and f"[{new}] Finished server process" in out  # it stopped, exit status 0
+        assert f"[{new}] ready:" not in out and f"(pid {new}) ready" not in out and "Traceback" not in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_port_in_use_ends_the_supervisor_with_3_and_starts_no_worker(tmp_path):
+    log = tmp_path / "server.log"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = start(["--workers", "2", "--port", str(port)], log)
+        code = proc.wait(timeout=60)
+    out = log.read_text()
+    assert code == 3 and "Address already in use" in out and "supervisor:" not in out, out
+
+
+# imported by every Python process started with this folder on PYTHONPATH (the supervisor's spawned workers
+# too): a device that never answers, as a hung GPU kernel does
+HUNG_DEVICE = """
+import threading
+import app.engine
+
+app.engine.Model.__call__ = lambda self, *args, **kwargs: threading.Event().wait()
+"""
+
+
+def test_a_worker_whose_device_hangs_exits_1_and_is_replaced(checkpoint, uploads, tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(HUNG_DEVICE)
+    port, log = free_port(), tmp_path / "server.log"
+    args = ["--workers", "2", "--model", f"tiny={checkpoint}", "--port", str(port), "--device", "cpu"]
+    args += ["--decode-workers", "0", "--warmup", "false", "--forward-timeout-s", "0.5"]
+    proc = start(args, log, env={"PYTHONPATH": str(tmp_path)})
+    try:
+        pids = log_until(log, r"supervisor: 2 workers \(pids (\d+), (\d+)\)", proc).groups()
+        log_until(log, r"supervisor: all 2 workers ready", proc)
+        png = {"content": uploads[0], "headers": {"content-type": "image/png"}}
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/classify?top_k=2", **png, timeout=60)
+        assert answer.status_code == 503  # the batch in the hung forward
+        failed = log_until(log, r"worker (\d) \(pid (\d+)\) exited with status 1 \(model 'tiny': a forward", proc)
+        assert failed.group(2) in pids
+        replaced = log_until(log, rf"supervisor: worker {failed.group(1)} \(pid (\d+)\) ready", proc).group(1)
+        assert replaced not in pids and gone(int(failed.group(2)))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_worker_that_fails_before_ready_stops_all_one_that_fails_while_serving_is_replaced(tmp_path):
     import multiprocessing
 
+    from app.process import Supervisor, Worker
     from app.settings import Settings
-    from app.supervisor import Supervisor, Worker
 
     ctx = multiprocessing.get_context("spawn")
     outcomes = []
@@ -228,6 +340,6 @@ def test_each_worker_gets_its_share_of_the_cpus_unless_the_user_chose(monkeypatc
 
 
 def test_the_supervisor_imports_neither_torch_nor_the_app():
-    code = "import sys, app.__main__, app.supervisor; print([m for m in ('torch', 'app.http') if m in sys.modules])"
+    code = "import sys, app.__main__, app.process; print([m for m in ('torch', 'app.http') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "[]"

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from app.decode import ImageError
 from app.http.responses import FastJSON
 
 STATUS_CODES = {
@@ -67,6 +68,15 @@ def api_error_response(path: str, error: ApiError) -> Response:
 
 def invalid(message: str) -> ApiError:
     return ApiError(422, "invalid_request", message)
+
+
+def image_error(error: ImageError, index: int | None = None, filename: str | None = None, where: str = "") -> ApiError:
+    """An image the server will not decode -> 400 with its code (`invalid_image`, `image_too_large`), naming the
+    image: `where` it is, else its index (and filename)."""
+    if not where:
+        where = f"image {index}" + (f" ({filename})" if filename else "") if index is not None else "the image"
+    extra = {} if index is None else {"index": index, "filename": filename}
+    return ApiError(400, error.code, f"{where}: {error}", **extra)
 
 
 def internal_error(request_id: str) -> ApiError:

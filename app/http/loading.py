@@ -17,15 +17,14 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.accel import ThreadShare, default_buckets
 from app.batching import Batcher
 from app.checkpoints.detect import default_models_dir, list_repository, model_name
 from app.http.state import ServedModel, ServerState
 from app.settings import ModelSpec, Settings
-from app.tasks import ATTENTION, FAST, batch_steps, forward_lanes, run_batch, warmup_items
 
 if TYPE_CHECKING:
     from app.engine import Model
+    from app.runner import Runner
 
 log = logging.getLogger("vitserve")
 
@@ -77,18 +76,24 @@ def engine_loader(spec: ModelSpec, settings: Settings, models_dir: Path | None) 
         device=settings.device,
         dtype=settings.dtype,
         models_dir=models_dir,
-        compile=settings.compile,
     )
 
 
-def warm_up(model: Model, max_batch_size: int, jpeg_decoder: str = "auto") -> None:
-    """Build the fast path's buckets (compile, capture), then run it at every batch size the batcher will use,
-    and the attention path at the smallest and largest."""
-    model.warmup(default_buckets(max_batch_size))
-    for size in default_buckets(max_batch_size):
-        run_batch(model, warmup_items(model, size, FAST, jpeg_decoder))
-    for size in sorted({1, max_batch_size}):
-        run_batch(model, warmup_items(model, size, ATTENTION))
+def runner_for(state: ServerState, model: Model, max_batch_size: int) -> Runner:
+    """The runner of `model`'s device, as the settings ask (on a worker thread: packing takes a moment)."""
+    from app.runner import ThreadShare, make_runner
+
+    settings = state.settings
+    if state.thread_share is None:  # one per process: every model's lanes share the forward's threads
+        state.thread_share = ThreadShare(settings.forward_threads)
+    return make_runner(
+        model,
+        max_batch_size=max_batch_size,
+        fast=settings.compile != "off",
+        jpeg_decoder=settings.jpeg_decoder,
+        share=state.thread_share,
+        lanes=settings.lanes,
+    )
 
 
 def one_line(error: BaseException) -> str:
@@ -117,7 +122,7 @@ async def load_all(state: ServerState, loader: Loader) -> None:
             if state.default_model is None:
                 state.default_model = p.name
         keep_out_of_garbage_collection()
-        state.ready = True
+        state.open()
         log.info("ready: serving %s (default %s)", ", ".join(state.models), state.default_model)
     except asyncio.CancelledError:
         raise
@@ -162,28 +167,20 @@ def keep_out_of_garbage_collection() -> None:
     gc.freeze()
 
 
-def thread_share(state: ServerState) -> ThreadShare:
-    """The one `ThreadShare` of this process: every model's lanes share the forward's threads."""
-    if state.thread_share is None:
-        state.thread_share = ThreadShare(state.settings.forward_threads)
-    return state.thread_share
-
-
 async def load_one(state: ServerState, p: Planned, loader: Loader, models_dir: Path) -> ServedModel:
     settings, metrics = state.settings, state.metrics
     started = time.monotonic()
     model = await asyncio.to_thread(loader, p.spec, settings, models_dir)
     max_batch = settings.batch_size_for(model.device.type)
-    lanes = forward_lanes(model, settings.forward_threads, settings.lanes)
-    if settings.lanes is not None and lanes != settings.lanes:
-        log.warning("model %s: --lanes applies on a CPU without torch.compile only; 1 lane", p.name)
+    runner = await asyncio.to_thread(runner_for, state, model, max_batch)
+    if settings.lanes is not None and runner.lanes != settings.lanes:
+        log.warning("model %s: --lanes applies on a CPU only; %d lane", p.name, runner.lanes)
     batcher = Batcher(
-        **batch_steps(model, thread_share(state) if lanes > 1 else None),
+        runner,
         name=p.name,
         max_batch_size=max_batch,
         max_wait_s=settings.max_wait_ms / 1000.0,
         max_queue=settings.max_queue,
-        lanes=lanes,
         on_batch=metrics.batch_size.labels(p.name).observe,
         on_depth=metrics.queue_depth.labels(p.name).set,
         fatal=partial(device_lost, state, asyncio.get_running_loop(), p.name, model),
@@ -193,16 +190,20 @@ async def load_one(state: ServerState, p: Planned, loader: Loader, models_dir: P
     metrics.queue_depth.labels(p.name).set(0)  # present from the start, not from the first request
     batcher.start()
     try:
-        if settings.warmup:
-            await batcher.call(warm_up, model, max_batch, settings.jpeg_decoder)
-        else:  # no warm-up, but still the fast path: its buckets built on first use
-            await batcher.call(model.accelerate, default_buckets(max_batch))
+        if settings.warmup:  # without it, CUDA graphs are captured on first use
+            await batcher.warmup()
     except BaseException:
         await batcher.stop()
         raise
     seconds = time.monotonic() - started
     metrics.load_seconds.labels(p.name).set(seconds)
     log.info(
-        "model %s loaded from %s in %.2f s (max batch %d, lanes %d)", p.name, p.spec.spec, seconds, max_batch, lanes
+        "model %s loaded from %s in %.2f s (max batch %d, lanes %d, %s)",
+        p.name,
+        p.spec.spec,
+        seconds,
+        max_batch,
+        runner.lanes,
+        runner.fast_path,
     )
     return ServedModel(p.name, model, batcher)

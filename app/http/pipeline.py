@@ -7,7 +7,7 @@ count while reading, then room for all its images (503 again, before any decodin
 from the moment the body has been read) and the client's disconnect, either of which drops the request's
 unfinished work.
 
-JPEGs on the device path (`--jpeg-decoder`, `app.gpu_decode.use_for`) have only their header checked (on a
+JPEGs for a runner that takes them (`Runner.takes_jpeg`: `--jpeg-decoder`) have only their header checked (on a
 thread, `Decoder.pixels_or_jpeg`) and are queued compressed; their batch decodes them. One that turns out
 undecodable then comes back as that image's `ImageError` (400, naming it), while the rest of its batch is
 answered.
@@ -28,10 +28,9 @@ from typing import TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 
-from app import gpu_decode
 from app.batching import Admission, ForwardFailed, Overloaded, Stopped
 from app.decode import Decoded, Encoded, ImageError
-from app.http.errors import ApiError, internal_error, invalid
+from app.http.errors import ApiError, image_error, internal_error, invalid
 from app.http.inputs import Upload, read_uploads
 from app.http.middleware import note, request_id_of
 from app.http.state import ServedModel, ServerState
@@ -133,7 +132,7 @@ async def decode_uploads(
     decoded, previews = done[: len(uploads)], done[len(uploads) :]
     for i, d in enumerate(decoded):
         if isinstance(d, ImageError):
-            raise _image_error(d, i, uploads[i].filename)
+            raise image_error(d, i, uploads[i].filename)
         if isinstance(d, BaseException):
             raise d  # the pool itself failed: a server fault
     for d in previews:
@@ -152,39 +151,34 @@ async def run_items(
     """The model's results for `items`, in order, through its batcher; its failures as API.md's errors (with
     `filenames`, an image that fails is named by its file too)."""
     try:
-        return await served.batcher.run(items, batch_key(items[0]), admission)
-    except ImageError as e:  # found while its batch decoded it on the device
-        i = _image_error_index(e, items)
-        raise _image_error(e, i, filenames[i] if filenames else None) from None
-    except ForwardFailed:
-        raise internal_error(request_id_of(request.scope)) from None
-    except Stopped as e:  # shutting down, or the device is lost or hangs: the reason says which
-        raise ApiError(503, "not_ready", f"{e}; retry on another instance") from None
+        results = await served.batcher.run(items, batch_key(items[0]), admission)
+    except Stopped as e:  # the batcher stopped or halted first
+        results = [e]
+    for i, result in enumerate(results):
+        if isinstance(result, ImageError):  # found while its batch decoded it on the device
+            raise image_error(result, i, filenames[i] if filenames else None)
+        if isinstance(result, ForwardFailed):
+            raise internal_error(request_id_of(request.scope))
+        if isinstance(result, Stopped):  # shutting down, or the device is lost or hangs: the reason says which
+            raise ApiError(503, "not_ready", f"{result}; retry on another instance")
+    return results
 
 
 def _image_decoder(state: ServerState, served: ServedModel) -> Callable[[bytes], Awaitable[Decoded | Encoded]]:
-    """The decode step for a model: pixels from the pool, or on the device path (`--jpeg-decoder`) a JPEG whose
-    header is checked and which is queued compressed for its batch to decode."""
+    """The decode step for a model: pixels from the pool, or for a runner that takes JPEGs a JPEG whose header is
+    checked and which is queued compressed for its batch to decode."""
     decoder = state.decoder
     assert decoder is not None
     cfg = served.model.preprocess_config
-    if gpu_decode.use_for(state.settings.jpeg_decoder, getattr(served.model, "device", None), cfg):
+    if served.batcher.runner.takes_jpeg:
         return partial(decoder.pixels_or_jpeg, cfg=cfg)
     return partial(decoder.pixels, cfg=cfg)
 
 
 def to_item(decoded: Decoded | Encoded, task: Task) -> Item:
-    return Item(decoded if isinstance(decoded, Encoded) else decoded.pixels, task)
-
-
-def _image_error_index(error: ImageError, items: list[Item]) -> int:
-    """Which item an `ImageError` raised by the batch (a JPEG the device path could not decode) belongs to."""
-    return next((i for i, item in enumerate(items) if item is error.item), 0)
-
-
-def _image_error(error: ImageError, i: int, filename: str | None) -> ApiError:
-    where = f"image {i}" + (f" ({filename})" if filename else "")
-    return ApiError(400, error.code, f"{where}: {error}", index=i, filename=filename)
+    if isinstance(decoded, Encoded):
+        return Item(task, jpeg=decoded)
+    return Item(task, pixels=decoded.pixels)
 
 
 async def _wait_disconnect(request: Request) -> None:

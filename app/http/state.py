@@ -15,21 +15,27 @@ from app.metrics import Metrics
 from app.settings import Settings
 
 if TYPE_CHECKING:
-    from app.accel import ThreadShare
     from app.engine import Model
     from app.model import ViTConfig
+    from app.runner import ThreadShare
 
 log = logging.getLogger("vitserve")
 
 
 @dataclass
 class ServedModel:
-    """A loaded model with its batcher."""
+    """A loaded model with its batcher, and what the routes read of it on every request."""
 
     name: str
     model: Model
     batcher: Batcher
+    config: ViTConfig = field(init=False)
+    num_classes: int = field(init=False)
     _similarity: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.config = self.model.config
+        self.num_classes = int(self.config.num_classes)
 
     @property
     def info(self) -> dict:
@@ -43,24 +49,14 @@ class ServedModel:
             "max_batch_size": b.max_batch_size,
             "max_wait_ms": b.max_wait_s * 1000.0,
             "max_queue": b.max_queue,
-            "lanes": b.lanes,  # forwards at once (app.tasks.forward_lanes)
-            "fast_path": self.model.accel_strategy,  # app.accel: onednn, cudagraph, ...
+            "lanes": b.lanes,  # forwards at once (app.runner)
+            "fast_path": b.runner.fast_path,  # onednn, cudagraph or eager
         }
-
-    @property
-    def config(self) -> ViTConfig:
-        return self.model.config
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.model.config.num_classes)
 
     def similarity(self) -> np.ndarray:
         """Position-embedding similarity: fixed per model, computed once."""
         if self._similarity is None:
-            from app.tasks import position_similarity
-
-            self._similarity = position_similarity(self.model)
+            self._similarity = self.model.position_similarity()
         return self._similarity
 
 
@@ -72,17 +68,19 @@ class ServerState:
     models: dict[str, ServedModel] = field(default_factory=dict)
     default_model: str | None = None
     expected: int = 0  # models to load
-    ready: bool = False
+    ready: bool = False  # every model loaded and warm (`open`)
     draining: bool = False
+    accepting: bool = False  # ready, not draining, the device working: what each request checks, kept by the methods
     load_error: str | None = None
     device_error: str | None = None  # a model's device failed for good while serving (`device_lost`)
     inflight: int = 0  # HTTP requests being answered
     thread_share: ThreadShare | None = None  # the forward's threads, shared by every model's CPU lanes
     on_fatal: Callable[[str], None] | None = None  # told when the server cannot go on (the CLI then exits 1)
 
-    @property
-    def accepting(self) -> bool:
-        return self.ready and not self.draining and self.device_error is None
+    def open(self) -> None:
+        """Every model is ready: take requests."""
+        self.ready = True
+        self.accepting = self.device_error is None and not self.draining
 
     def not_ready_reason(self) -> str:
         if self.device_error:
@@ -101,6 +99,7 @@ class ServerState:
         if self.device_error is not None:
             return
         self.device_error = message
+        self.accepting = False
         log.critical("%s", message)
         if self.on_fatal is not None:
             self.on_fatal(message)
@@ -108,3 +107,4 @@ class ServerState:
     def begin_drain(self) -> None:
         """SIGTERM: /readyz turns 503 and new /v1 requests get not_ready; accepted ones still finish."""
         self.draining = True
+        self.accepting = False

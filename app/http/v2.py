@@ -33,7 +33,7 @@ from starlette.responses import Response
 from app.batching import Admission
 from app.decode import ImageError, check_resize, check_size, model_input
 from app.http.checks import CheckedRoute, require_ready
-from app.http.errors import ApiError, invalid
+from app.http.errors import ApiError, image_error, invalid
 from app.http.inputs import Upload, read_body, too_many
 from app.http.middleware import note
 from app.http.pipeline import decode_uploads, expect, guarded, pick_model, reserve, run_items, state_of, to_item
@@ -42,7 +42,7 @@ from app.http.state import ServedModel, ServerState
 from app.http.v2_codec import HEADER_LENGTH, InputTensor, OutputTensor, RequestedOutput, decompress, parse_request
 from app.http.v2_codec import encode_response as encode
 from app.preprocess import PreprocessConfig
-from app.tasks import Item, Tensors
+from app.tasks import Item, Tensors, top_k
 
 VERSION = "1"  # a served model has one version
 EXTENSIONS = ["binary_tensor_data", "classification"]
@@ -207,7 +207,7 @@ def _check_pixels(height: int, width: int, cfg: PreprocessConfig, max_pixels: in
         check_size(width, height, max_pixels)
         check_resize((width, height), cfg, max_pixels)
     except ImageError as e:
-        raise ApiError(400, e.code, f"{where}: {e}") from None
+        raise image_error(e, where=where) from None
 
 
 def requested_outputs(outputs: list[RequestedOutput] | None, served: ServedModel) -> list[RequestedOutput]:
@@ -242,10 +242,10 @@ async def _items(state: ServerState, served: ServedModel, t: InputTensor, task: 
     """The input tensor -> batcher items: uint8 pixels at the model's input size, or float32 as sent."""
     cfg = served.model.preprocess_config
     if t.datatype == "FP32":
-        return [Item(np.ascontiguousarray(x, dtype=np.float32), task) for x in t.data]  # type: ignore[union-attr]
+        return [Item(task, tensor=np.ascontiguousarray(x, dtype=np.float32)) for x in t.data]  # type: ignore[union-attr]
     if t.datatype == "UINT8":
         pixels = await asyncio.to_thread(_resize_all, t.data, cfg)
-        return [Item(p, task) for p in pixels]
+        return [Item(task, pixels=p) for p in pixels]
     decoded, _ = await decode_uploads(state, served, [Upload(data, None) for data in t.data])  # type: ignore[union-attr]
     return [to_item(d, task) for d in decoded]
 
@@ -257,7 +257,7 @@ def _resize_all(pixels: np.ndarray, cfg: PreprocessConfig) -> list[np.ndarray]:
         try:
             out.append(model_input(Image.fromarray(np.ascontiguousarray(a)), cfg))
         except ImageError as e:
-            raise ApiError(400, e.code, f"image {i}: {e}", index=i) from None
+            raise image_error(e, i) from None
     return out
 
 
@@ -269,6 +269,6 @@ def _output_tensor(o: RequestedOutput, results: list[dict], served: ServedModel,
     labels = served.model.labels
     rows = []
     for row in stacked:
-        top = np.argsort(-row, kind="stable")[: o.classification]
-        rows += [f"{row[i]:f}:{i}:{labels[i]}".encode() for i in top]
+        top = top_k(row, o.classification)
+        rows += [f"{score:f}:{i}:{labels[i]}".encode() for i, score in zip(top.indices, top.scores, strict=True)]
     return OutputTensor(o.name, "BYTES", (len(stacked), o.classification), rows, binary)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 
 import numpy as np
 import pytest
@@ -210,27 +211,54 @@ def test_health_readiness_and_docs(client):
     assert client.get("/docs").status_code == 200
 
 
-def test_a_float8_server_answers_as_its_engine(checkpoints, uploads):
+def test_a_float8_server_is_refused_on_a_cpu(checkpoints):
+    """--dtype float8 is for GPUs with float8 tensor cores: on a CPU the model does not load, and the server says
+    why (one message naming the model, float8 and the GPU, as the command line logs before it exits 1)."""
+    from fastapi.testclient import TestClient
+    from http_support import settings_for
+
+    from app.http import create_app
+
+    fatal: list[str] = []
+    settings = settings_for(checkpoints, "tiny", dtype="float8")
+    with TestClient(create_app(settings, on_fatal=fatal.append)) as c:
+        deadline = time.monotonic() + 60
+        while not fatal and time.monotonic() < deadline:
+            time.sleep(0.02)
+        ready = c.get("/readyz")
+        classify = c.post("/v1/classify", files=multipart([("a.png", encode(Image.new("RGB", (8, 8)), "PNG"))]))
+    (message,) = fatal
+    assert "'tiny'" in message and "float8 needs a CUDA GPU" in message
+    assert ready.status_code == classify.status_code == 503
+    assert message in ready.json()["error"]["message"] and classify.json()["error"]["code"] == "not_ready"
+
+
+def _float8_gpu() -> bool:
+    from app.model.float8 import float8_problem
+
+    return torch.cuda.is_available() and float8_problem(torch.device("cuda")) is None
+
+
+@pytest.mark.skipif(not _float8_gpu(), reason="needs a GPU with float8 tensor cores")
+def test_a_float8_server_on_a_gpu_answers_as_its_engine(checkpoints, uploads):
     from fastapi.testclient import TestClient
     from http_support import settings_for, wait_ready
 
     from app.http import create_app
-    from app.model.float8 import float8_problem
 
-    if float8_problem(torch.device("cpu")):
-        pytest.skip("no float8 on this CPU")
-
-    engine = app.load_model(str(checkpoints["tiny"]), device="cpu", dtype="float8")
-    with TestClient(create_app(settings_for(checkpoints, "tiny", dtype="float8", jpeg_draft=False))) as c:
+    engine = app.load_model(str(checkpoints["tiny"]), device="cuda", dtype="float8")
+    settings = settings_for(checkpoints, "tiny", device="cuda", dtype="float8", jpeg_draft=False, jpeg_decoder="pil")
+    with TestClient(create_app(settings)) as c:
         wait_ready(c)
         assert c.get("/v1/models/tiny").json()["dtype"] == "float8"
         classify = c.post("/v1/classify?top_k=10", files=multipart(uploads))
         rollout = c.post("/v1/attention", files=multipart(uploads))
     assert classify.status_code == rollout.status_code == 200, (classify.text, rollout.text)
-    probs = reference(engine, uploads).logits.softmax(-1)
+    # the server replays CUDA graphs, the engine runs eagerly: the same kernels, a bfloat16 step apart at most
+    probs = reference(engine, uploads).logits.softmax(-1).cpu()
     for res, p in zip(classify.json()["results"], probs, strict=True):
         scores = {x["index"]: x["score"] for x in res["predictions"]}
-        np.testing.assert_allclose([scores[i] for i in range(10)], p.numpy(), atol=1e-6)
-    heat = analysis.rollout(reference(engine, uploads, attentions=True).attentions).reshape(-1, 4, 4)
+        np.testing.assert_allclose([scores[i] for i in range(10)], p.numpy(), atol=1e-2)
+    heat = analysis.rollout(reference(engine, uploads, attentions=True).attentions).reshape(-1, 4, 4).cpu()
     for res, h in zip(rollout.json()["results"], heat, strict=True):
-        np.testing.assert_allclose(res["heatmap"], h.numpy(), atol=1e-6)
+        np.testing.assert_allclose(res["heatmap"], h.numpy(), atol=2e-3)

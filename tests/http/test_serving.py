@@ -130,7 +130,7 @@ def test_start_up_objects_are_kept_out_of_garbage_collection_while_serving(check
 
 
 def test_without_warm_up_the_fast_path_still_serves(checkpoints, pngs):
-    from app.accel import has_onednn_linear
+    from app.runner import has_onednn_linear
 
     def classify_with(warmup: bool):
         app = create_app(settings_for(checkpoints, "tiny", warmup=warmup))
