@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import signal
@@ -209,3 +210,31 @@ def test_two_servers_share_one_database(checkpoint: Path, tmp_path: Path, shared
         assert a.stop() == 0 and b.stop() == 0
     for log in (tmp_path / "a.log", tmp_path / "b.log"):
         assert shared_postgres not in log.read_text()
+
+
+def test_workers_share_the_embedded_postgres_and_the_last_one_stops_it(checkpoint: Path, tmp_path, private_dir):
+    """`--workers 2`: both server processes use the one private PostgreSQL of the data folder; it stops once
+    the drain has ended them all."""
+    data = private_dir / "data"
+    server = Server(checkpoint, tmp_path / "workers.log", "--data-dir", str(data), "--workers", "2")
+    try:
+        assert server.http.post("/v1/collections", json={"name": "w"}).status_code == 201
+        handles = data / "postgres" / ".handle_pids.json"
+        vectors = np.random.default_rng(0).standard_normal((300, DIM))
+        users: list[int] = []
+        for i, v in enumerate(vectors):  # a new connection each time, taken by whichever worker accepts it first
+            with httpx.Client(base_url=server.url, timeout=60) as c:
+                r = c.post("/v1/collections/w/vectors", json={"items": [{"id": str(i), "vector": v.tolist()}]})
+                assert r.status_code == 200, r.text
+                assert c.get("/v1/collections/w").json()["count"] == i + 1  # each sees every add so far
+            users = json.loads(handles.read_text())  # the processes using the server, as pgserver counts them
+            if len(users) == 2 and i >= 20:
+                break
+        assert len(users) == 2 and server.proc.pid not in users, users  # both workers, not the supervisor
+        assert len({p.pid for p in postgres_processes(data / "postgres")[:1]}) == 1
+    finally:
+        assert server.stop() == 0
+    deadline = time.monotonic() + 30
+    while postgres_processes(data / "postgres") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not postgres_processes(data / "postgres")
