@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -39,7 +40,7 @@ from app.http.checks import CheckedRoute
 from app.http.errors import ApiError, invalid
 from app.http.inputs import Upload, decode_base64, media_type, read_body, too_many
 from app.http.middleware import note
-from app.http.pipeline import decode_uploads, expect, guarded, reserve, run_items, state_of, to_item
+from app.http.pipeline import decode_uploads, expect, guarded, pick_model, reserve, run_items, state_of, to_item
 from app.http.responses import FastJSON
 from app.http.state import ServedModel
 from app.tasks import Embed
@@ -448,8 +449,6 @@ async def create_collection(request: Request) -> Response:
     model = doc.get("model")
     if model is not None and not isinstance(model, str):
         raise invalid("model must be a loaded model's name")
-    from app.http.pipeline import pick_model
-
     served = pick_model(state_of(request), model)
     store = await _store(request)
     with _answers():
@@ -489,8 +488,6 @@ async def delete_collection(request: Request, name: str) -> Response:
 @router.post("/{name}/images", response_model=None, openapi_extra=ItemsBody, summary="Add images")
 async def add_images(request: Request, name: str) -> Response:
     """Embed the images with the collection's model and store them (all or nothing); the ids come back."""
-    import uuid
-
     store = await _store(request)
     with _answers():
         coll = await store.describe(name)  # the add checks the binding again, under its lock
