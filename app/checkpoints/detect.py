@@ -92,9 +92,10 @@ def read_checkpoint(spec: str, arch: str | None = None, models_dir: str | Path |
     if spec.startswith(hub.PREFIX):
         return read_path(hub.download(spec), spec, arch)
     path = Path(spec).expanduser()
-    if path.exists():
-        return read_path(path, spec, arch)
     repo = Path(models_dir) if models_dir is not None else default_models_dir()
+    if path.exists():
+        in_repo = path.is_dir() and path.resolve().parent == repo.resolve()
+        return read_path(path, path.resolve().name if in_repo else spec, arch)  # a repository model: its name
     if spec and holds_checkpoint(repo / spec):
         return read_path(repo / spec, spec, arch)
     names = ", ".join(name for name, _ in list_repository(repo)) or "no models"

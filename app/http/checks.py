@@ -41,7 +41,7 @@ def require_ready(request: Request) -> None:
 class CheckedRoute(APIRoute):
     """A route that checks the API key, then readiness, before FastAPI reads its parameters. Plain calls
     rather than router dependencies: FastAPI solves each dependency much as it solves a route, and on the event
-    loop that cost as much as the rest of our request handling (bench/results/README.md, fourth session)."""
+    loop that cost as much as the rest of our request handling (bench/results/README.md, "The event loop")."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

@@ -83,12 +83,27 @@ def internal_error(request_id: str) -> ApiError:
     return ApiError(500, "internal_error", f"internal server error; quote request id {request_id} when reporting it")
 
 
-def _validation_message(exc: RequestValidationError) -> str:
+# what a value of each kind must look like, after pydantic's own words (which name no allowed values for these)
+_EXPECTED = {"bool_parsing": "use true or false", "int_parsing": "use a whole number", "float_parsing": "use a number"}
+
+
+def _descriptions(request: Request) -> dict[str, str]:
+    """The route's parameters' documented meanings (and ranges), by name."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    params = [*getattr(dependant, "query_params", ()), *getattr(dependant, "path_params", ())]
+    return {p.alias: p.field_info.description for p in params if getattr(p.field_info, "description", None)}
+
+
+def _validation_message(exc: RequestValidationError, described: dict[str, str] | None = None) -> str:
     parts = []
     for err in exc.errors():
         loc = [str(x) for x in err.get("loc", ()) if x not in ("query", "path", "body", "header")]
         name = ".".join(loc)
         msg = str(err.get("msg", "invalid value"))
+        if hint := _EXPECTED.get(str(err.get("type", ""))):
+            msg = f"{msg}; {hint}"
+        if name and (meaning := (described or {}).get(name)):
+            msg = f"{msg} ({meaning})"
         parts.append(f"{name}: {msg}" if name else msg)
     return "invalid request: " + "; ".join(parts)
 
@@ -98,7 +113,7 @@ async def _api_error(request: Request, exc: ApiError) -> Response:
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-    return error_response(request.url.path, 422, "invalid_request", _validation_message(exc))
+    return error_response(request.url.path, 422, "invalid_request", _validation_message(exc, _descriptions(request)))
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from app.decode import Decoder
 from app.http import collections, errors, health, page, v1, v2
@@ -21,6 +22,14 @@ from app.metrics import Metrics
 from app.settings import Settings
 
 log = logging.getLogger("vitserve")
+
+DESCRIPTION = """Vision Transformer inference: class predictions, embeddings, attention heatmaps and the ViT paper's
+figures, as JSON or PNG, beside the Open Inference Protocol (v2).
+
+Images go in as multipart/form-data (one `images` part per image), as the raw body (`Content-Type: image/png`,
+`image/jpeg`, ...) or as JSON `{"images": ["<base64>", ...]}`. Every error outside /v2 is
+`{"error": {"code": "...", "message": "..."}}`; under /v2 it is the protocol's `{"error": "..."}`. With
+`--api-key`, /v1 and /v2/models need `Authorization: Bearer <key>`."""
 
 
 def create_app(
@@ -55,9 +64,9 @@ def create_app(
             state.decoder.close()
             gc.unfreeze()  # what start-up froze (loading.keep_out_of_garbage_collection) can be collected again
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc with Swagger UI and ReDoc served from the package, no CDN
         title="vitserve",
-        description="Vision Transformer inference: classify, embed, attention maps. See API.md.",
+        description=DESCRIPTION,
         version="0.1.0",
         lifespan=lifespan,
         default_response_class=FastJSON,
@@ -71,4 +80,28 @@ def create_app(
     app.include_router(v2.model_router)
     app.include_router(page.router)  # GET / and the page's assets
     app.add_middleware(RequestContext, state=state)
+    app.openapi = _without_unsent_validation_errors(app.openapi)  # type: ignore[method-assign]
     return app
+
+
+def _without_unsent_validation_errors(openapi: Callable[[], dict]) -> Callable[[], dict]:
+    """FastAPI documents a 422 `HTTPValidationError` on every route with parameters; this app never sends that
+    shape (its 422 is the error envelope, documented where a parameter can be invalid), so those go. And an
+    error is JSON even on a route whose answer is not (/metrics)."""
+
+    def schema() -> dict:
+        doc = openapi()
+        for operations in doc.get("paths", {}).values():
+            for operation in operations.values():
+                answer = operation.get("responses", {}).get("422", {})
+                if "HTTPValidationError" in str(answer.get("content", "")):
+                    del operation["responses"]["422"]
+                for status, answer in operation.get("responses", {}).items():
+                    content = answer.get("content", {})
+                    if status != "200" and "application/json" in content:  # an error is JSON on every route
+                        answer["content"] = {"application/json": content["application/json"]}
+        for name in ("HTTPValidationError", "ValidationError"):
+            doc.get("components", {}).get("schemas", {}).pop(name, None)
+        return doc
+
+    return schema

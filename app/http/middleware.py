@@ -39,6 +39,14 @@ def route_template(scope: Scope) -> str:
     return path if isinstance(path, str) else "unmatched"
 
 
+def printable(path: str, limit: int = 200) -> str:
+    """A request path as the log line shows it: unquoted like a route's template, with anything but printable
+    ASCII (control characters, spaces, other scripts) escaped, so one request stays one line of space-separated
+    fields (no log injection)."""
+    escaped = path[:limit].encode("unicode_escape").decode("ascii")
+    return "".join(c if c.isprintable() and c != " " else f"\\x{ord(c):02x}" for c in escaped)
+
+
 class RequestContext:
     def __init__(self, app: ASGIApp, state: ServerState):
         self.app = app
@@ -88,7 +96,7 @@ class RequestContext:
             "%s %s %s model=%s images=%d status=%d duration_ms=%.1f",
             context["request_id"],
             scope.get("method", ""),
-            endpoint if endpoint != "unmatched" else ascii(scope.get("path", "")[:200]),  # no log injection
+            endpoint if endpoint != "unmatched" else printable(scope.get("path", "")),
             context.get("model") or "-",
             context.get("images") or 0,
             status,

@@ -38,6 +38,20 @@ from app.http.inputs import Upload, read_body, too_many
 from app.http.middleware import note
 from app.http.pipeline import decode_uploads, expect, guarded, pick_model, reserve, run_items, state_of, to_item
 from app.http.responses import FastJSON
+from app.http.schemas import (
+    EXAMPLES,
+    V1_CHECKS,
+    V1_IMAGES,
+    V2_INFER_BODY,
+    V2InferResponse,
+    V2Live,
+    V2ModelMetadata,
+    V2ModelReady,
+    V2Ready,
+    V2ServerMetadata,
+    errors,
+    ok,
+)
 from app.http.state import ServedModel, ServerState
 from app.http.v2_codec import HEADER_LENGTH, InputTensor, OutputTensor, RequestedOutput, decompress, parse_request
 from app.http.v2_codec import encode_response as encode
@@ -52,22 +66,34 @@ router = APIRouter(prefix="/v2", tags=["v2"])  # server metadata and health: ope
 model_router = APIRouter(prefix="/v2", route_class=CheckedRoute, tags=["v2"])  # /v2/models/...: key, readiness
 Name = Annotated[str, Path(description="a loaded model's name")]
 Version = Annotated[str, Path(description="the model's version (always 1)")]
+V2_METADATA = {**ok(V2ModelMetadata, EXAMPLES["v2_metadata"]), **errors(*V1_CHECKS, 404, v2=True)}
+V2_MODEL_READY = {**ok(V2ModelReady, {"name": "mnist-vit", "ready": True}), **errors(*V1_CHECKS, 404, v2=True)}
+V2_INFER = {**ok(V2InferResponse, EXAMPLES["v2_infer"]), **errors(*V1_IMAGES, v2=True)}
 
 
 # -- server ----------------------------------------------------------------------------------------------
 
 
-@router.get("", response_model=None)
+@router.get(
+    "",
+    response_model=None,
+    responses={
+        **ok(V2ServerMetadata, {"name": "vitserve", "version": "0.1.0", "extensions": EXTENSIONS}),
+        **errors(500, v2=True),
+    },
+)
 async def server_metadata(request: Request) -> Response:
     return FastJSON({"name": "vitserve", "version": request.app.version, "extensions": EXTENSIONS})
 
 
-@router.get("/health/live", response_model=None)
+@router.get("/health/live", response_model=None, responses={**ok(V2Live, {"live": True}), **errors(500, v2=True)})
 async def live() -> Response:
     return FastJSON({"live": True})
 
 
-@router.get("/health/ready", response_model=None)
+@router.get(
+    "/health/ready", response_model=None, responses={**ok(V2Ready, {"ready": True}), **errors(500, 503, v2=True)}
+)
 async def ready(request: Request) -> Response:
     """200 once every model is loaded and warm (as /readyz); 503 while loading or draining."""
     require_ready(request)
@@ -108,34 +134,36 @@ def model_metadata(served: ServedModel) -> dict:
     }
 
 
-@model_router.get("/models/{name}", response_model=None)
+@model_router.get("/models/{name}", response_model=None, responses=V2_METADATA)
 async def get_model(request: Request, name: Name) -> Response:
     return FastJSON(model_metadata(find_model(state_of(request), name)))
 
 
-@model_router.get("/models/{name}/versions/{version}", response_model=None)
+@model_router.get("/models/{name}/versions/{version}", response_model=None, responses=V2_METADATA)
 async def get_model_version(request: Request, name: Name, version: Version) -> Response:
     return FastJSON(model_metadata(find_model(state_of(request), name, version)))
 
 
-@model_router.get("/models/{name}/ready", response_model=None)
+@model_router.get("/models/{name}/ready", response_model=None, responses=V2_MODEL_READY)
 async def model_ready(request: Request, name: Name) -> Response:
     find_model(state_of(request), name)
     return FastJSON({"name": name, "ready": True})
 
 
-@model_router.get("/models/{name}/versions/{version}/ready", response_model=None)
+@model_router.get("/models/{name}/versions/{version}/ready", response_model=None, responses=V2_MODEL_READY)
 async def model_version_ready(request: Request, name: Name, version: Version) -> Response:
     find_model(state_of(request), name, version)
     return FastJSON({"name": name, "ready": True})
 
 
-@model_router.post("/models/{name}/infer", response_model=None)
+@model_router.post("/models/{name}/infer", response_model=None, responses=V2_INFER, openapi_extra=V2_INFER_BODY)
 async def infer(request: Request, name: Name) -> Response:
     return await _infer(request, name, None)
 
 
-@model_router.post("/models/{name}/versions/{version}/infer", response_model=None)
+@model_router.post(
+    "/models/{name}/versions/{version}/infer", response_model=None, responses=V2_INFER, openapi_extra=V2_INFER_BODY
+)
 async def infer_version(request: Request, name: Name, version: Version) -> Response:
     return await _infer(request, name, version)
 

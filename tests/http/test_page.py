@@ -496,6 +496,86 @@ def test_a_model_without_a_head_says_so_and_still_shows_attention(page, chelsea_
     assert not page.problems, page.problems
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def offline_page(browser, url: str, width: int = 1280):
+    """A page whose every request that leaves the machine is aborted (and recorded)."""
+    from urllib.parse import urlparse
+
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    page = context.new_page()
+    blocked: list[str] = []
+
+    def only_loopback(route) -> None:
+        url = route.request.url
+        if url.startswith(("data:", "blob:")) or urlparse(url).hostname in LOOPBACK:
+            route.continue_()
+        else:
+            blocked.append(url)
+            route.abort()
+
+    page.route("**/*", only_loopback)
+    page.goto(url)
+    return context, page, blocked
+
+
+def test_the_api_docs_render_with_the_network_blocked(browser, server):
+    """/docs (Swagger UI) and /redoc list the operations with nothing fetched from outside the machine, and
+    /docs offers a file upload for the image routes."""
+    context, page, blocked = offline_page(browser, server + "/docs")
+    try:
+        page.wait_for_selector(".opblock-summary-path", timeout=30_000)
+        paths = page.eval_on_selector_all(".opblock-summary-path", "els => els.map(e => e.dataset.path)")
+        for path in ("/healthz", "/readyz", "/v1/classify", "/v1/embed", "/v1/attention", "/v2/models/{name}/infer"):
+            assert path in paths, paths
+        page.click("#operations-v1-classify_v1_classify_post .opblock-summary")
+        page.click("#operations-v1-classify_v1_classify_post .try-out__btn")
+        page.wait_for_selector("#operations-v1-classify_v1_classify_post .opblock-body select", timeout=10_000)
+        types = page.eval_on_selector_all(
+            "#operations-v1-classify_v1_classify_post .opblock-body select.content-type option, "
+            "#operations-v1-classify_v1_classify_post .body-param-content-type select option",
+            "els => els.map(e => e.value)",
+        )
+        assert {"multipart/form-data", "image/png", "application/json"} <= set(types), types
+        page.select_option(
+            "#operations-v1-classify_v1_classify_post .body-param-content-type select", "multipart/form-data"
+        )
+        page.wait_for_selector("#operations-v1-classify_v1_classify_post input[type=file]", timeout=10_000)
+        assert not blocked, blocked
+        page.goto(server + "/redoc")
+        page.wait_for_selector("[data-section-id^='operation/']", timeout=30_000)
+        sections = page.eval_on_selector_all("[data-section-id^='operation/']", "els => els.length")
+        assert sections >= 19
+        # ReDoc's sidebar credits its maker with a logo from its CDN: an image that does not load, nothing else
+        assert set(blocked) <= {"https://cdn.redoc.ly/redoc/logo-mini.svg"}, blocked
+    finally:
+        context.close()
+
+
+def test_the_attention_controls_show_their_whole_labels_at_1280px(browser, server):
+    context, page, _ = offline_page(browser, server + "/")
+    try:
+        page.fill("#api-key", API_KEY)
+        page.press("#api-key", "Tab")
+        page.wait_for_selector("#layer-select option", state="attached", timeout=30_000)
+        widths = page.evaluate(
+            """[...document.querySelectorAll('.controls select')].map(s => {
+                const style = getComputedStyle(s);
+                const ctx = document.createElement('canvas').getContext('2d');
+                ctx.font = `${style.fontWeight} ${style.fontSize} ${style.fontFamily}`;
+                const text = Math.max(...[...s.options].map(o => ctx.measureText(o.text).width));
+                const room = s.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight) - 20;
+                return [s.id, Math.ceil(text), Math.floor(room)];
+            })"""
+        )
+        assert len(widths) == 3
+        for name, text, room in widths:
+            assert text <= room, f"{name}: its longest option needs {text} px, it has {room} (the arrow aside)"
+    finally:
+        context.close()
+
+
 def test_screenshot_for_people(page, chelsea_jpeg, tmp_path_factory):
     """Not an assertion about looks: a screenshot of the full page, kept for a person to look at."""
     page.enter_key(API_KEY)
