@@ -23,6 +23,7 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, FastAPI, Query, Request
 from PIL import Image
+from pydantic import Field
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.responses import Response
@@ -42,6 +43,7 @@ from app.http.inputs import Upload, decode_base64, media_type, read_body, too_ma
 from app.http.middleware import note
 from app.http.pipeline import decode_uploads, expect, guarded, pick_model, reserve, run_items, state_of, to_item
 from app.http.responses import FastJSON
+from app.http.schemas import V1_CHECKS, Doc, errors, ok
 from app.http.state import ServedModel
 from app.tasks import Embed
 
@@ -386,8 +388,11 @@ def _obj(required: tuple[str, ...] = (), description: str | None = None, **prope
 
 def _body(**content: dict) -> dict:
     """OpenAPI's requestBody for a route that reads its own body: {media type: schema}."""
-    kinds = {"multipart": "multipart/form-data", "json": "application/json", "image": "image/*"}
-    return {"requestBody": {"content": {kinds[kind]: {"schema": s} for kind, s in content.items()}}}
+    kinds = {"multipart": ("multipart/form-data",), "json": ("application/json",), "image": IMAGE_TYPES}
+    return {"requestBody": {"content": {t: {"schema": s} for kind, s in content.items() for t in kinds[kind]}}}
+
+
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/*")
 
 
 STRING = {"type": "string"}
@@ -412,7 +417,7 @@ SearchBody = _body(
         vector=VECTOR,
         filter={"type": "object", "description": "equality on top-level metadata keys"},
     ),
-    multipart=_obj(images=FILE, filter=JSON_TEXT),
+    multipart=_obj(images={"type": "array", "items": FILE, "maxItems": 1}, filter=JSON_TEXT),
     image=FILE,
 )
 CreateBody = _body(
@@ -427,7 +432,118 @@ CreateBody = _body(
 )
 
 
-@router.post("", response_model=None, status_code=201, openapi_extra=CreateBody, summary="Create a collection")
+# -- what the answers look like (documentation only: the routes answer with FastJSON) --------------------------
+
+
+class CollectionDoc(Doc):
+    name: str
+    model: str
+    model_sha256: str
+    image_size: list[int]
+    pool: str
+    preprocess: dict
+    metric: str
+    dim: int
+    count: int
+    index: str = Field(description="hnsw, or exact above 2,000 dimensions")
+    thumbnails: bool
+
+
+class CollectionListDoc(Doc):
+    collections: list[CollectionDoc]
+
+
+class AddedDoc(Doc):
+    ids: list[str]
+    count: int
+
+
+class ItemDoc(Doc):
+    id: str
+    metadata: dict
+    has_thumbnail: bool | None = None
+
+
+class ItemsPageDoc(Doc):
+    items: list[ItemDoc]
+    next: str | None = Field(description="the cursor of the next page; null on the last")
+
+
+class DeletedDoc(Doc):
+    deleted: str
+
+
+class MatchDoc(Doc):
+    id: str
+    score: float = Field(description="cosine similarity (cosine), negative distance (l2), inner product (ip)")
+    metadata: dict
+
+
+class SearchDoc(Doc):
+    collection: str
+    results: list[MatchDoc] = Field(description="best first")
+    took_ms: float
+
+
+COLLECTION_EXAMPLE = {
+    "name": "digits",
+    "model": "mnist-vit",
+    "model_sha256": "11d79907f6199a6464dc38c61c972c330b8ed2fddcfb55f154487f9cbc81e20b",
+    "image_size": [28, 28],
+    "pool": "default",
+    "preprocess": {"resize": [28, 28], "crop": None, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3},
+    "metric": "cosine",
+    "dim": 128,
+    "count": 3,
+    "index": "hnsw",
+    "thumbnails": True,
+}
+SEARCH_EXAMPLE = {
+    "collection": "digits",
+    "results": [{"id": "seven", "score": 1.0, "metadata": {"label": 7}}, {"id": "four", "score": 0.18, "metadata": {}}],
+    "took_ms": 9.4,
+}
+
+
+def _errors(*statuses: int) -> dict:
+    """The error entries, with a collection's 404 (`not_found`) in place of the model's."""
+    out = errors(*V1_CHECKS, *statuses)
+    if 404 in out:
+        out[404] = {
+            **out[404],
+            "description": "`not_found`: no such collection or item (or, on create, `model_not_found`)",
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": "#/components/schemas/ErrorBody"},
+                    "example": {"error": {"code": "not_found", "message": "no collection named 'ghost'"}},
+                }
+            },
+        }
+    return out
+
+
+IMAGE_ERRORS = (400, 404, 409, 413, 415, 422, 504)
+
+
+class WebP(Response):
+    media_type = "image/webp"
+
+
+@router.post(
+    "",
+    response_model=None,
+    status_code=201,
+    openapi_extra=CreateBody,
+    summary="Create a collection",
+    responses={
+        201: {
+            "model": CollectionDoc,
+            "description": "Created",
+            "content": {"application/json": {"example": COLLECTION_EXAMPLE}},
+        },
+        **_errors(404, 409, 413, 415, 422),
+    },
+)
 async def create_collection(request: Request) -> Response:
     """A collection bound to a loaded model's weights, image size, pool and preprocessing."""
     doc = await _json_body(request)
@@ -463,21 +579,36 @@ async def _json_body(request: Request) -> Any:
     return _json(await _read(request), "the body")
 
 
-@router.get("", response_model=None, summary="List collections")
+@router.get(
+    "",
+    response_model=None,
+    summary="List collections",
+    responses={**ok(CollectionListDoc, {"collections": [COLLECTION_EXAMPLE]}), **_errors()},
+)
 async def list_collections(request: Request) -> Response:
     store = await _store(request)
     with _answers():
         return FastJSON({"collections": [c.public() for c in await store.list()]})
 
 
-@router.get("/{name}", response_model=None, summary="A collection")
+@router.get(
+    "/{name}",
+    response_model=None,
+    summary="A collection",
+    responses={**ok(CollectionDoc, COLLECTION_EXAMPLE), **_errors(404)},
+)
 async def get_collection(request: Request, name: str) -> Response:
     store = await _store(request)
     with _answers():
         return FastJSON((await store.get(name)).public())
 
 
-@router.delete("/{name}", response_model=None, summary="Delete a collection and its items")
+@router.delete(
+    "/{name}",
+    response_model=None,
+    summary="Delete a collection and its items",
+    responses={**ok(DeletedDoc, {"deleted": "digits"}), **_errors(404)},
+)
 async def delete_collection(request: Request, name: str) -> Response:
     store = await _store(request)
     with _answers():
@@ -485,7 +616,13 @@ async def delete_collection(request: Request, name: str) -> Response:
     return FastJSON({"deleted": name})
 
 
-@router.post("/{name}/images", response_model=None, openapi_extra=ItemsBody, summary="Add images")
+@router.post(
+    "/{name}/images",
+    response_model=None,
+    openapi_extra=ItemsBody,
+    summary="Add images",
+    responses={**ok(AddedDoc, {"ids": ["three", "seven"], "count": 2}), **_errors(*IMAGE_ERRORS)},
+)
 async def add_images(request: Request, name: str) -> Response:
     """Embed the images with the collection's model and store them (all or nothing); the ids come back."""
     store = await _store(request)
@@ -506,7 +643,13 @@ async def add_images(request: Request, name: str) -> Response:
     return FastJSON({"ids": ids, "count": len(ids)})
 
 
-@router.post("/{name}/vectors", response_model=None, openapi_extra=VectorsBody, summary="Add vectors")
+@router.post(
+    "/{name}/vectors",
+    response_model=None,
+    openapi_extra=VectorsBody,
+    summary="Add vectors",
+    responses={**ok(AddedDoc, {"ids": ["v1"], "count": 1}), **_errors(404, 409, 413, 415, 422)},
+)
 async def add_vectors(request: Request, name: str) -> Response:
     """Store vectors computed elsewhere (all or nothing); 422 for a wrong dimension."""
     store = await _store(request)
@@ -526,7 +669,15 @@ async def add_vectors(request: Request, name: str) -> Response:
     return FastJSON({"ids": ids, "count": len(ids)})
 
 
-@router.get("/{name}/items", response_model=None, summary="List items in insertion order")
+@router.get(
+    "/{name}/items",
+    response_model=None,
+    summary="List items in insertion order",
+    responses={
+        **ok(ItemsPageDoc, {"items": [{"id": "three", "metadata": {"label": 3}}], "next": "1"}),
+        **_errors(404, 422),
+    },
+)
 async def list_items(
     request: Request,
     name: str,
@@ -539,7 +690,12 @@ async def list_items(
     return FastJSON({"items": page, "next": nxt})
 
 
-@router.get("/{name}/items/{item_id}", response_model=None, summary="An item")
+@router.get(
+    "/{name}/items/{item_id}",
+    response_model=None,
+    summary="An item",
+    responses={**ok(ItemDoc, {"id": "four", "metadata": {}, "has_thumbnail": True}), **_errors(404)},
+)
 async def get_item(request: Request, name: str, item_id: str) -> Response:
     store = await _store(request)
     with _answers():
@@ -549,8 +705,15 @@ async def get_item(request: Request, name: str, item_id: str) -> Response:
 @router.get(
     "/{name}/items/{item_id}/thumbnail",
     response_model=None,
+    response_class=WebP,
     summary="An item's thumbnail (WebP, longest side 128 px)",
-    responses={200: {"content": {"image/webp": {}}}},
+    responses={
+        200: {
+            "description": "the thumbnail",
+            "content": {"image/webp": {"schema": FILE, "example": "RIFF....WEBPVP8 ..."}},
+        },
+        **_errors(404),
+    },
 )
 async def get_thumbnail(request: Request, name: str, item_id: str) -> Response:
     store = await _store(request)
@@ -559,7 +722,12 @@ async def get_thumbnail(request: Request, name: str, item_id: str) -> Response:
     return Response(data, media_type="image/webp", headers={"Cache-Control": "private, max-age=3600"})
 
 
-@router.delete("/{name}/items/{item_id}", response_model=None, summary="Delete an item")
+@router.delete(
+    "/{name}/items/{item_id}",
+    response_model=None,
+    summary="Delete an item",
+    responses={**ok(DeletedDoc, {"deleted": "four"}), **_errors(404)},
+)
 async def delete_item(request: Request, name: str, item_id: str) -> Response:
     store = await _store(request)
     with _answers():
@@ -567,7 +735,13 @@ async def delete_item(request: Request, name: str, item_id: str) -> Response:
     return FastJSON({"deleted": item_id})
 
 
-@router.post("/{name}/search", response_model=None, openapi_extra=SearchBody, summary="The k nearest items")
+@router.post(
+    "/{name}/search",
+    response_model=None,
+    openapi_extra=SearchBody,
+    summary="The k nearest items",
+    responses={**ok(SearchDoc, SEARCH_EXAMPLE), **_errors(*IMAGE_ERRORS)},
+)
 async def search(
     request: Request,
     name: str,
