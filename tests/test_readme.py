@@ -129,9 +129,9 @@ def test_curl_example(server, example, tmp_path):
     stdout = readme_examples.run(example, server, cwd=work)  # in a scratch copy, so its files land there
     if example.output is not None:
         assert_same_shape(json.loads(example.output), json.loads(stdout))
-    for png in written:  # curl -o /tmp/FILE.png: a real PNG came back
-        with Image.open(png) as img:
-            assert img.format == "PNG" and img.width > 0
+    for path in written:  # curl -o /tmp/FILE.png (or .webp): a real image in that format came back
+        with Image.open(path) as img:
+            assert img.format == path.suffix[1:].upper() and img.width > 0
     assert not list(work.glob("*.png")), "an example wrote a file into the checkout"
     if "-o " not in example.command and example.output is None:
         assert stdout.strip(), "the example printed nothing"
