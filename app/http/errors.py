@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -37,6 +38,10 @@ class ApiError(Exception):
         self.message = message
         self.headers = headers or {}
         self.extra = extra
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        """Picklable with its keywords, so that a parse in another process (`Decoder.isolated`) can raise it."""
+        return partial(ApiError, **self.extra), (self.status, self.code, self.message, self.headers)
 
 
 MAX_MESSAGE = 500  # characters: a message may quote what the client sent (a name, a path), never all of it

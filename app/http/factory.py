@@ -12,8 +12,10 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from app.decode import Decoder
+from app.decode import Decoder, Limits
 from app.http import collections, errors, health, page, v1, v2
+from app.http.checks import ProtectDocs
+from app.http.inputs import PARSER_MODULES
 from app.http.loading import Loader, engine_loader, load_all
 from app.http.middleware import RequestContext
 from app.http.responses import FastJSON
@@ -47,11 +49,12 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.decoder = Decoder(
-            settings.max_image_pixels,
+            Limits(settings.max_image_pixels, settings.decoded_bytes_limit, settings.max_jpeg_scans),
             settings.decode_workers,
             settings.decode_pool_kind,
             settings.jpeg_draft,
             on_restart=state.metrics.decoder_restarts.inc,
+            preload=("app.decode", *PARSER_MODULES),
         )
         loading = asyncio.create_task(load_all(state, loader or engine_loader), name="load-models")
         try:
@@ -79,7 +82,9 @@ def create_app(
     app.include_router(v2.router)
     app.include_router(v2.model_router)
     app.include_router(page.router)  # GET / and the page's assets
-    app.add_middleware(RequestContext, state=state)
+    if settings.protect_docs and settings.api_key:
+        app.add_middleware(ProtectDocs, api_key=settings.api_key)
+    app.add_middleware(RequestContext, state=state)  # added last: the outermost, so it sees every answer
     app.openapi = _without_unsent_validation_errors(app.openapi)  # type: ignore[method-assign]
     return app
 

@@ -2,25 +2,37 @@
 
 - the body is read with a cap: a Content-Length over the limit is refused before a byte is read, and a
   streamed (chunked) body is refused as soon as it passes the limit, so nothing large is ever buffered;
-- `multipart/form-data`: the file parts named `images` (other fields are ignored);
+- `multipart/form-data`: the file parts named `images` (other fields are ignored; at most
+  max-images-per-request + MAX_OTHER_PARTS parts, counted before parsing);
 - `application/json`: `{"images": ["<base64>" or "data:image/...;base64,...", ...]}`;
 - `image/*` or `application/octet-stream`: the body is the one image (filename null).
+
+Nothing large is parsed on the event loop: a body with more than INLINE_SEPARATORS separators (JSON commas,
+multipart line ends) holds more values than any request needs to carry, and parsing millions of them would
+stall every other request (orjson and the multipart parser hold the GIL, so on a thread too); it is parsed in a
+process of its own (`parse_off_loop`), which also refuses it for its counts there.
 """
 
 from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import orjson
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from app.http.errors import ApiError, invalid
 
 _WHITESPACE = re.compile(rb"\s+")
+INLINE_SEPARATORS = 4096  # a body with more is parsed in a process of its own (module doc)
+PARSER_MODULES = ("app.http.inputs", "app.http.v2_codec")  # what that process imports once (Decoder's preload)
+MAX_OTHER_PARTS = 16  # multipart parts beside the images that a request may carry
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,12 +90,27 @@ async def read_uploads(request: Request, max_bytes: int, max_images: int) -> lis
             "application/json with base64 'images', or the image itself as image/* or application/octet-stream",
         )
     body = await read_body(request, max_bytes)
-    uploads = parse(body, request.headers.get("content-type", ""), max_images)
+    content_type = request.headers.get("content-type", "")
+    separators = 0  # what the parse would walk through, counted in C
+    if parse is _multipart:
+        _check_parts(body, _boundary(content_type), max_images)
+        separators = body.count(b"\r\n")
+    elif parse is _json:
+        separators = body.count(b",")
+    uploads = await parse_off_loop(request, separators, parse, body, content_type, max_images)
     if not uploads:
         raise invalid("no images in the request: send at least one")
     if len(uploads) > max_images:
         raise too_many(len(uploads), max_images)
     return uploads
+
+
+async def parse_off_loop(request: Request, separators: int, parse: Callable[..., T], *args: object) -> T:
+    """parse(*args) here when the body holds at most INLINE_SEPARATORS `separators` (microseconds of work), else in a
+    process of its own (`Decoder.isolated`, killed if the request stops waiting)."""
+    if separators <= INLINE_SEPARATORS:
+        return parse(*args)
+    return await request.app.state.vit.decoder.isolated(parse, *args)
 
 
 def _raw(body: bytes, content_type: str, max_images: int) -> list[Upload]:
@@ -106,18 +133,25 @@ def _json(body: bytes, content_type: str, max_images: int) -> list[Upload]:
 
 
 def _b64(item: object, index: int) -> bytes:
-    """Plain base64 or a data: URL (which must say ';base64')."""
     if not isinstance(item, str):
         raise invalid(f"images[{index}] must be a base64 string, not {type(item).__name__}")
-    if item[:5].lower() == "data:":
-        header, sep, item = item.partition(",")
+    return image_base64(item, index)
+
+
+def image_base64(text: str, index: int, where: str = "") -> bytes:
+    """One image as plain base64 or a data: URL (which must say ';base64') -> its bytes, the one rule of /v1 and /v2;
+    400 `invalid_image` naming the image (its `index`, prefixed by `where`) when it is neither."""
+    prefix = f"{where}: image {index}: " if where else ""
+    if text[:5].lower() == "data:":
+        header, sep, text = text.partition(",")
         if not sep or not header.lower().endswith(";base64"):
-            message = "a data: URL must be base64 ('data:image/...;base64,...')"
+            message = f"{prefix}a data: URL must be base64 ('data:image/...;base64,...')"
             raise ApiError(400, "invalid_image", message, index=index, filename=None)
     try:
-        return decode_base64(item)
+        return decode_base64(text)
     except ValueError:
-        raise ApiError(400, "invalid_image", "the image is not valid base64", index=index, filename=None) from None
+        message = f"{prefix}the image is not valid base64"
+        raise ApiError(400, "invalid_image", message, index=index, filename=None) from None
 
 
 def decode_base64(text: str) -> bytes:
@@ -127,11 +161,26 @@ def decode_base64(text: str) -> bytes:
     return base64.b64decode(data + b"=" * (-len(data) % 4), validate=True)  # binascii.Error is a ValueError
 
 
-def _multipart(body: bytes, content_type: str, max_images: int) -> list[Upload]:
+def _boundary(content_type: str) -> bytes:
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
         raise invalid("multipart/form-data without a boundary")
+    return boundary
+
+
+def _check_parts(body: bytes, boundary: bytes, max_images: int) -> None:
+    """413 for a multipart body of more parts than a request may carry, counted before parsing."""
+    max_parts = max_images + MAX_OTHER_PARTS
+    parts_sent = body.count(b"--" + boundary) - 1  # the delimiters: one before each part, and the closing one
+    if parts_sent > max_parts:
+        message = f"{parts_sent:,} multipart parts; at most {max_parts} are read"
+        raise ApiError(413, "payload_too_large", f"{message} ({max_images} images and {MAX_OTHER_PARTS} other fields)")
+
+
+def _multipart(body: bytes, content_type: str, max_images: int) -> list[Upload]:
+    """The `images` parts (the part count checked by `_check_parts` before)."""
+    boundary = _boundary(content_type)
     parts: list[tuple[dict[bytes, bytes], bytes]] = []
     state: dict = {}
 
@@ -166,15 +215,22 @@ def _multipart(body: bytes, content_type: str, max_images: int) -> list[Upload]:
         parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
         parser.write(body)
         parser.finalize()
-    except MultipartParseError as e:
+    except FormParserError as e:  # a malformed body, or a boundary longer than the parser takes
         raise invalid(f"malformed multipart body: {e}") from None
     uploads = []
+    names = []
     for headers, data in parts:
         _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
-        if disposition.get(b"name") != b"images":
+        names.append(disposition.get(b"name", b"").decode("utf-8", "replace"))
+        if names[-1] != "images":
             continue
         filename = disposition.get(b"filename")
         uploads.append(Upload(data, filename.decode("utf-8", "replace") if filename is not None else None))
         if len(uploads) > max_images:
             raise too_many(len(uploads), max_images)
+    if not uploads and names:
+        sent = ", ".join(repr(name[:40]) for name in dict.fromkeys(names))
+        raise invalid(
+            f"the multipart files must be fields named 'images' (-F images=@photo.jpg); this request has {sent}"
+        )
     return uploads

@@ -34,7 +34,7 @@ from app.batching import Admission
 from app.decode import ImageError, check_resize, check_size, model_input
 from app.http.checks import CheckedRoute, require_ready
 from app.http.errors import ApiError, image_error, invalid
-from app.http.inputs import Upload, read_body, too_many
+from app.http.inputs import Upload, parse_off_loop, read_body, too_many
 from app.http.middleware import note
 from app.http.pipeline import decode_uploads, expect, guarded, pick_model, reserve, run_items, state_of, to_item
 from app.http.responses import FastJSON
@@ -53,7 +53,15 @@ from app.http.schemas import (
     ok,
 )
 from app.http.state import ServedModel, ServerState
-from app.http.v2_codec import HEADER_LENGTH, InputTensor, OutputTensor, RequestedOutput, decompress, parse_request
+from app.http.v2_codec import (
+    HEADER_LENGTH,
+    InputTensor,
+    OutputTensor,
+    RequestedOutput,
+    decompress,
+    json_part_length,
+    parse_request,
+)
 from app.http.v2_codec import encode_response as encode
 from app.preprocess import PreprocessConfig
 from app.tasks import Item, Tensors, top_k
@@ -179,7 +187,11 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     with reserve(served) as admission:
         body = await read_body(request, settings.max_upload_bytes)
         body = decompress(body, request.headers.get("content-encoding"), settings.max_upload_bytes)
-        req = parse_request(body, request.headers.get(HEADER_LENGTH))
+        header_length = request.headers.get(HEADER_LENGTH)
+        separators = body.count(b",", 0, json_part_length(body, header_length))  # in the JSON part, before parsing it
+        req = await parse_off_loop(
+            request, separators, parse_request, body, header_length, settings.max_images_per_request
+        )
         tensor = the_images(req.inputs, served, state)
         outputs = requested_outputs(req.outputs, served)
         n = tensor.shape[0]

@@ -283,3 +283,19 @@ def test_strict_loading_names_the_keys(change, message, tmp_path, make_tiny_vit)
     (tmp_path / "config.json").write_text('{"num_heads": 2}')
     with pytest.raises(CheckpointError, match=message):
         load_model(str(tmp_path / "w.safetensors"))
+
+
+class Command:
+    """Unpickling this would run a shell command: a global from a module torch's safe unpickler blocks outright."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_a_blocked_global_is_named_in_the_refusal(tmp_path):
+    path = tmp_path / "command.pth"
+    torch.save({"x": Command()}, path)
+    with pytest.raises(CheckpointError, match=r"command\.pth holds pickled objects other than tensors") as err:
+        read_checkpoint(str(path))
+    assert f"({os.system.__module__}.system)" in str(err.value)  # posix.system on Linux
+    assert "corrupt?" not in str(err.value)
