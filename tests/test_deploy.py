@@ -26,9 +26,11 @@ KSERVE = ROOT / "deploy" / "kserve"
 PORT = 8000
 # Settings the deployment files leave unset on purpose: unset means "every model in the repository",
 # "inferred", "the checkpoint's", "no key" (Kubernetes takes it from an optional Secret), "min(4, CPUs)" or
-# "the CPUs available, shared among the workers" or "2 on a CPU with 2+ threads"; for image search, "the user's
-# data directory" and "the embedded PostgreSQL" (Kubernetes takes the shared database's URL from a Secret).
+# "the CPUs available, shared among the workers", "2 on a CPU with 2+ threads" or "4 x max-image-pixels"; for
+# image search, "the user's data directory" and "the embedded PostgreSQL" (Kubernetes takes the shared database's
+# URL from a Secret).
 UNSET_ON_PURPOSE = {
+    "VIT_MAX_DECODED_BYTES",
     "VIT_DATA_DIR",
     "VIT_COLLECTIONS_URL",
     "VIT_MODEL",
