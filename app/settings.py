@@ -175,6 +175,15 @@ class Settings(BaseSettings):
     protect_docs: bool = Field(
         False, description="true or false (default): also put /metrics, /docs, /redoc, /openapi.json behind --api-key"
     )
+    data_dir: str | None = Field(
+        None,
+        description="where the embedded PostgreSQL for collections lives (default: the user's data directory, "
+        "~/.local/share/vitserve); started on the first use of a collections endpoint",
+    )
+    collections_url: str | None = Field(
+        None,
+        description="a shared PostgreSQL with pgvector (postgresql://...) for collections instead of the embedded one",
+    )
 
     @field_validator("model", "arch", "image_size", mode="before")
     @classmethod

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from app.decode import Decoder, Limits
-from app.http import errors, health, page, v1, v2
+from app.http import collections, errors, health, page, v1, v2
 from app.http.checks import ProtectDocs
 from app.http.inputs import PARSER_MODULES
 from app.http.loading import Loader, engine_loader, load_all
@@ -78,6 +78,7 @@ def create_app(
     errors.install(app)
     app.include_router(health.router)
     app.include_router(v1.router)
+    app.include_router(collections.router)  # /v1/collections: image search (app.collections)
     app.include_router(v2.router)
     app.include_router(v2.model_router)
     app.include_router(page.router)  # GET / and the page's assets

@@ -48,6 +48,8 @@ ERRORS: dict[int, tuple[str, str, str]] = {
     401: ("unauthorized", "the server has an API key and the request's Bearer token is missing or wrong",
           "missing or wrong API key: send 'Authorization: Bearer <key>'"),
     404: ("model_not_found", "no loaded model of that name", "no model named 'resnet'; loaded models: mnist-vit"),
+    409: ("conflict", "a collection or item id that exists already; a collection whose model is not loaded or "
+          "changed", "collection 'digits' already holds item id(s) 'seven'; nothing was added"),
     413: ("payload_too_large", "a body over --max-upload-bytes, or more images than --max-images-per-request",
           "65 images in one request; at most 64 are allowed"),
     415: ("unsupported_media_type", "a body that is not multipart/form-data, JSON or an image",
