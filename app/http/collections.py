@@ -124,7 +124,7 @@ def _bound_model(request: Request, binding: Binding, name: str) -> ServedModel:
 
 
 def _embed_task(pool: str) -> Embed:
-    return Embed("mean" if pool == "mean" else "cls", False)  # a plain ViT's default embedding is its class token
+    return Embed(pool, False)  # type: ignore[arg-type]  # checked against POOLS when the collection was made
 
 
 @dataclass
@@ -566,9 +566,12 @@ async def create_collection(request: Request) -> Response:
     if model is not None and not isinstance(model, str):
         raise invalid("model must be a loaded model's name")
     served = pick_model(state_of(request), model)
+    if pool == "cls" and not served.config.class_token:
+        raise invalid(f"pool must be default or mean for model {served.name!r}: it has no class token, not cls")
+    dim = served.model.embedding_dim if pool == "default" else served.config.embed_dim  # CLIP: 512 projected
     store = await _store(request)
     with _answers():
-        coll = await store.create(name, _binding(served, pool), metric, int(served.config.embed_dim), thumbnails)
+        coll = await store.create(name, _binding(served, pool), metric, int(dim), thumbnails)
     return FastJSON(coll.public(), status_code=201)
 
 
