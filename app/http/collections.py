@@ -37,12 +37,21 @@ from app.collections import (
     StoreError,
 )
 from app.collections.store import check_filter, check_id, check_metadata, check_name, check_vector
-from app.http.checks import CheckedRoute
-from app.http.errors import ApiError, invalid
-from app.http.inputs import Upload, decode_base64, media_type, read_body, too_many
-from app.http.middleware import note
-from app.http.pipeline import decode_uploads, expect, guarded, pick_model, reserve, run_items, state_of, to_item
-from app.http.responses import FastJSON
+from app.http.envelope import ApiError, CheckedRoute, FastJSON, invalid, note, state_of
+from app.http.pipeline import (
+    Upload,
+    decode_base64,
+    decode_uploads,
+    expect,
+    guarded,
+    media_type,
+    pick_model,
+    read_body,
+    reserve,
+    run_items,
+    to_item,
+    too_many,
+)
 from app.http.schemas import V1_CHECKS, Doc, errors, ok
 from app.http.state import ServedModel
 from app.tasks import Embed
