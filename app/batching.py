@@ -5,7 +5,7 @@ its `prepare(items)` and `forward(prepared) -> results` on its own forward threa
 
 - `admit(n)` takes room for a request's n images once they are known (its body has been read), or raises
   `Overloaded` with a Retry-After estimate. The room is held while the images decode, wait and run, and given
-  back when the request is answered (or dropped). A body still being read holds none (app.http.bodies bounds
+  back when the request is answered (or dropped). A body still being read holds none (app.http.pipeline bounds
   those).
 - `run(items, key)` queues the items and returns their results in order; an item that failed has its exception
   in its place (`ForwardFailed`, the runner's own, or `Stopped` when the device is lost), so the caller knows

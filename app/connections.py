@@ -11,7 +11,7 @@ both limits, handed to uvicorn through its public `Config(http=...)`:
   or the previous response was sent; otherwise the connection is closed. That includes the rest of a body the
   app answered without reading (a 401, a 503 for the byte budget): uvicorn reads it and throws it away, so a
   client that sent it gets its answer on a connection that stays open, and one that does not send it loses
-  the connection. A request whose headers have arrived is bounded by app.http.bodies (its body) and
+  the connection. A request whose headers have arrived is bounded by app.http.pipeline.BodyReader (its body) and
   --request-timeout-s (its work).
 
 Refusing or closing costs the server nothing; the client sees a closed connection.

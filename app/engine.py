@@ -27,12 +27,16 @@ log = logging.getLogger("vitserve")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float8": torch.bfloat16}
 
 
+POOLS = ("default", "cls", "mean")  # what `Model.pooled` (and /v1/embed's pool) accepts
+
+
 @dataclass
 class Output:
-    logits: torch.Tensor | None  # (B, num_classes), float32, or None without a head
-    embedding: torch.Tensor  # (B, D) float32: the class token after the final LayerNorm
-    tokens: torch.Tensor  # (B, 1 + gh*gw, D) float32: every final-normed token
+    logits: torch.Tensor | None  # (B, num_classes), float32, or None without a classifier
+    embedding: torch.Tensor  # (B, embedding_dim) float32: the family's default embedding (ModelInfo "pool")
+    tokens: torch.Tensor  # (B, P + gh*gw, D) float32: every final-normed token, P prefix tokens first
     attentions: list[torch.Tensor | None] | None = None  # depth x (B, heads, T, T) float32, when asked
+    probe_attention: torch.Tensor | None = None  # (B, heads, 1, gh*gw) float32: a MAP head's probe, with attentions
 
 
 def resolve_device(device: str) -> torch.device:
@@ -90,6 +94,7 @@ def build_model(ckpt: Checkpoint, image_size: int | tuple[int, int] | None) -> V
     """A VisionTransformer holding the checkpoint's weights, at `image_size` when given."""
     config = ckpt.config
     state_dict = dict(ckpt.state_dict)
+    image_size = image_size if image_size is not None else ckpt.serve_size
     if image_size is not None:
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if size[0] % config.patch_size or size[1] % config.patch_size:
@@ -98,7 +103,13 @@ def build_model(ckpt: Checkpoint, image_size: int | tuple[int, int] | None) -> V
             )
         new_config = ViTConfig.from_dict({**config.to_dict(), "image_size": size})
         if "pos_embed" in state_dict:
-            state_dict["pos_embed"] = resample_pos_embed(state_dict["pos_embed"], config.grid, new_config.grid)
+            state_dict["pos_embed"] = resample_pos_embed(
+                state_dict["pos_embed"],
+                config.grid,
+                new_config.grid,
+                num_prefix=config.num_embedded_prefix,
+                antialias=ckpt.pos_antialias,
+            )
         config = new_config
     with torch.device("meta"):
         model = VisionTransformer(config)  # no random init: every weight comes from the checkpoint
@@ -133,7 +144,8 @@ class Model:
             torch.backends.cudnn.allow_tf32 = False
         self.preprocess_config = preprocess_for_size(ckpt.preprocess, self.config.image_size)
         self.normalizer = Normalizer(self.preprocess_config).to(device)
-        n = self.config.num_classes
+        self.num_classes = 0 if self.config.projection else self.config.num_classes  # a projection classifies nothing
+        n = self.num_classes
         self.labels = ckpt.labels if len(ckpt.labels) == n else [f"class_{i}" for i in range(n)]
         self.sha256 = file_sha256(ckpt.weights_path)
 
@@ -174,19 +186,87 @@ class Model:
     def output(
         self, tokens: torch.Tensor, logits: torch.Tensor | None, maps: list[torch.Tensor | None] | None = None
     ) -> Output:
-        """The forward's results in float32, as the Python API gives them."""
-        tokens = tokens.float()
+        """The forward's results in float32, as the Python API gives them: the default embedding is computed here
+        from the tokens (the pooling and projection are small next to the blocks), and with attention maps a MAP
+        head's probe attention."""
+        with torch.inference_mode():
+            embedding = self.net.embed(tokens)
+            probe = (
+                self.net.pool(tokens, need_weights=True)[1] if maps is not None and self.config.pool == "map" else None
+            )
         return Output(
             logits=logits.float() if logits is not None else None,
-            embedding=tokens[:, 0],
-            tokens=tokens,
+            embedding=embedding.float(),
+            tokens=tokens.float(),
             attentions=None if maps is None else [None if a is None else a.float() for a in maps],
+            probe_attention=probe.float() if probe is not None else None,
         )
 
+    def pooled(self, out: Output, pool: str = "default") -> torch.Tensor:
+        """(B, dim) float32 embedding of a forward's output for /v1/embed's `pool`:
+
+        - `default`: the family's own embedding (`out.embedding`; ModelInfo "pool" and "embedding_dim");
+        - `cls`: the final-normed class token (never projected); a ValueError for a model without one (SigLIP, gap);
+        - `mean`: the mean of the patch tokens only (never class, distillation or register tokens), through the
+          model's `fc_norm` where it has one (then the tokens themselves are not normed), else through the final norm.
+        """
+        if pool == "default":
+            return out.embedding
+        if pool == "cls":
+            if not self.config.class_token:
+                raise ValueError(
+                    f"pool=cls: this {self.config.family} model has no class token (its own pooling is "
+                    f"{self.config.pool!r}); use pool=default or pool=mean"
+                )
+            return out.tokens[:, 0]
+        if pool == "mean":
+            patches = out.tokens[:, self.config.num_prefix_tokens :].mean(dim=1)
+            with torch.inference_mode():
+                return self.net.fc_norm(patches.to(self.dtype)).float()
+        raise ValueError(f"unknown pool {pool!r}; use one of {', '.join(POOLS)}")
+
+    def attention_heatmap(
+        self,
+        out: Output,
+        method: str = "rollout",
+        layer: int = -1,
+        head: int | None = None,
+        rows: list[int] | None = None,
+    ) -> tuple[torch.Tensor, str]:
+        """(B, gh*gw) heatmap of /v1/attention's `method` (cls, rollout) for this model's token layout, and the
+        method the response names (cls, rollout, probe, probe_rollout, mean, mean_rollout): see
+        `analysis.attention_heatmap`. `out` comes from a forward with attentions=True; `rows` picks batch rows
+        (all, without a copy, when None or every row in order)."""
+        if out.attentions is None:
+            raise ValueError("the forward was run without attentions=True")
+        maps, probe = out.attentions, out.probe_attention
+        B = next(a.shape[0] for a in maps if a is not None)
+        if rows is not None and rows != list(range(B)):
+            maps = [None if a is None else a[rows] for a in maps]
+            probe = probe[rows] if probe is not None else None
+        cfg = self.config
+        return analysis.attention_heatmap(
+            maps,  # type: ignore[arg-type]  # the layers read are computed
+            method,
+            prefix=cfg.num_prefix_tokens,
+            pool="cls" if cfg.class_token else cfg.pool,
+            probe=probe,
+            layer=layer,
+            head=head,
+        )
+
+    def attention_distance(self, out: Output, rows: list[int] | None = None) -> torch.Tensor:
+        """(B, depth, heads) mean attention distance over the patch tokens (prefix tokens left out)."""
+        assert out.attentions is not None
+        maps = out.attentions if rows is None else [None if a is None else a[rows] for a in out.attentions]
+        cfg = self.config
+        return analysis.attention_distance(maps, tuple(cfg.grid), cfg.patch_size, cfg.num_prefix_tokens)  # type: ignore[arg-type]
+
     def position_similarity(self) -> np.ndarray:
-        """(N, N) cosine similarity of the model's patch position embeddings, on the CPU."""
+        """(N, N) cosine similarity of the model's patch position embeddings, on the CPU (prefix slots left out)."""
         with torch.inference_mode():
-            return analysis.position_similarity(self.net.pos_embed.detach()).float().cpu().numpy()
+            pos = self.net.pos_embed.detach()
+            return analysis.position_similarity(pos, self.config.num_embedded_prefix).float().cpu().numpy()
 
     def device_error(self) -> str | None:
         """Why the device can no longer run anything, or None while it can. A CUDA error such as an illegal
@@ -204,6 +284,12 @@ class Model:
         return None
 
     @property
+    def embedding_dim(self) -> int:
+        """The size of the default embedding: the projection's width for CLIP, else the token width."""
+        cfg = self.config
+        return cfg.num_classes if cfg.projection and cfg.num_classes > 0 else cfg.embed_dim
+
+    @property
     def info(self) -> dict:
         cfg = self.config
         return {
@@ -216,7 +302,11 @@ class Model:
             "embed_dim": cfg.embed_dim,
             "depth": cfg.depth,
             "num_heads": cfg.num_heads,
-            "num_classes": cfg.num_classes,
+            "num_classes": self.num_classes,
+            "family": cfg.family,
+            "pool": {"cls_dist": "cls"}.get(cfg.pool, cfg.pool),
+            "prefix_tokens": cfg.prefix_tokens,
+            "embedding_dim": self.embedding_dim,
             "device": str(self.device),
             "dtype": "float8" if self.float8 else str(self.dtype).removeprefix("torch."),
             "preprocess": self.preprocess_config.to_dict(),

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app import analysis
 from app.decode import ImageError
 from app.tasks import (
     ATTENTION,
@@ -36,6 +35,7 @@ from app.tasks import (
     AttentionMap,
     Classify,
     Embed,
+    Heatmap,
     Item,
     Task,
     Tensors,
@@ -303,13 +303,14 @@ def forward_items(model: Model, prepared: Prepared, fast: FastForward | None = N
 
 
 def _layers_read(model: Model, items: list[Item]) -> set[int] | None:
-    """The layers whose attention maps the batch reads: one each for class-token maps, all (None) for the rollout
-    and the distances. The other layers keep the fused attention kernel (materialised weights cost a few percent
-    of the forward on a CPU, about half of it on a GPU)."""
+    """The layers whose attention maps the batch reads: one each for class-token maps (none for a MAP model, whose
+    map is its probe's), all (None) for the rollout and the distances. The other layers keep the fused attention
+    kernel (materialised weights cost a few percent of the forward on a CPU, about half of it on a GPU)."""
     layers: set[int] = set()
     for item in items:
         if isinstance(item.task, AttentionMap) and item.task.method == "cls":
-            layers.add(item.task.layer % model.config.depth)
+            if model.config.pool != "map":
+                layers.add(item.task.layer % model.config.depth)
         elif item.task.key == ATTENTION:
             return None
     return layers
@@ -327,44 +328,37 @@ def _classify(model: Model, out: Output, index: list[int], tasks: list[Classify]
 
 
 def _embed(model: Model, out: Output, index: list[int], tasks: list[Embed]) -> list[np.ndarray]:
-    rows = out.embedding[index].float()  # (n, D) class tokens
-    if any(t.pool == "mean" for t in tasks):  # decided on the host: no device sync
-        mean = torch.tensor([t.pool == "mean" for t in tasks], device=rows.device)
-        rows = torch.where(mean[:, None], out.tokens[index, 1:].float().mean(dim=1), rows)
-    if any(t.normalize for t in tasks):
-        norm = torch.tensor([t.normalize for t in tasks], device=rows.device)
-        rows = torch.where(norm[:, None], F.normalize(rows, dim=-1), rows)
-    return list(rows.cpu().numpy())
+    vectors: list[np.ndarray] = [np.empty(0)] * len(tasks)
+    by_pool: dict[str, list[int]] = defaultdict(list)  # pools may differ in size (CLIP: 512 projected, 768 cls)
+    for j, t in enumerate(tasks):
+        by_pool[t.pool].append(j)
+    for pool, js in by_pool.items():
+        rows = model.pooled(out, pool)[[index[j] for j in js]]
+        norm = torch.tensor([tasks[j].normalize for j in js], device=rows.device)
+        if norm.any():
+            rows = torch.where(norm[:, None], F.normalize(rows, dim=-1), rows)
+        for j, v in zip(js, rows.cpu().numpy(), strict=True):
+            vectors[j] = v
+    return vectors
 
 
-def _rows(maps: list[torch.Tensor | None], index: list[int]) -> list[torch.Tensor | None]:
-    """Each computed layer's attention at the batch rows `index`; the maps themselves when that is every row in
-    order (the usual batch, of one kind of request), since a copy of every layer's maps costs a few percent of
-    the forward."""
-    rows = next(a.shape[0] for a in maps if a is not None)
-    return maps if index == list(range(rows)) else [None if a is None else a[index] for a in maps]
-
-
-def _attention_map(model: Model, out: Output, index: list[int], tasks: list[AttentionMap]) -> list[np.ndarray]:
-    maps: list[torch.Tensor | None] = [None] * len(tasks)
+def _attention_map(model: Model, out: Output, index: list[int], tasks: list[AttentionMap]) -> list[Heatmap]:
+    maps: list[Heatmap | None] = [None] * len(tasks)
     by_kind: dict[tuple, list[int]] = defaultdict(list)
     for j, t in enumerate(tasks):
-        by_kind[(t.method, t.layer, t.head) if t.method == "cls" else ("rollout",)].append(j)
-    for kind, js in by_kind.items():
-        sub = _rows(out.attentions, [index[j] for j in js])
-        heat = analysis.rollout(sub) if kind[0] == "rollout" else analysis.cls_attention(sub, kind[1], kind[2])
-        for j, h in zip(js, heat, strict=True):
-            maps[j] = h
-    stacked = torch.stack(maps).reshape(len(tasks), *model.config.grid).float().cpu().numpy()  # type: ignore[arg-type]
-    return list(stacked)
+        by_kind[(t.method, t.layer, t.head) if t.method == "cls" else ("rollout", -1, None)].append(j)
+    for (method, layer, head), js in by_kind.items():
+        heat, named = model.attention_heatmap(out, method, layer, head, rows=[index[j] for j in js])
+        grids = heat.reshape(len(js), *model.config.grid).float().cpu().numpy()
+        for j, values in zip(js, grids, strict=True):
+            maps[j] = Heatmap(values, named)
+    return maps  # type: ignore[return-value]
 
 
 def _attention_distance(
     model: Model, out: Output, index: list[int], tasks: list[AttentionDistance]
 ) -> list[np.ndarray]:
-    attns = _rows(out.attentions, index)
-    dist = analysis.attention_distance(attns, tuple(model.config.grid), model.config.patch_size)
-    return list(dist.float().cpu().numpy())
+    return list(model.attention_distance(out, rows=index).float().cpu().numpy())
 
 
 def _tensors(model: Model, out: Output, index: list[int], tasks: list[Tensors]) -> list[dict[str, np.ndarray]]:
@@ -379,10 +373,10 @@ def _tensors(model: Model, out: Output, index: list[int], tasks: list[Tensors]) 
         computed["embedding"] = out.embedding[index].float().cpu().numpy()
     rows = [j for j, t in enumerate(tasks) if "attention_rollout" in t.outputs]
     if rows:  # as /v1/attention?method=rollout: only the rows that asked for it
-        attns = _rows(out.attentions, [index[j] for j in rows])
-        heat = analysis.rollout(attns).reshape(len(rows), *model.config.grid).float().cpu().numpy()
-        computed["attention_rollout"] = np.zeros((len(tasks), *heat.shape[1:]), np.float32)
-        computed["attention_rollout"][rows] = heat
+        heat, _ = model.attention_heatmap(out, "rollout", rows=[index[j] for j in rows])
+        grids = heat.reshape(len(rows), *model.config.grid).float().cpu().numpy()
+        computed["attention_rollout"] = np.zeros((len(tasks), *grids.shape[1:]), np.float32)
+        computed["attention_rollout"][rows] = grids
     return [{name: computed[name][j] for name in t.outputs} for j, t in enumerate(tasks)]
 
 

@@ -164,7 +164,28 @@ class Settings(BaseSettings):
     lanes: int | None = Field(
         None, ge=1, description="CPU forwards of one model at once, sharing --threads (default 2 with 2+ threads)"
     )
-    # slow and idle clients (app.http.bodies, app.connections)
+    max_decoded_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="largest decoded width x height x bytes per pixel, a 16-bit sample counting 2, read from the "
+        "header (default 4 x max-image-pixels)",
+    )
+    max_jpeg_scans: int = Field(
+        100, ge=1, description="a JPEG with more scans is refused before decoding (default 100; encoders write ~10)"
+    )
+    protect_docs: bool = Field(
+        False, description="true or false (default): also put /metrics, /docs, /redoc, /openapi.json behind --api-key"
+    )
+    data_dir: str | None = Field(
+        None,
+        description="where the embedded PostgreSQL for collections lives (default: the user's data directory, "
+        "~/.local/share/vitserve); started on the first use of a collections endpoint",
+    )
+    collections_url: str | None = Field(
+        None,
+        description="a shared PostgreSQL with pgvector (postgresql://...) for collections instead of the embedded one",
+    )
+    # slow and idle clients (app.http.pipeline.BodyReader, app.connections)
     body_timeout_s: float = Field(
         60.0, gt=0, description="the whole request body must arrive within it, else 408 (default 60)"
     )
@@ -248,6 +269,11 @@ class Settings(BaseSettings):
     def global_image_size(self) -> int | None:
         """The image size that applies to every model (a single value), else None."""
         return self.image_size[0] if len(self.image_size) == 1 else None
+
+    @property
+    def decoded_bytes_limit(self) -> int:
+        """--max-decoded-bytes, or its default: 4 bytes (RGBA) for each of --max-image-pixels."""
+        return self.max_decoded_bytes if self.max_decoded_bytes is not None else 4 * self.max_image_pixels
 
     @property
     def decode_pool_kind(self) -> Literal["process", "thread"]:

@@ -31,7 +31,7 @@ class Classify:
 
 @dataclass(frozen=True)
 class Embed:
-    pool: Literal["cls", "mean"] = "cls"
+    pool: Literal["default", "cls", "mean"] = "default"  # default: the family's own embedding (app.engine)
     normalize: bool = False
     key = FAST
 
@@ -75,6 +75,12 @@ def batch_key(item: Item) -> Hashable:
     """The batcher key: the task's path, kept apart for already-preprocessed pixels (uint8 pixels and JPEGs
     share batches)."""
     return item.task.key if item.tensor is None else (item.task.key, "preprocessed")
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    values: np.ndarray  # float32 (gh, gw), divided by its maximum
+    method: str  # what the map is for this model's tokens: cls, rollout, probe, probe_rollout, mean, mean_rollout
 
 
 @dataclass(frozen=True)

@@ -322,6 +322,46 @@ def _dashed_hline(draw: ImageDraw.ImageDraw, x0: float, x1: float, y: float, fil
         x += 2 * dash
 
 
+UNIFORM_LABEL = "uniform attention"
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[float, float]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font, anchor="lt")
+    return right - left, bottom - top
+
+
+def _box_hits_dot(box: tuple[float, float, float, float], dot: tuple[float, float], radius: float) -> bool:
+    left, top, right, bottom = box
+    nearest_x, nearest_y = min(max(dot[0], left), right), min(max(dot[1], top), bottom)
+    return (nearest_x - dot[0]) ** 2 + (nearest_y - dot[1]) ** 2 < radius**2
+
+
+def uniform_label_box(
+    axes: _Axes,
+    depth: int,
+    y_line: float,
+    text_size: tuple[float, float],
+    dots: list[tuple[float, float]],
+    radius: float,
+    s: int,
+) -> tuple[float, float, float, float]:
+    """Where the uniform-attention line's label goes: just above (else below) the line, at the left end, between
+    two layers or at the right end, the first place where it covers no dot; the left end above the line if none."""
+    left, top, right, bottom = axes.area
+    width, height = text_size
+    pad = 2 * s
+    xs = [left + 6 * s, *(axes.x(k + 0.5) - width / 2 for k in range(1, depth)), right - 6 * s - width]
+    ys = [y_line - 3 * s - height, y_line + 3 * s]
+    for y in ys:
+        for x in xs:
+            box = (x, y, x + width, y + height)
+            inside = left <= x and x + width <= right and top <= y and y + height <= bottom
+            padded = (x - pad, y - pad, x + width + pad, y + height + pad)
+            if inside and not any(_box_hits_dot(padded, dot, radius) for dot in dots):
+                return box
+    return (xs[0], ys[0], xs[0] + width, ys[0] + height)
+
+
 def distance_plot_png(
     distance: np.ndarray,
     patch_size: int,
@@ -360,11 +400,10 @@ def distance_plot_png(
     draw.text(((area[0] + area[2]) / 2, 12 * s), title, font=title_font, fill=INK, anchor="mt")
     y_uniform = axes.y(uniform)
     _dashed_hline(draw, area[0], area[2], y_uniform, MUTED_INK, s, 6 * s)
-    # Labelled at the left end: early layers are the local ones, so their dots rarely sit up there.
-    draw.text((area[0] + 6 * s, y_uniform - 3 * s), "uniform attention", font=font, fill=MUTED_INK, anchor="lb")
 
     radius = max(3.0, min(5.0, 60.0 / depth)) * s
     spread = min(0.3, 0.06 * heads) if heads > 1 else 0.0  # heads fan out a little around their layer
+    dots = []
     for layer in range(depth):
         for head in range(heads):
             value = distance[layer, head]
@@ -374,6 +413,10 @@ def distance_plot_png(
             cx, cy = axes.x(layer + 1 + offset), axes.y(float(value))
             colour = HEAD_COLOURS[head % len(HEAD_COLOURS)]
             draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=colour, outline=BACKGROUND)
+            dots.append((cx, cy))
+    text_w, text_h = _text_size(draw, UNIFORM_LABEL, font)
+    box = uniform_label_box(axes, depth, y_uniform, (text_w, text_h), dots, radius, s)
+    draw.text(box[:2], UNIFORM_LABEL, font=font, fill=MUTED_INK, anchor="lt")
     if legend_w:
         _draw_legend(draw, (area[2] + 16 * s, area[1]), heads, font, s)
     return _png(canvas.resize(size, Image.Resampling.LANCZOS))

@@ -7,6 +7,7 @@ Variants (all float32 unless --dtype, same weights, round-robin timing, logits c
   eager            our model, SDPA attention (the server with --compile off)
   onednn           what the CPU runner serves (--compile auto): a copy of the model with its linear layers packed
                    for oneDNN by `app.runner.pack_linears` (weights pre-packed, the MLP's GELU fused into fc1)
+  onednn-gelu-apart the same packed linears with the GELU left a separate op: what fusing it gains
   eager-manual     our model's attention-weights path (softmax(QK^T) materialised), as the attention endpoints run
   freeze-static    torch.compile, inductor, freezing, dynamic=False: one graph per batch size
   freeze-dynamic   the same with a dynamic batch dimension: one graph for every batch size
@@ -32,7 +33,7 @@ from torch import nn
 
 from bench import common
 
-ALL = "eager,onednn,eager-manual,freeze-static,freeze-dynamic,nofreeze-static,jit-freeze,onnx,hf"
+ALL = "eager,onednn,onednn-gelu-apart,eager-manual,freeze-static,freeze-dynamic,nofreeze-static,jit-freeze,onnx,hf"
 
 
 class FastPath(nn.Module):
@@ -55,13 +56,20 @@ def build(variant: str, net, sd: dict, shape: str, batch: int, dtype: torch.dtyp
     t0 = time.perf_counter()
     if variant == "eager":
         fn = lambda x: fast(x)[1]  # noqa: E731
-    elif variant == "onednn":
-        from app.runner import has_onednn_linear, pack_linears
+    elif variant in ("onednn", "onednn-gelu-apart"):
+        from app.runner import OneDNNLinear, has_onednn_linear, pack_linears
 
         if not has_onednn_linear():
             raise RuntimeError("this torch has no oneDNN linear with pre-packed weights")
         packed = copy.deepcopy(net)  # packing replaces the layers in place: the other variants keep the plain net
-        pack_linears(packed, rows_hint=batch * (1 + packed.cfg.num_patches))
+        rows_hint = batch * (1 + packed.cfg.num_patches)
+        if variant == "onednn":
+            pack_linears(packed, rows_hint)
+        else:  # every nn.Linear packed as pack_linears does, no epilogue
+            for module in list(packed.modules()):
+                for name, child in list(module.named_children()):
+                    if isinstance(child, nn.Linear):
+                        setattr(module, name, OneDNNLinear(child, rows_hint))
         packed_fast = FastPath(packed)
         with torch.inference_mode():
             packed_fast(x)  # oneDNN builds its kernels per shape on first use

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One GPU session's measurements, in under 8 minutes: raw (the engine beside timm / transformers), server
+# The GPU measurements, in under 8 minutes: raw (the engine beside timm / transformers), server
 # (vitserve under load) and peers (vitserve beside a plain FastAPI endpoint and LitServe), ViT-B/16 bfloat16.
 #
-# On the GPU box (no network): first, here, `bash scripts/fetch_gpu_wheels.sh`, then carry `.whl` and run
+# On a GPU machine without network: first, where PyPI is reachable, `bash scripts/fetch_gpu_wheels.sh`, then
+# carry `.whl` and run
 #   bash bench/gpu.sh                 # JSON and logs into $OUT (or bench/results/gpu-<date>/)
 # On a CPU, to check the script itself (tiny shapes, a few seconds per step):
 #   GPU_SH_SMOKE=1 bash bench/gpu.sh
@@ -11,7 +12,7 @@
 #
 # Each step has its own time limit and writes its own JSON, so a step that fails or overruns costs only itself.
 # Order: most important first (the CUDA tests, the engine eager and with CUDA graphs, the server and its variants,
-# the peers; float8 against bfloat16; last, the box's CPU with one, two and four forward lanes).
+# the peers; float8 against bfloat16; last, the GPU machine's CPU with one, two and four forward lanes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -118,7 +119,7 @@ step jpeg-decoders 60 "$PY" -m bench.jpeg_decoders --device "$DEV" --dtype "$DTY
 step float8 "$F8_LIMIT" "$PY" -m bench.float8 --device "$DEV" --shape "$SHAPE" --batch-sizes "$F8_BATCHES" --seconds 3 \
   --compile "$MODE" --out "$DEST/float8.json"
 
-# 9. the box's CPU (16 cores) with one, two and four forward lanes (--lanes), S/16 float32: the lanes were only ever
+# 9. the GPU machine's CPU (16 cores) with one, two and four forward lanes (--lanes), S/16 float32: the lanes were only ever
 # measured on a 2-core machine. Last: ask for it by name (GPU_SH_ONLY) when the budget allows.
 for lanes in 1 2 4; do
   step "cpu-lanes-$lanes" 45 "$PY" -m bench.server --spawn --device cpu --dtype float32 --shape "$CPU_SHAPE" \

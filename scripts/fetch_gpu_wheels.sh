@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Download, here (where PyPI is reachable), the wheels that the GPU box lacks for bench/gpu.sh: the server's
-# web stack and the peers' (FastAPI, uvicorn with httptools as uvicorn[standard] installs it, pydantic,
-# pydantic-settings, python-multipart, orjson, LitServe).
-# The box has torch, torchvision, timm, transformers, onnxruntime, aiohttp, httpx, psutil, prometheus-client,
-# safetensors, scikit-image and uvloop (see the device notes' package list); it has no network.
+# Download, on a machine where PyPI is reachable, the wheels that an offline GPU machine lacks for bench/gpu.sh:
+# the server's web stack and the peers' (FastAPI, uvicorn with httptools as uvicorn[standard] installs it,
+# pydantic, pydantic-settings, python-multipart, orjson, fastapi-offline, LitServe).
+# The GPU machine is expected to have torch, torchvision, timm, transformers, onnxruntime, aiohttp, httpx, psutil,
+# prometheus-client, safetensors, scikit-image and uvloop already, and no network.
 #
-#   bash scripts/fetch_gpu_wheels.sh          # -> .whl/ (ignored by git; carried to the box by the device tool)
+#   bash scripts/fetch_gpu_wheels.sh          # -> .whl/ (ignored by git; copy it to the GPU machine)
 #
-# Versions are pinned to the ones tested here. Python 3.12, manylinux x86-64 (the box's interpreter).
+# Versions are pinned to the ones tested with this repository. Python 3.12, manylinux x86-64 (the GPU
+# machine's interpreter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${DEST:-.whl}
@@ -20,6 +21,7 @@ PACKAGES=(
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
   pydantic-settings==2.16.3 python-dotenv==1.2.4
   uvicorn==0.54.0 httptools==0.9.0 python-multipart==0.0.34 orjson==3.13.0 anyio==4.16.0
+  fastapi-offline==1.7.7
   litserve==0.2.19 pyzmq==27.3.0
 )
 PLATFORMS=()

@@ -285,13 +285,13 @@ def pixels_or_jpeg(data: bytes, max_pixels: int = LIMIT):  # type: ignore[no-unt
 
 
 def test_the_device_takes_a_checked_jpeg_without_decoding_it_and_everything_else_is_decoded_here(cat):
-    from app.decode import Decoded, Encoded, jpeg_for_device
+    from app.decode import Decoded, Encoded, Limits, jpeg_for_device
 
     exif = Image.Exif()
     exif[0x0112] = 6
     rotated = encode(cat, "JPEG", exif=exif)
     queued = jpeg_for_device(rotated, CFG, LIMIT)
-    assert queued == Encoded(rotated, (cat.height, cat.width), 6, LIMIT)  # upright size, orientation to apply
+    assert queued == Encoded(rotated, (cat.height, cat.width), 6, Limits(LIMIT))  # upright size, orientation to apply
     assert isinstance(jpeg_for_device(encode(cat.convert("L"), "JPEG"), CFG, LIMIT), Encoded)
     for data in (encode(cat, "PNG"), encode(cat.convert("CMYK"), "JPEG")):  # not for the device: decoded here
         assert jpeg_for_device(data, CFG, LIMIT) is None
@@ -321,12 +321,12 @@ def test_the_device_check_refuses_what_the_pil_path_refuses(cat):
 
     data = encode(cat, "JPEG")
     with pytest.raises(ImageTooLarge):
-        jpeg_for_device(data, CFG, max_pixels=cat.width * cat.height - 1)
+        jpeg_for_device(data, CFG, limits=cat.width * cat.height - 1)
     with pytest.raises(InvalidImage):
         jpeg_for_device(data[:4] + b"\x00" * 64 + b"\xff\xd9", CFG, LIMIT)  # JPEG magic and end, no header
     strip = encode(Image.new("RGB", (4000, 1)), "JPEG")
     with pytest.raises(InvalidImage, match="too extreme"):
-        jpeg_for_device(strip, CFG, max_pixels=100_000)
+        jpeg_for_device(strip, CFG, limits=100_000)
 
 
 @pytest.mark.parametrize("kind,workers", [("thread", 1), ("thread", 0), ("process", 1)])
@@ -344,6 +344,181 @@ def test_decoder_queues_the_requests_own_bytes_for_the_device(cat, kind, workers
 
     queued, decoded = asyncio.run(main())
     assert isinstance(queued, Encoded) and queued.data is jpeg  # no copy, never sent back from a process
-    assert queued.size == cat.size and queued.orientation == 1 and queued.max_pixels == LIMIT
+    assert queued.size == cat.size and queued.orientation == 1 and queued.limits.pixels == LIMIT
     assert np.array_equal(decoded.pixels, decode_to_pixels(png, CFG, LIMIT).pixels)
     assert np.array_equal(queued.decode_here(CFG).pixels, decode_to_pixels(jpeg, CFG, LIMIT, draft=False).pixels)
+
+
+# -- costs bounded before decoding, and a slow decode that ends with its request -------------------------------
+
+
+def many_scans_jpeg(side: int, repeats: int) -> bytes:
+    """A progressive JPEG of one flat colour whose last scan (a few dozen bytes: every block empty) is repeated
+    `repeats` times: each repeat costs the decoder a pass over every block of the image."""
+    data = encode(Image.new("RGB", (side, side), (120, 30, 200)), "JPEG", quality=90, progressive=True)
+    last = data[data.rfind(b"\xff\xda") : -2]
+    return data[:-2] + last * repeats + b"\xff\xd9"
+
+
+def test_a_jpeg_with_more_scans_than_the_limit_is_refused_before_decoding(cat):
+    from app.decode import Limits, jpeg_scans
+
+    photo = encode(cat, "JPEG", progressive=True)
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    assert jpeg_scans(photo) == 10 and jpeg_scans(encode(cat, "JPEG", exif=exif)) == 1
+    crafted = many_scans_jpeg(64, 200)
+    assert jpeg_scans(crafted, 1000) == 210
+    with pytest.raises(InvalidImage, match="more than 100 scans"):
+        decode_image(crafted, LIMIT)
+    with pytest.raises(InvalidImage, match="more than 5 scans"):
+        decode_image(photo, Limits(LIMIT, jpeg_scans=5))
+    decode_image(crafted, Limits(LIMIT, jpeg_scans=210))  # within its limit it is an image like any other
+    # the thumbnail inside EXIF is skipped with its segment; comments between scans count as markers, not scans
+    thumbnail = encode(cat.resize((80, 60)), "JPEG", progressive=True)
+    app1 = b"Exif\x00\x00" + thumbnail
+    with_thumbnail = photo[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + photo[2:]
+    assert jpeg_scans(with_thumbnail) == 10
+    sos = photo.index(b"\xff\xda", photo.index(b"\xff\xda") + 2)  # a comment before the second scan
+    comment = b"\xff\xfe" + struct.pack(">H", 6) + b"\xff\xd9\xff\xda"  # an end-of-image marker inside: no end
+    assert jpeg_scans(photo[:sos] + comment + photo[sos:]) == 10
+
+
+def test_decoded_bytes_are_bounded_from_the_header_with_16_bit_samples_counted_double():
+    from app.decode import Limits, decoded_bytes, open_checked
+
+    grey16 = encode(Image.fromarray(np.zeros((100, 200), np.uint16)), "PNG")
+    grey8 = encode(Image.new("L", (200, 100)), "PNG")
+    rgb16 = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 200, 100, 16, 2, 0, 0, 0))
+    rgb16 += png_chunk(b"IDAT", zlib.compress(b"")) + png_chunk(b"IEND", b"")  # the header is all that is read
+    assert [decoded_bytes(Image.open(io.BytesIO(d))) for d in (grey8, grey16, rgb16)] == [20_000, 40_000, 120_000]
+    limits = Limits(LIMIT, decoded_bytes=30_000)
+    open_checked(grey8, limits)
+    for data in (grey16, rgb16):
+        with pytest.raises(ImageTooLarge, match="more than the limit of 30,000"):
+            open_checked(data, limits)
+    assert Limits(1000).bytes == 4000  # the default: 4 bytes for each allowed pixel
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def test_a_16_bit_png_decodes_without_copies_of_its_full_depth(tmp_path):
+    """A 6300 x 6300 16-bit grey PNG of 90 kB: 79 MB of samples, which the conversion to 8-bit once held six
+    times over (740 MB); it now converts a band of rows at a time. Measured in a fresh process."""
+    script = """
+import io, resource
+import numpy as np
+from PIL import Image
+from app.decode import decode_to_pixels
+from app.preprocess import PreprocessConfig
+a = np.zeros((6300, 6300), np.uint16); a[::7, ::5] = 60000
+buf = io.BytesIO(); Image.fromarray(a).save(buf, "PNG", compress_level=1); data = buf.getvalue(); del a
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = decode_to_pixels(data, PreprocessConfig(resize=36, crop=(32, 32)), 40_000_000)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, out.pixels.max())
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    rise_mb, top = (int(x) for x in done.stdout.split())
+    assert top > 0  # the top byte of 60000 survived the conversion
+    assert rise_mb < 400, f"peak memory rose by {rise_mb} MB"  # the 8-bit image in RGB alone is 160 MB
+
+
+def test_pillow_takes_the_configured_pixel_limit_above_its_own_and_says_nothing():
+    """Pillow refuses more than 178,956,970 pixels on its own and warns above half of that; the configured limit
+    is the one that applies, in either direction, and its refusal quotes it."""
+    import warnings
+
+    from app.decode import open_checked
+
+    huge = bomb_png(20_000, 10_000)  # 200 M pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning would fail the test
+        assert open_checked(huge, 300_000_000).size == (20_000, 10_000)
+        assert open_checked(bomb_png(10_000, 10_000), 150_000_000).size == (10_000, 10_000)  # 100 M pixels
+    with pytest.raises(ImageTooLarge, match="more than the limit of 150,000,000") as refused:
+        open_checked(huge, 150_000_000)
+    assert "178" not in str(refused.value)
+
+
+def isolated_processes() -> list:
+    """The processes of `Decoder.isolated` still alive (in this process: pools of other tests aside)."""
+    import multiprocessing
+
+    from app.decode import ISOLATED_NAME
+
+    return [p for p in multiprocessing.active_children() if p.name == ISOLATED_NAME]
+
+
+def test_a_slow_decode_runs_in_a_process_of_its_own_that_ends_with_its_request(cat):
+    """A JPEG within the limits that would still take seconds (4000 x 4000 pixels, 2000 scans allowed here) is
+    decoded in a process of its own; when its caller stops waiting, that process is killed, and the decode thread
+    was never held: an ordinary image is decoded at once."""
+    import time
+
+    from app.decode import SLOW_SCAN_PIXELS, Limits
+
+    slow = many_scans_jpeg(4000, 1990)
+    assert SLOW_SCAN_PIXELS < 4000 * 4000 * 2000
+    decoder = Decoder(Limits(LIMIT, jpeg_scans=2000), workers=1, kind="thread")
+
+    async def main() -> float:
+        await decoder.start()
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await decoder.pixels(slow, CFG)
+        assert (await decoder.pixels(encode(cat, "PNG"), CFG)).size == cat.size
+        return time.monotonic() - started
+
+    try:
+        assert asyncio.run(main()) < 3.0
+        deadline = time.monotonic() + 5.0
+        while isolated_processes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not isolated_processes()  # the decode was stopped, not left to run for seconds
+    finally:
+        decoder.close()
+
+
+def test_a_slow_image_is_decoded_in_its_own_process_to_the_same_pixels():
+    from app.decode import Limits
+
+    data = many_scans_jpeg(2000, 150)  # 4 M pixels x 160 scans: over SLOW_SCAN_PIXELS, about 0.4 s
+    decoder = Decoder(Limits(LIMIT, jpeg_scans=200), workers=1, kind="thread")
+
+    async def main():  # type: ignore[no-untyped-def]
+        return await decoder.pixels(data, CFG)
+
+    try:
+        out = asyncio.run(main())
+    finally:
+        decoder.close()
+    assert np.array_equal(out.pixels, decode_to_pixels(data, CFG, Limits(LIMIT, jpeg_scans=200)).pixels)
+
+
+def test_closing_the_decoder_kills_its_isolated_processes():
+    import time
+
+    from app.decode import ProcessDied
+
+    decoder = Decoder(LIMIT, workers=1, kind="thread")
+
+    async def main() -> float:
+        call = asyncio.ensure_future(decoder.isolated(time.sleep, 60))
+        deadline = time.monotonic() + 30
+        while not isolated_processes() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert isolated_processes()
+        started = time.monotonic()
+        decoder.close()
+        with pytest.raises(ProcessDied):
+            await call
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 5.0
+    assert not isolated_processes()

@@ -26,8 +26,13 @@ KSERVE = ROOT / "deploy" / "kserve"
 PORT = 8000
 # Settings the deployment files leave unset on purpose: unset means "every model in the repository",
 # "inferred", "the checkpoint's", "no key" (Kubernetes takes it from an optional Secret), "min(4, CPUs)" or
-# "the CPUs available, shared among the workers" or "2 on a CPU with 2+ threads".
+# "the CPUs available, shared among the workers", "2 on a CPU with 2+ threads" or "4 x max-image-pixels"; for
+# image search, "the user's data directory" and "the embedded PostgreSQL" (Kubernetes takes the shared database's
+# URL from a Secret).
 UNSET_ON_PURPOSE = {
+    "VIT_MAX_DECODED_BYTES",
+    "VIT_DATA_DIR",
+    "VIT_COLLECTIONS_URL",
     "VIT_MODEL",
     "VIT_ARCH",
     "VIT_IMAGE_SIZE",
@@ -37,7 +42,13 @@ UNSET_ON_PURPOSE = {
     "VIT_LANES",
 }
 # Settings whose value in a container deliberately differs from the command line's default.
-CONTAINER_VALUES = {"VIT_HOST": "0.0.0.0", "VIT_MODELS_DIR": None, "VIT_MAX_BATCH_SIZE": None}
+# Compose points VIT_COLLECTIONS_URL at its own PostgreSQL service.
+CONTAINER_VALUES = {
+    "VIT_HOST": "0.0.0.0",
+    "VIT_MODELS_DIR": None,
+    "VIT_MAX_BATCH_SIZE": None,
+    "VIT_COLLECTIONS_URL": None,
+}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -310,13 +321,33 @@ def test_compose_sets_every_setting_with_its_default(compose: dict[str, Any], na
     defaults = settings_defaults()
     assert set(defaults) <= set(env), f"missing: {sorted(set(defaults) - set(env))}"
     assert set(env) <= set(defaults), f"not a setting: {sorted(set(env) - set(defaults))}"
-    for key in UNSET_ON_PURPOSE & set(defaults):
+    for key in (UNSET_ON_PURPOSE - set(CONTAINER_VALUES)) & set(defaults):
         assert env[key] is None, f"{key} must pass through unset (a bare name), not {env[key]!r}"
     overridden = {"VIT_DEVICE", "VIT_DTYPE"} if name == "vitserve-cpu" else set()
     for key, default in defaults.items():
         if key in UNSET_ON_PURPOSE or key in CONTAINER_VALUES or key in overridden or default is None:
             continue
         assert same_value(compose_default(env[key]), default), f"{key}: {env[key]!r} vs default {default!r}"
+
+
+def test_compose_postgres_for_collections(compose: dict[str, Any]) -> None:
+    """Image search: both variants reach one PostgreSQL with pgvector (0.8+) that keeps its data in a named
+    volume and is healthy before they start."""
+    postgres = compose["services"]["postgres"]
+    image, _, tag = postgres["image"].partition(":")
+    assert image == "pgvector/pgvector" and tuple(int(x) for x in tag.split("-")[0].split(".")[:2]) >= (0, 8)
+    (volume,) = postgres["volumes"]
+    name, _, target = volume.partition(":")
+    assert name in compose["volumes"] and target == "/var/lib/postgresql/data"
+    assert "ports" not in postgres, "the database is reached on the compose network only"
+    env = postgres["environment"]
+    for service in ("vitserve", "vitserve-cpu"):
+        s = compose["services"][service]
+        assert s["depends_on"]["postgres"]["condition"] == "service_healthy"
+        url = s["environment"]["VIT_COLLECTIONS_URL"]
+        assert url == (
+            f"postgresql://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}@postgres:5432/{env['POSTGRES_DB']}"
+        )
 
 
 def test_compose_prometheus_profile(compose: dict[str, Any]) -> None:
@@ -378,6 +409,9 @@ def test_deployment_probes_gpu_and_shutdown() -> None:
     longest_drain = max(float(data["VIT_REQUEST_TIMEOUT_S"]), float(data["VIT_DRAIN_TIMEOUT_S"]))
     assert pod["terminationGracePeriodSeconds"] > prestop_sleep_s(container) + longest_drain
     assert pod["enableServiceLinks"] is False, "service links would inject *_PORT variables"
+    env = {e["name"]: e for e in container["env"]}
+    url = env["VIT_COLLECTIONS_URL"]["valueFrom"]["secretKeyRef"]
+    assert url["name"] == "vitserve-collections" and url["key"] == "url", "the shared database's URL, from a Secret"
 
 
 def test_deployment_security_and_volumes() -> None:

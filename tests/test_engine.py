@@ -29,6 +29,10 @@ MODEL_INFO_KEYS = {
     "device",
     "dtype",
     "preprocess",
+    "family",
+    "pool",
+    "prefix_tokens",
+    "embedding_dim",
 }  # API.md's ModelInfo; "name" is the server's to add
 
 

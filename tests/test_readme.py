@@ -11,10 +11,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -27,7 +29,7 @@ import readme_examples  # noqa: E402
 from test_main import free_port, wait_until  # noqa: E402
 
 BUNDLED = ROOT / "models" / "mnist-vit" / "model.safetensors"
-VOLATILE = {"source", "sha256"}  # machine paths and file hashes may differ from the README's
+VOLATILE = {"sha256"}  # the bundled model's file hash changes when it is retrained
 
 pytestmark = pytest.mark.skipif(not BUNDLED.exists(), reason="the bundled model has not been trained yet")
 
@@ -38,6 +40,10 @@ def server(tmp_path_factory):
     port = free_port()
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIT_")} | {"VIT_PORT": str(port)}
+    # the user's data directory (where the image-search examples start the embedded PostgreSQL) is a private
+    # folder outside pytest's tmp root: as root, pgserver opens the data folder's parents to its own user
+    data_home = Path(tempfile.mkdtemp(prefix="vitserve-readme-"))
+    env["XDG_DATA_HOME"] = str(data_home)
     exe = shutil.which("vit-serve", path=str(Path(sys.executable).parent)) or "vit-serve"
     with open(elsewhere / "server.log", "w") as log:
         proc = subprocess.Popen([exe], cwd=elsewhere, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -48,7 +54,10 @@ def server(tmp_path_factory):
         raise AssertionError(f"{e}\n{(elsewhere / 'server.log').read_text()}") from None
     yield url
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    try:
+        assert proc.wait(timeout=60) == 0
+    finally:
+        shutil.rmtree(data_home, ignore_errors=True)
 
 
 def test_bundled_model_is_the_default_and_reaches_its_claimed_accuracy(server):
@@ -103,7 +112,7 @@ def test_readme_has_curl_examples_for_every_endpoint():
     text = " ".join(e.command for e in EXAMPLES)
     for route in (
         "/healthz", "/readyz", "/metrics", "/v1/models", "/v1/classify", "/v1/embed", "/v1/attention?",
-        "/v1/attention-distance", "/position-similarity", "/v2/models",
+        "/v1/attention-distance", "/position-similarity", "/v2/models", "/v1/collections", "/search",
     ):  # fmt: skip
         assert route in text, f"no curl example for {route}"
 
@@ -113,12 +122,17 @@ def test_curl_example(server, example, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(ROOT / "examples", work / "examples")
     shutil.copy(ROOT / "README.md", work / "README.md")
+    written = [work / path for path in re.findall(r"-o\s+(\S+)", example.command)]  # absolute paths stay as they are
+    for path in written:
+        assert path.is_absolute() and path.parts[1] == "tmp", f"{path}: the README writes files to /tmp only"
+        path.unlink(missing_ok=True)
     stdout = readme_examples.run(example, server, cwd=work)  # in a scratch copy, so its files land there
     if example.output is not None:
         assert_same_shape(json.loads(example.output), json.loads(stdout))
-    for png in work.glob("*.png"):  # curl -o FILE.png: a real PNG came back
-        with Image.open(png) as img:
-            assert img.format == "PNG" and img.width > 0
+    for path in written:  # curl -o /tmp/FILE.png (or .webp): a real image in that format came back
+        with Image.open(path) as img:
+            assert img.format == path.suffix[1:].upper() and img.width > 0
+    assert not list(work.glob("*.png")), "an example wrote a file into the checkout"
     if "-o " not in example.command and example.output is None:
         assert stdout.strip(), "the example printed nothing"
 

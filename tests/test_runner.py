@@ -127,7 +127,8 @@ def test_a_runner_batch_answers_each_task_as_the_model_does(tmp_path):
     mean = torch.nn.functional.normalize(want.tokens[1, 1:].mean(0), dim=-1)
     np.testing.assert_allclose(results[1], mean.numpy(), atol=ATOL, rtol=RTOL)
     cls_row = want.attentions[-1][2, 1, 0, 1:]
-    np.testing.assert_allclose(results[2].ravel(), (cls_row / cls_row.max()).numpy(), atol=ATOL, rtol=RTOL)
+    assert results[2].method == "cls"
+    np.testing.assert_allclose(results[2].values.ravel(), (cls_row / cls_row.max()).numpy(), atol=ATOL, rtol=RTOL)
 
 
 # -- CUDA graphs -------------------------------------------------------------------------------------------

@@ -212,3 +212,17 @@ def test_a_flag_sets_its_field_and_wins_over_its_variable(monkeypatch):
     monkeypatch.setenv("VIT_DRAIN_TIMEOUT_S", "7")
     s = parse_settings(["--jpeg-draft", "false", "--compile", "off", "--lanes", "3", "--models-dir", "/m"])
     assert (s.jpeg_draft, s.compile, s.lanes, s.models_dir, s.drain_timeout_s) == (False, "off", 3, "/m", 7.0)
+
+
+def test_the_limits_of_hostile_input_are_flags_with_the_contracts_defaults(monkeypatch):
+    s = Settings()
+    assert (s.max_decoded_bytes, s.decoded_bytes_limit, s.max_jpeg_scans, s.protect_docs) == (
+        None,
+        160_000_000,
+        100,
+        False,
+    )
+    assert Settings(max_image_pixels=1_000).decoded_bytes_limit == 4_000  # 4 bytes for each allowed pixel
+    monkeypatch.setenv("VIT_MAX_JPEG_SCANS", "7")
+    s = parse_settings(["--max-decoded-bytes", "5000", "--protect-docs", "true", "--api-key", "k"])
+    assert (s.decoded_bytes_limit, s.max_jpeg_scans, s.protect_docs) == (5_000, 7, True)

@@ -7,7 +7,7 @@ import pytest
 
 from app.engine import load_model
 from app.runner import Runner, make_runner
-from app.tasks import ATTENTION, AttentionDistance, AttentionMap, Item, Tensors, batch_key
+from app.tasks import ATTENTION, AttentionDistance, AttentionMap, Heatmap, Item, Tensors, batch_key
 
 
 @pytest.fixture
@@ -43,10 +43,13 @@ def test_a_mixed_attention_batch_answers_each_item_as_alone(runner):
             assert got.keys() == alone.keys()
             for name in alone:
                 np.testing.assert_allclose(got[name], alone[name], atol=1e-5, rtol=1e-4)
+        elif isinstance(alone, Heatmap):
+            assert got.method == alone.method
+            np.testing.assert_allclose(got.values, alone.values, atol=1e-5, rtol=1e-4)
         else:
             np.testing.assert_allclose(got, alone, atol=1e-5, rtol=1e-4)
     # and the items really differ, so an answer given to the wrong row would show
-    assert not np.allclose(together[0], together[5], atol=1e-3)
+    assert not np.allclose(together[0].values, together[5].values, atol=1e-3)
 
 
 def test_class_token_maps_compute_only_the_layers_they_read(runner):

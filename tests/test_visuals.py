@@ -243,3 +243,28 @@ def test_uniform_attention_distance_matches_analysis_on_uniform_weights():
     uniform = torch.full((1, 2, n + 1, n + 1), 1.0 / (n + 1))
     from_analysis = analysis.attention_distance([uniform], grid, patch)
     assert torch.allclose(from_analysis, torch.tensor(visuals.uniform_attention_distance(grid, patch)).float())
+
+
+def test_the_uniform_attention_label_covers_no_dot(monkeypatch):
+    """Heads at the uniform distance in the early layers (the bundled model's digits do this) would sit on a
+    label drawn at the line's left end: the label moves to where no dot is."""
+    uniform = visuals.uniform_attention_distance((7, 7), 4)
+    distance = np.array(
+        [[uniform, uniform - 0.8, uniform + 0.4, 12.6], [13.8, 11.7, 12.1, 8.0], [12.6, 11.4, 13.2, 12.0]]
+    )
+    seen = {}
+    real = visuals.uniform_label_box
+
+    def spy(axes, depth, y_line, text_size, dots, radius, s):
+        seen.update(axes=axes, text_size=text_size, dots=dots, radius=radius, s=s, y_line=y_line)
+        seen["box"] = real(axes, depth, y_line, text_size, dots, radius, s)
+        return seen["box"]
+
+    monkeypatch.setattr(visuals, "uniform_label_box", spy)
+    decode(visuals.distance_plot_png(distance, patch_size=4, image_size=28))
+    width, height = seen["text_size"]
+    s, left = seen["s"], seen["axes"].area[0]
+    left_end = (left + 6 * s, seen["y_line"] - 3 * s - height, left + 6 * s + width, seen["y_line"] - 3 * s)
+    assert any(visuals._box_hits_dot(left_end, d, seen["radius"]) for d in seen["dots"])  # the old spot is taken
+    assert len(seen["dots"]) == distance.size
+    assert not any(visuals._box_hits_dot(seen["box"], d, seen["radius"]) for d in seen["dots"])

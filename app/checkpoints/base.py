@@ -20,7 +20,10 @@ class Checkpoint:
     config: ViTConfig
     state_dict: dict[str, torch.Tensor]  # in our (timm) parameter names
     preprocess: PreprocessConfig
-    format: str  # "hf" | "timm" | "torchvision" | "native"
+    format: str  # "hf" | "timm" | "torchvision" | "open_clip" | "native"
     source: str  # the spec it came from
     weights_path: Path | None = None  # the file whose sha256 ModelInfo reports
     labels: list[str] = field(default_factory=list)
+    # how the library the weights come from resamples the position embedding to another grid (bicubic either way)
+    pos_antialias: bool = True
+    serve_size: tuple[int, int] | None = None  # the size to serve at when not the weights' own (HF: the crop)

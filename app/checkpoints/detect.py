@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.checkpoints import hf, hub, native, timm, torchvision
+from app.checkpoints import hf, hf_families, hub, native, open_clip, timm, torchvision
 from app.checkpoints.base import Checkpoint, CheckpointError
 from app.checkpoints.files import WEIGHT_SUFFIXES, load_tensors, read_json, weight_files
 from app.settings import split_name
@@ -92,9 +92,10 @@ def read_checkpoint(spec: str, arch: str | None = None, models_dir: str | Path |
     if spec.startswith(hub.PREFIX):
         return read_path(hub.download(spec), spec, arch)
     path = Path(spec).expanduser()
-    if path.exists():
-        return read_path(path, spec, arch)
     repo = Path(models_dir) if models_dir is not None else default_models_dir()
+    if path.exists():
+        in_repo = path.is_dir() and path.resolve().parent == repo.resolve()
+        return read_path(path, path.resolve().name if in_repo else spec, arch)  # a repository model: its name
     if spec and holds_checkpoint(repo / spec):
         return read_path(repo / spec, spec, arch)
     names = ", ".join(name for name, _ in list_repository(repo)) or "no models"
@@ -115,6 +116,8 @@ def _read_folder(folder: Path, source: str, arch: str | None) -> Checkpoint:
     config = read_json(config_path, source) if config_path.is_file() else None
     if config is not None and hf.is_hf_config(config):
         return hf.read_folder(folder, source)
+    if config is not None and hf_families.is_family_config(config):
+        return hf_families.read_folder(folder, source)
     if config is not None and "model_type" in config and not timm.is_timm_config(config):
         raise CheckpointError(f"{source}: {_unsupported_model_type(config['model_type'])}")
     files = weight_files(folder)
@@ -136,9 +139,10 @@ def _read_folder(folder: Path, source: str, arch: str | None) -> Checkpoint:
 
 
 def _unsupported_model_type(model_type: str) -> str:
-    if model_type == "deit":
-        return "transformers' DeiT models carry a distillation token, which vitserve does not support"
-    return f"config.json has model_type {model_type!r}; vitserve reads transformers ViTs (model_type 'vit')"
+    if why := hf_families.refused_type(model_type):
+        return f"config.json has model_type {model_type!r}: {why}, which vitserve does not support"
+    known = ", ".join(("vit", *hf_families.MODEL_TYPES))
+    return f"config.json has model_type {model_type!r}; vitserve reads transformers models of type {known}"
 
 
 def read_file(path: Path, source: str, arch: str | None = None) -> Checkpoint:
@@ -153,6 +157,8 @@ def read_file(path: Path, source: str, arch: str | None = None) -> Checkpoint:
     keys = list(state_dict)
     if hf.is_hf_state_dict(keys):
         return hf.read_file(path, state_dict, side, source, arch)
+    if open_clip.is_open_clip_state_dict(keys):
+        return open_clip.read(path, state_dict, arch, source)
     if torchvision.is_torchvision_state_dict(keys):
         return torchvision.read(path, state_dict, arch, side, source)
     if timm.is_timm_state_dict(keys):

@@ -24,7 +24,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 # Prefixes that wrappers add to every parameter name: DataParallel / DDP, and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# torch names the refused global as "Unsupported global: GLOBAL x.y" (not allowlisted) or, for a blocked module
+# such as os or posix, "unsupported GLOBAL x.y whose module x is blocked"
+UNSAFE_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
 UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")
 
 
@@ -47,6 +49,13 @@ def _load_safetensors(path: Path, source: str) -> dict[str, torch.Tensor]:
 
 
 def _load_pickle(path: Path, source: str) -> object:
+    if _is_torchscript(path):
+        raise CheckpointError(
+            f"{source}: {path.name} is a TorchScript archive (as OpenAI's CLIP .pt files are), which vitserve does not "
+            f"load; convert it to a state dict, e.g. with open_clip: model, _, _ = "
+            f"open_clip.create_model_and_transforms('ViT-B-16-quickgelu', pretrained='{path}'), then "
+            f"torch.save(model.state_dict(), 'clip.pt') (or save it as .safetensors)"
+        )
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as e:
@@ -69,6 +78,14 @@ def _load_pickle(path: Path, source: str) -> object:
         raise CheckpointError(
             f"{source}: {path.name} is not a readable PyTorch checkpoint (truncated or corrupt? {_first_line(e)})"
         ) from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """torch.jit.save writes a zip like torch.save's, plus the model's code and constants."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
 
 
 def _is_zip(path: Path) -> bool:

@@ -1,4 +1,4 @@
-"""timm state dicts of class-token `vit_*` / `deit_*` models -> a Checkpoint.
+"""timm state dicts of `vit_*` / `deit_*` models (plain, DINOv2, CLIP, SigLIP, DeiT distilled, gap) -> a Checkpoint.
 
 timm's parameter names are ours, so the weights load as they are. What the weights cannot tell comes from:
 
@@ -10,8 +10,10 @@ timm's parameter names are ours, so the weights load as they are. What the weigh
   any other width is an error, never a guess), and the preprocessing of the first timm architecture with the
   same shape (vit_* before deit_*), or timm's generic ViT default when none matches.
 
-LayerNorm eps is timm's 1e-6. Registers, distillation tokens, layer scale, average pooling, qk norm and
-models without a class token are refused with a message saying which.
+LayerNorm eps is the architecture's (timm's 1e-6 without one). The families' variations (registers, distillation
+token, layer scale, pre-norm, SwiGLU, average and MAP pooling) are read from the keys; the activation, which the
+keys cannot tell, from the architecture: CLIP- and SigLIP-style weights without one are refused, asking for
+`--arch`. A CLIP tag whose head is the image-text projection (no `_ft_`) makes that head the embedding's.
 """
 
 from __future__ import annotations
@@ -52,8 +54,7 @@ def lookup_arch(name: str, source: str) -> dict:
         return table["architectures"][name]
     if name in table["unsupported"]:
         raise CheckpointError(
-            f"{source}: timm architecture {name} has {table['unsupported'][name]}, which vitserve does not support "
-            f"(it serves class-token ViTs / DeiTs)"
+            f"{source}: timm architecture {name} has {table['unsupported'][name]}, which vitserve does not support"
         )
     hint = (
         " (a torchvision name: its weights have torchvision keys)"
@@ -68,9 +69,11 @@ def read(
     path: Path, state_dict: dict[str, torch.Tensor], arch: str | None, side_config: dict | None, source: str
 ) -> Checkpoint:
     side = side_config or {}
-    shape = infer_shape(state_dict, source)
     name, tag = parse_arch(arch) if arch else _arch_from_side(side)
-    entry = lookup_arch(name, source) if name else None
+    entry = lookup_arch(name, source) if name else None  # an unsupported architecture is refused by its reason
+    hub = "mask_token" in state_dict or "register_tokens" in state_dict  # DINOv2's torch.hub layout
+    state_dict = convert_dinov2_hub(state_dict)
+    shape = infer_shape(state_dict, source)
     tagged = pretrained_cfg(name, tag, source) if arch and tag else None  # an unknown tag fails early
     if entry is not None and not arch:  # named by timm's config.json: its model_args override the defaults
         entry = with_model_args(entry, side.get("model_args") or {}, source)
@@ -78,23 +81,65 @@ def read(
         check_arch(shape, entry, name, source)
         num_heads, eps, qkv_bias = entry["num_heads"], entry["layer_norm_eps"], entry["qkv_bias"]
     else:
-        num_heads = side_num_heads(side) or heads_for_width(shape["embed_dim"], source)
-        eps, qkv_bias = LAYER_NORM_EPS, shape["qkv_bias"]
         name = matching_arch(shape, square_image_size(shape, source))
-    config = config_from_shape(shape, source, num_heads=num_heads, qkv_bias=qkv_bias, layer_norm_eps=eps)
+        entry = timm_table()["architectures"][name] if name else None
+        known = entry["num_heads"] if entry else None
+        num_heads = side_num_heads(side) or known or heads_for_width(shape["embed_dim"], source)
+        eps = entry["layer_norm_eps"] if entry else LAYER_NORM_EPS
+        qkv_bias = shape["qkv_bias"]
     own_cfg = _side_pretrained_cfg(side)
     if tagged is not None:
-        preprocess = preprocess_config(tagged, source)
+        cfg = tagged
     elif own_cfg is not None:  # timm's config.json describes these very weights
-        preprocess = preprocess_config(own_cfg, source)
+        cfg = own_cfg
     else:
-        preprocess = preprocess_config(pretrained_cfg(name, tag, source), source)
+        cfg = pretrained_cfg(name, tag, source)
+    variations = _variations(shape, entry, name, source)
+    if hub:
+        variations["family"] = "dinov2"
+    published = timm_table()["pretrained"].get(f"{name}.{cfg.get('tag')}", {}) if name and cfg.get("tag") else {}
+    variations["projection"] = bool(cfg.get("projection") or published.get("projection")) and shape["num_classes"] > 0
+    config = config_from_shape(shape, source, num_heads=num_heads, qkv_bias=qkv_bias, layer_norm_eps=eps, **variations)
+    preprocess = preprocess_config(cfg, source)
     labels = side.get("label_names") or (own_cfg or {}).get("label_names") or []
     if isinstance(labels, dict):  # {index: name} when the indices have gaps
         labels = [labels.get(str(i), labels.get(i, f"class_{i}")) for i in range(config.num_classes)]
     if len(labels) != config.num_classes:
         labels = labels_for(config.num_classes)
     return Checkpoint(config, state_dict, preprocess, "timm", source, path, [str(x) for x in labels])
+
+
+def convert_dinov2_hub(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DINOv2's torch.hub state dicts -> timm's names, as timm's DINOv2 filter converts them: the mask token is
+    dropped; with registers, the class token absorbs its position embedding, which then covers the patches only;
+    the giant's SwiGLU `w12` / `w3` become `fc1` / `fc2`."""
+    if "mask_token" not in state_dict and "register_tokens" not in state_dict:
+        return state_dict
+    out = {k: v for k, v in state_dict.items() if k != "mask_token"}
+    if "register_tokens" in out:
+        out["reg_token"] = out.pop("register_tokens")
+        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
+        out["pos_embed"] = out["pos_embed"][:, 1:]
+    return {k.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2."): v for k, v in out.items()}
+
+
+def _variations(shape: dict, entry: dict | None, name: str | None, source: str) -> dict:
+    """The variations of the plain ViT: the keys fix the structure; the architecture its activation, family and
+    whether a model with a class token pools the mean (timm's avg pool without fc_norm leaves no key)."""
+    variations = dict(shape["variations"])
+    if entry is None:
+        if variations["pre_norm"] or variations["pool"] == "map" or not variations["class_token"]:
+            raise CheckpointError(
+                f"{source}: these timm weights (a pre-norm, attention pooling or no class token: CLIP or SigLIP "
+                f"style) do not say which activation they were trained with; pass --arch with the timm architecture"
+            )
+        return variations
+    variations["act"] = entry.get("act", "gelu")
+    variations["family"] = entry.get("family", "vit")
+    variations["post_norm"] = entry.get("post_norm", False)  # the same keys as a pre-norm block
+    if entry.get("pool") == "mean" and variations["pool"] == "cls":
+        variations["pool"] = "mean"
+    return variations
 
 
 def _side_pretrained_cfg(side: dict) -> dict | None:
@@ -105,14 +150,9 @@ def _side_pretrained_cfg(side: dict) -> dict | None:
 
 
 # timm model_args that give a model our ViT does not have, and what they mean
-REFUSED_ARGS = {
-    "reg_tokens": "register tokens",
-    "init_values": "layer scale",
-    "no_embed_class": "a position embedding without a class-token slot",
-    "pre_norm": "a pre-norm before the blocks",
-    "fc_norm": "average pooling (fc_norm)",
-    "qk_norm": "qk norm",
-}
+REFUSED_ARGS = {"qk_norm": "qk norm", "scale_attn_norm": "scale norm", "scale_mlp_norm": "scale norm"}
+ACT_LAYERS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
+POOLS = {"token": "cls", "avg": "mean", "map": "map"}
 
 
 def with_model_args(entry: dict, model_args: dict, source: str) -> dict:
@@ -122,16 +162,21 @@ def with_model_args(entry: dict, model_args: dict, source: str) -> dict:
             raise CheckpointError(
                 f"{source}: the timm model_args ask for {what} ({arg}), which vitserve does not support"
             )
-    if model_args.get("class_token") is False or model_args.get("global_pool", "token") != "token":
-        raise CheckpointError(f"{source}: the timm model_args ask for pooling other than the class token")
-    if model_args.get("act_layer") not in (None, "gelu"):
+    if model_args.get("global_pool", "token") not in POOLS:
+        raise CheckpointError(f"{source}: the timm model_args ask for {model_args['global_pool']!r} pooling")
+    if model_args.get("act_layer") not in (None, *ACT_LAYERS):
         raise CheckpointError(f"{source}: the timm model_args ask for activation {model_args['act_layer']!r}")
     out = dict(entry)
+    if "act_layer" in model_args:
+        out["act"] = ACT_LAYERS[model_args["act_layer"]]
+    if "global_pool" in model_args:
+        out["pool"] = POOLS[model_args["global_pool"]]
     for key in ("embed_dim", "depth", "num_heads", "patch_size", "qkv_bias"):
         if key in model_args:
             out[key] = model_args[key]
-    ratio = model_args.get("mlp_ratio", entry["mlp_dim"] / entry["embed_dim"])
-    out["mlp_dim"] = int(out["embed_dim"] * ratio)
+    packed = 2 if entry.get("mlp") == "swiglu" else 1  # timm's SwiGLUPacked: mlp_ratio counts both halves
+    ratio = model_args.get("mlp_ratio", packed * entry["mlp_dim"] / entry["embed_dim"])
+    out["mlp_dim"] = int(out["embed_dim"] * ratio) // packed
     return out
 
 
@@ -157,13 +202,18 @@ def side_num_heads(side: dict) -> int | None:
 
 
 def matching_arch(shape: dict, image_size: tuple[int, int]) -> str | None:
-    """The timm architecture with this shape and input size (vit_* before deit_*), for its preprocessing."""
+    """The timm architecture with this shape, structure and input size (vit_* before deit_*), for its
+    preprocessing and activation."""
     size = list(image_size)
     keys = ("embed_dim", "depth", "patch_size", "mlp_dim")
+    structure = ("class_token", "dist_token", "reg_tokens", "pre_norm", "layer_scale", "mlp", "fc_norm", "parallel")
+    v = shape["variations"]
     matches = [
         name
         for name, a in timm_table()["architectures"].items()
-        if all(a[k] == shape[k] for k in keys) and a["image_size"] == size
+        if all(a[k] == shape[k] for k in keys)
+        and a["image_size"] == size
+        and all(a.get(k, v[k]) == v[k] for k in structure)
     ]
     return min(matches, key=lambda n: (not n.startswith("vit_"), n), default=None)
 

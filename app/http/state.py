@@ -11,12 +11,12 @@ import numpy as np
 
 from app.batching import Batcher
 from app.decode import Decoder
-from app.http.bodies import BodyReader
 from app.metrics import Metrics
 from app.settings import Settings
 
 if TYPE_CHECKING:
     from app.engine import Model
+    from app.http.pipeline import BodyReader
     from app.model import ViTConfig
     from app.runner import ThreadShare
 
@@ -36,7 +36,7 @@ class ServedModel:
 
     def __post_init__(self) -> None:
         self.config = self.model.config
-        self.num_classes = int(self.config.num_classes)
+        self.num_classes = int(self.model.num_classes)  # 0 for a projection head: no classifier
 
     @property
     def info(self) -> dict:
@@ -65,6 +65,7 @@ class ServedModel:
 class ServerState:
     settings: Settings
     metrics: Metrics
+    bodies: BodyReader  # every request body is read through it (bounded in bytes and time: app.http.pipeline)
     decoder: Decoder | None = None
     models: dict[str, ServedModel] = field(default_factory=dict)
     default_model: str | None = None
@@ -77,12 +78,6 @@ class ServerState:
     inflight: int = 0  # HTTP requests being answered
     thread_share: ThreadShare | None = None  # the forward's threads, shared by every model's CPU lanes
     on_fatal: Callable[[str], None] | None = None  # told when the server cannot go on (the CLI then exits 1)
-    bodies: BodyReader = field(init=False)  # every request body is read through it (bounded in bytes and time)
-
-    def __post_init__(self) -> None:
-        s = self.settings
-        budget = -(-s.max_pending_body_bytes // s.workers)  # this process's share, rounded up (--workers)
-        self.bodies = BodyReader(s.max_upload_bytes, budget, s.body_timeout_s, s.min_body_rate)
 
     def open(self) -> None:
         """Every model is ready: take requests."""

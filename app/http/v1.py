@@ -13,16 +13,29 @@ from PIL import Image
 from starlette.responses import Response
 
 from app import visuals
-from app.http.checks import CheckedRoute
-from app.http.errors import invalid
-from app.http.middleware import note
-from app.http.pipeline import infer, pick_model, state_of
-from app.http.responses import FastJSON
+from app.http.envelope import CheckedRoute, FastJSON, invalid, note, state_of
+from app.http.pipeline import infer, pick_model
+from app.http.schemas import (
+    EXAMPLES,
+    IMAGES_BODY,
+    MODEL_INFO,
+    V1_CHECKS,
+    V1_IMAGES,
+    AttentionResponse,
+    ClassifyResponse,
+    DistanceResponse,
+    EmbedResponse,
+    ModelInfo,
+    ModelList,
+    SimilarityResponse,
+    errors,
+    ok,
+)
 from app.http.state import ServedModel
 from app.preprocess import seen_region
 from app.tasks import AttentionDistance, AttentionMap, Classify, Embed, Predictions
 
-router = APIRouter(prefix="/v1", route_class=CheckedRoute)
+router = APIRouter(prefix="/v1", route_class=CheckedRoute, tags=["v1"])
 
 ModelName = Annotated[str | None, Query(description="a loaded model's name (default: the default model)")]
 Format = Annotated[Literal["json", "png"], Query(description="json, or png (one image only)")]
@@ -34,18 +47,23 @@ def _model(request: Request, name: str | None) -> ServedModel:
     return served
 
 
-@router.get("/models", response_model=None)
+@router.get("/models", response_model=None, responses={**ok(ModelList, {"models": [MODEL_INFO]}), **errors(*V1_CHECKS)})
 async def list_models(request: Request) -> Response:
     state = state_of(request)
     return FastJSON({"models": [m.info for m in state.models.values()]})
 
 
-@router.get("/models/{name}", response_model=None)
+@router.get("/models/{name}", response_model=None, responses={**ok(ModelInfo, MODEL_INFO), **errors(*V1_CHECKS, 404)})
 async def get_model(request: Request, name: str) -> Response:
     return FastJSON(_model(request, name).info)
 
 
-@router.post("/classify", response_model=None)
+@router.post(
+    "/classify",
+    response_model=None,
+    responses={**ok(ClassifyResponse, EXAMPLES["classify"]), **errors(*V1_IMAGES)},
+    openapi_extra=IMAGES_BODY,
+)
 async def classify(
     request: Request,
     top_k: Annotated[int, Query(ge=1, description="how many classes, 1 to num_classes")] = 5,
@@ -70,22 +88,38 @@ async def classify(
     return FastJSON({"model": served.name, "results": results})
 
 
-@router.post("/embed", response_model=None)
+@router.post(
+    "/embed",
+    response_model=None,
+    responses={**ok(EmbedResponse, EXAMPLES["embed"]), **errors(*V1_IMAGES)},
+    openapi_extra=IMAGES_BODY,
+)
 async def embed(
     request: Request,
-    pool: Annotated[Literal["cls", "mean"], Query(description="class token or mean of patch tokens")] = "cls",
+    pool: Annotated[
+        Literal["default", "cls", "mean"],
+        Query(
+            description="default (the model family's own embedding), cls (the class token) or mean (of patch tokens)"
+        ),
+    ] = "default",
     normalize: Annotated[bool, Query(description="divide by the L2 norm")] = False,
     encoding: Annotated[Literal["float", "base64"], Query(description="float list or base64 float32 LE")] = "float",
     model: ModelName = None,
 ) -> Response:
     served = _model(request, model)
+    if pool == "cls" and not served.config.class_token:
+        raise invalid(
+            f"pool must be default or mean for model {served.name!r}: it has no class token "
+            f"(its own pooling is {served.model.info['pool']!r}), not cls"
+        )
     out = await infer(request, served, Embed(pool, normalize))
     results = []
     for upload, vector in zip(out.uploads, out.results, strict=True):
         v = np.asarray(vector, dtype="<f4")
         value = base64.b64encode(v.tobytes()).decode("ascii") if encoding == "base64" else v
         results.append({"filename": upload.filename, "embedding": value})
-    return FastJSON({"model": served.name, "dim": int(served.config.embed_dim), "results": results})
+    dim = len(out.results[0])  # the returned vector's size: pools may differ (CLIP: 512 projected, 768 cls)
+    return FastJSON({"model": served.name, "dim": dim, "results": results})
 
 
 def _layer_head(served: ServedModel, layer: int, head: str) -> tuple[int, int | None]:
@@ -103,12 +137,20 @@ def _layer_head(served: ServedModel, layer: int, head: str) -> tuple[int, int | 
     return layer, h
 
 
-@router.post("/attention", response_model=None)
+@router.post(
+    "/attention",
+    response_model=None,
+    responses={
+        **ok(AttentionResponse, EXAMPLES["attention"], png="the heatmap over the upload"),
+        **errors(*V1_IMAGES),
+    },
+    openapi_extra=IMAGES_BODY,
+)
 async def attention(
     request: Request,
     method: Annotated[Literal["rollout", "cls"], Query(description="rollout, or one layer's CLS row")] = "rollout",
-    layer: Annotated[int, Query(description="Python-style layer index (method=cls)")] = -1,
-    head: Annotated[str, Query(description="'mean' or a head index (method=cls)")] = "mean",
+    layer: Annotated[int, Query(description="Python-style layer index, -depth to depth - 1 (method=cls)")] = -1,
+    head: Annotated[str, Query(description="'mean' or a head index, 0 to num_heads - 1 (method=cls)")] = "mean",
     format: Format = "json",
     model: ModelName = None,
 ) -> Response:
@@ -120,19 +162,19 @@ async def attention(
     grid = [int(g) for g in served.config.grid]
     if png:
         assert out.previews is not None
-        return await _overlay(served, out.previews[0], out.results[0])  # type: ignore[arg-type]
+        return await _overlay(served, out.previews[0], out.results[0].values)  # type: ignore[union-attr]
     cfg = served.model.preprocess_config
     # "region" (beyond the contract): the box (left, top, right, bottom) of the uploaded image, in its pixels,
     # that the heatmap covers (the model's crop), so a client can lay the map over the photo; the page uses it.
     results = [
         {
             "filename": u.filename,
-            "method": method,
+            "method": heat.method,  # cls or rollout; probe... or mean... for a model without a class token
             "grid": grid,
-            "heatmap": heat,
+            "heatmap": heat.values,
             "region": [float(v) for v in seen_region(*d.size, cfg)],
         }
-        for u, d, heat in zip(out.uploads, out.decoded, out.results, strict=True)
+        for u, d, heat in zip(out.uploads, out.decoded, out.results, strict=True)  # type: ignore[misc]
     ]
     return FastJSON({"model": served.name, "results": results})
 
@@ -147,7 +189,15 @@ async def _overlay(served: ServedModel, preview, heatmap: np.ndarray) -> Respons
     return Response(png, media_type="image/png")
 
 
-@router.post("/attention-distance", response_model=None)
+@router.post(
+    "/attention-distance",
+    response_model=None,
+    responses={
+        **ok(DistanceResponse, EXAMPLES["distance"], png="the distances plotted by layer and head"),
+        **errors(*V1_IMAGES),
+    },
+    openapi_extra=IMAGES_BODY,
+)
 async def attention_distance(request: Request, format: Format = "json", model: ModelName = None) -> Response:
     served = _model(request, model)
     png = format == "png"
@@ -160,7 +210,14 @@ async def attention_distance(request: Request, format: Format = "json", model: M
     return FastJSON({"model": served.name, "results": results})
 
 
-@router.get("/models/{name}/position-similarity", response_model=None)
+@router.get(
+    "/models/{name}/position-similarity",
+    response_model=None,
+    responses={
+        **ok(SimilarityResponse, EXAMPLES["similarity"], png="a mosaic of every patch's similarity map"),
+        **errors(*V1_CHECKS, 404, 422),
+    },
+)
 async def position_similarity(request: Request, name: str, format: Format = "json") -> Response:
     served = _model(request, name)
     similarity = await asyncio.to_thread(served.similarity)

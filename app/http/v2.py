@@ -17,7 +17,7 @@ and server metadata stay open, like /healthz), 404 unknown model, 413 body or im
 503 overloaded (with Retry-After) or not ready, 504 past the request timeout; 400 for image data that
 cannot be used (undecodable bytes, zero-sized or oversized pixels, an FP32 tensor not at the model's size
 or not finite); 422 for a malformed request (JSON, datatypes, shapes, unknown outputs). Every error is the
-protocol's `{"error": "<message>"}`: `app.http.errors` gives every /v2 path that shape, whoever raised it.
+protocol's `{"error": "<message>"}`: `app.http.envelope` gives every /v2 path that shape, whoever raised it.
 """
 
 from __future__ import annotations
@@ -32,23 +32,43 @@ from starlette.responses import Response
 
 from app.batching import Admission
 from app.decode import ImageError, check_resize, check_size, model_input
-from app.http.checks import CheckedRoute, require_ready
-from app.http.errors import ApiError, image_error, invalid
-from app.http.inputs import Upload, too_many
-from app.http.middleware import note
+from app.http.envelope import ApiError, CheckedRoute, FastJSON, image_error, invalid, note, require_ready, state_of
 from app.http.pipeline import (
+    Upload,
     admit,
     decode_uploads,
     guarded,
+    parse_off_loop,
     pick_model,
     refuse_when_full,
     run_items,
-    state_of,
     to_item,
+    too_many,
 )
-from app.http.responses import FastJSON
+from app.http.schemas import (
+    EXAMPLES,
+    V1_CHECKS,
+    V1_IMAGES,
+    V2_INFER_BODY,
+    V2InferResponse,
+    V2Live,
+    V2ModelMetadata,
+    V2ModelReady,
+    V2Ready,
+    V2ServerMetadata,
+    errors,
+    ok,
+)
 from app.http.state import ServedModel, ServerState
-from app.http.v2_codec import HEADER_LENGTH, InputTensor, OutputTensor, RequestedOutput, decompress, parse_request
+from app.http.v2_codec import (
+    HEADER_LENGTH,
+    InputTensor,
+    OutputTensor,
+    RequestedOutput,
+    decompress,
+    json_part_length,
+    parse_request,
+)
 from app.http.v2_codec import encode_response as encode
 from app.preprocess import PreprocessConfig
 from app.tasks import Item, Tensors, top_k
@@ -61,22 +81,34 @@ router = APIRouter(prefix="/v2", tags=["v2"])  # server metadata and health: ope
 model_router = APIRouter(prefix="/v2", route_class=CheckedRoute, tags=["v2"])  # /v2/models/...: key, readiness
 Name = Annotated[str, Path(description="a loaded model's name")]
 Version = Annotated[str, Path(description="the model's version (always 1)")]
+V2_METADATA = {**ok(V2ModelMetadata, EXAMPLES["v2_metadata"]), **errors(*V1_CHECKS, 404, v2=True)}
+V2_MODEL_READY = {**ok(V2ModelReady, {"name": "mnist-vit", "ready": True}), **errors(*V1_CHECKS, 404, v2=True)}
+V2_INFER = {**ok(V2InferResponse, EXAMPLES["v2_infer"]), **errors(*V1_IMAGES, v2=True)}
 
 
 # -- server ----------------------------------------------------------------------------------------------
 
 
-@router.get("", response_model=None)
+@router.get(
+    "",
+    response_model=None,
+    responses={
+        **ok(V2ServerMetadata, {"name": "vitserve", "version": "0.1.0", "extensions": EXTENSIONS}),
+        **errors(500, v2=True),
+    },
+)
 async def server_metadata(request: Request) -> Response:
     return FastJSON({"name": "vitserve", "version": request.app.version, "extensions": EXTENSIONS})
 
 
-@router.get("/health/live", response_model=None)
+@router.get("/health/live", response_model=None, responses={**ok(V2Live, {"live": True}), **errors(500, v2=True)})
 async def live() -> Response:
     return FastJSON({"live": True})
 
 
-@router.get("/health/ready", response_model=None)
+@router.get(
+    "/health/ready", response_model=None, responses={**ok(V2Ready, {"ready": True}), **errors(500, 503, v2=True)}
+)
 async def ready(request: Request) -> Response:
     """200 once every model is loaded and warm (as /readyz); 503 while loading or draining."""
     require_ready(request)
@@ -100,7 +132,7 @@ def model_metadata(served: ServedModel) -> dict:
     outputs = [{"name": n, "datatype": "FP32", "shape": [-1, served.num_classes]} for n in HEAD_OUTPUTS]
     outputs = outputs if served.num_classes else []
     outputs += [
-        {"name": "embedding", "datatype": "FP32", "shape": [-1, int(cfg.embed_dim)]},
+        {"name": "embedding", "datatype": "FP32", "shape": [-1, served.model.embedding_dim]},
         {"name": "attention_rollout", "datatype": "FP32", "shape": [-1, gh, gw]},
     ]
     return {
@@ -117,34 +149,36 @@ def model_metadata(served: ServedModel) -> dict:
     }
 
 
-@model_router.get("/models/{name}", response_model=None)
+@model_router.get("/models/{name}", response_model=None, responses=V2_METADATA)
 async def get_model(request: Request, name: Name) -> Response:
     return FastJSON(model_metadata(find_model(state_of(request), name)))
 
 
-@model_router.get("/models/{name}/versions/{version}", response_model=None)
+@model_router.get("/models/{name}/versions/{version}", response_model=None, responses=V2_METADATA)
 async def get_model_version(request: Request, name: Name, version: Version) -> Response:
     return FastJSON(model_metadata(find_model(state_of(request), name, version)))
 
 
-@model_router.get("/models/{name}/ready", response_model=None)
+@model_router.get("/models/{name}/ready", response_model=None, responses=V2_MODEL_READY)
 async def model_ready(request: Request, name: Name) -> Response:
     find_model(state_of(request), name)
     return FastJSON({"name": name, "ready": True})
 
 
-@model_router.get("/models/{name}/versions/{version}/ready", response_model=None)
+@model_router.get("/models/{name}/versions/{version}/ready", response_model=None, responses=V2_MODEL_READY)
 async def model_version_ready(request: Request, name: Name, version: Version) -> Response:
     find_model(state_of(request), name, version)
     return FastJSON({"name": name, "ready": True})
 
 
-@model_router.post("/models/{name}/infer", response_model=None)
+@model_router.post("/models/{name}/infer", response_model=None, responses=V2_INFER, openapi_extra=V2_INFER_BODY)
 async def infer(request: Request, name: Name) -> Response:
     return await _infer(request, name, None)
 
 
-@model_router.post("/models/{name}/versions/{version}/infer", response_model=None)
+@model_router.post(
+    "/models/{name}/versions/{version}/infer", response_model=None, responses=V2_INFER, openapi_extra=V2_INFER_BODY
+)
 async def infer_version(request: Request, name: Name, version: Version) -> Response:
     return await _infer(request, name, version)
 
@@ -160,7 +194,9 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     refuse_when_full(served)
     body = await state.bodies.read(request)
     body = decompress(body, request.headers.get("content-encoding"), settings.max_upload_bytes)
-    req = parse_request(body, request.headers.get(HEADER_LENGTH))
+    header_length = request.headers.get(HEADER_LENGTH)
+    separators = body.count(b",", 0, json_part_length(body, header_length))  # in the JSON part, before parsing it
+    req = await parse_off_loop(request, separators, parse_request, body, header_length, settings.max_images_per_request)
     tensor = the_images(req.inputs, served, state)
     outputs = requested_outputs(req.outputs, served)
     n = tensor.shape[0]

@@ -11,7 +11,8 @@ Knows JSON tensors and Triton's binary-tensor extension, nothing about models:
   `binary_data_output`) after its JSON part, in output order, and sets the same header.
 
 Malformed requests raise `ApiError(422, "invalid_request")`, as for /v1 (API.md's table); the routes
-in `app.http.v2` decide what the tensors mean.
+in `app.http.v2` decide what the tensors mean. Counts are bounded from the declared shape before any data is
+converted: at most MAX_DIMS dimensions, at most `max_items` rows (413 beyond), nesting no deeper than the shape.
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from app.http.errors import ApiError, invalid
-from app.http.inputs import decode_base64, too_large
+from app.http.envelope import ApiError, invalid
+from app.http.pipeline import image_base64, too_large, too_many
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 NUMERIC = {"UINT8": np.dtype("<u1"), "FP32": np.dtype("<f4")}  # the numeric datatypes we take in
 KNOWN = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"}
 KNOWN |= {"FP16", "FP32", "FP64", "BF16", "BYTES"}
 _LENGTH = struct.Struct("<I")
+MAX_DIMS = 8  # the inputs taken have 1 to 4; numpy itself stops at 64
+MAX_ELEMENTS = 1 << 40  # bound on a shape's product, zero dimensions left out (a [0, 2**40, 2**40] shape is no tensor)
 
 
 @dataclass(frozen=True)
@@ -89,8 +92,18 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
-def parse_request(body: bytes, header_length: str | None) -> InferRequest:
-    """A request body (already decompressed) -> its id, input tensors and requested outputs."""
+def json_part_length(body: bytes, header_length: str | None) -> int:
+    """The length of the body's JSON part (all of it without the binary-tensor header; a bad header: all of it too,
+    which `parse_request` then refuses)."""
+    try:
+        return min(len(body), int(header_length)) if header_length is not None else len(body)
+    except ValueError:
+        return len(body)
+
+
+def parse_request(body: bytes, header_length: str | None, max_items: int | None = None) -> InferRequest:
+    """A request body (already decompressed) -> its id, input tensors and requested outputs; 413 for an input of more
+    than `max_items` rows (shape[0]), before its data is read."""
     json_part, binary = _split(body, header_length)
     try:
         doc = orjson.loads(json_part)
@@ -108,7 +121,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     inputs = []
     offset = 0
     for i, raw in enumerate(raw_inputs):
-        tensor, offset = _input(raw, i, binary, offset)
+        tensor, offset = _input(raw, i, binary, offset, max_items)
         inputs.append(tensor)
     if offset != len(binary):
         raise invalid(f"{len(binary) - offset} bytes after the JSON part belong to no input (binary_data_size)")
@@ -158,7 +171,7 @@ def _flag(value: object, where: str) -> bool:
     return value
 
 
-def _input(raw: object, i: int, binary: memoryview, offset: int) -> tuple[InputTensor, int]:
+def _input(raw: object, i: int, binary: memoryview, offset: int, max_items: int | None) -> tuple[InputTensor, int]:
     where = f"inputs[{i}]"
     if not isinstance(raw, dict):
         raise invalid(f"{where} must be an object with name, datatype, shape and data")
@@ -172,8 +185,14 @@ def _input(raw: object, i: int, binary: memoryview, offset: int) -> tuple[InputT
         raise invalid(f"{where}: datatype {datatype} is not accepted; send BYTES (encoded images), UINT8 or FP32")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise invalid(f'{where}: "shape" must be a list of integers')
+    if len(shape) > MAX_DIMS:
+        raise invalid(f"{where}: shape has {len(shape)} dimensions; at most {MAX_DIMS} are taken")
     if any(d < 0 for d in shape):
         raise invalid(f"{where}: shape {shape} has a negative dimension")
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise invalid(f"{where}: shape {shape} is larger than any request can carry")
+    if max_items is not None and shape and shape[0] > max_items:
+        raise too_many(shape[0], max_items)
     count = math.prod(shape)
     params = _object(raw.get("parameters"), f"{where}.parameters")
     size = params.get("binary_data_size")
@@ -185,10 +204,18 @@ def _input(raw: object, i: int, binary: memoryview, offset: int) -> tuple[InputT
         if offset + size > len(binary):
             raise invalid(f"{where}: binary_data_size {size} runs past the end of the body")
         chunk = binary[offset : offset + size]
-        data = _bytes_elements(chunk, where) if datatype == "BYTES" else _numeric_binary(chunk, datatype, count, where)
+        data = (
+            _bytes_elements(chunk, count, where)
+            if datatype == "BYTES"
+            else _numeric_binary(chunk, datatype, count, where)
+        )
         offset += size
     elif "data" in raw:
-        data = _bytes_json(raw["data"], where) if datatype == "BYTES" else _numeric_json(raw["data"], datatype, where)
+        data = (
+            _bytes_json(raw["data"], len(shape), where)
+            if datatype == "BYTES"
+            else _numeric_json(raw["data"], datatype, where)
+        )
     else:
         raise invalid(f'{where} has no "data" (and no binary_data_size)')
     n = len(data) if isinstance(data, list) else data.size
@@ -224,11 +251,12 @@ def _numeric_json(data: object, datatype: str, where: str) -> np.ndarray:
         return array.astype(np.float32).ravel()
 
 
-def _bytes_elements(chunk: memoryview, where: str) -> list[bytes]:
-    """Triton's serialised BYTES tensor: each element a 4-byte little-endian length, then its bytes."""
-    out = []
+def _bytes_elements(chunk: memoryview, count: int, where: str) -> list[bytes]:
+    """Triton's serialised BYTES tensor: each element a 4-byte little-endian length, then its bytes; read no further
+    than one element past the `count` that the shape declares (the caller refuses the mismatch)."""
+    out: list[bytes] = []
     pos = 0
-    while pos < len(chunk):
+    while pos < len(chunk) and len(out) <= count:
         if pos + 4 > len(chunk):
             raise invalid(f"{where}: a BYTES element's 4-byte length is cut off")
         (n,) = _LENGTH.unpack_from(chunk, pos)
@@ -240,19 +268,19 @@ def _bytes_elements(chunk: memoryview, where: str) -> list[bytes]:
     return out
 
 
-def _bytes_json(data: object, where: str) -> list[bytes]:
-    """JSON BYTES elements: base64 strings (or data: URLs), flat or nested."""
+def _bytes_json(data: object, ndim: int, where: str) -> list[bytes]:
+    """JSON BYTES elements: base64 strings (or data: URLs), flat or nested at most `ndim` lists deep."""
     flat: list[object] = []
-    _flatten(data, flat)
+    stack = [(data, 0)]
+    while stack:  # depth first, in order; a loop, so that no nesting can exhaust Python's stack
+        item, depth = stack.pop()
+        if not isinstance(item, list):
+            flat.append(item)
+        elif depth >= max(ndim, 1):
+            raise invalid(f'{where}: "data" is nested deeper than its shape\'s {ndim} dimensions')
+        else:
+            stack.extend((x, depth + 1) for x in reversed(item))
     return [_b64(item, i, where) for i, item in enumerate(flat)]
-
-
-def _flatten(data: object, out: list[object]) -> None:
-    if isinstance(data, list):
-        for x in data:
-            _flatten(x, out)
-    else:
-        out.append(data)
 
 
 def _b64(item: object, index: int, where: str) -> bytes:
@@ -260,12 +288,7 @@ def _b64(item: object, index: int, where: str) -> bytes:
         item = item["b64"]
     if not isinstance(item, str):
         raise invalid(f"{where}: BYTES element {index} must be a base64 string, not {type(item).__name__}")
-    if item[:5].lower() == "data:":
-        item = item.partition(",")[2]
-    try:
-        return decode_base64(item)
-    except ValueError:
-        raise ApiError(400, "invalid_image", f"{where}: element {index} is not valid base64", index=index) from None
+    return image_base64(item, index, where)
 
 
 def _output(raw: object, i: int) -> RequestedOutput:

@@ -217,6 +217,7 @@ function analyse() {
   classify(seq);
   loadAttention();
   loadDistance(seq);
+  searchSimilar();
 }
 
 async function classify(seq) {
@@ -650,7 +651,7 @@ function wireControls() {
   key.value = sessionStorage.getItem("vitserve-api-key") || "";
   const commitKey = () => {
     sessionStorage.setItem("vitserve-api-key", key.value.trim());
-    loadModels();
+    loadModels().then(() => loadCollections());
   };
   key.addEventListener("change", commitKey);
   $("settings").addEventListener("submit", (e) => {
@@ -659,17 +660,159 @@ function wireControls() {
   });
 }
 
+// ------------------------------------------------------------------------------------------ similar images
+
+async function loadCollections(keep) {
+  const select = $("collection-select");
+  const chosen = keep || select.value;
+  let collections = [];
+  try {
+    collections = (await api("/v1/collections")).collections;
+  } catch (err) {
+    setStatus("similar-status", err.status === 503 ? "image search unavailable" : "");
+    if (err.status !== 503 && err.status !== 401) showError(err);
+  }
+  const options = [new Option("none", "")];
+  for (const c of collections) {
+    options.push(new Option(`${c.name} (${c.model}, ${c.count} images)`, c.name));
+  }
+  select.replaceChildren(...options);
+  if (collections.some((c) => c.name === chosen)) select.value = chosen;
+  $("similar-add").disabled = !select.value || !state.image;
+}
+
+function similarK() {
+  const k = Number.parseInt($("similar-k").value, 10);
+  return Number.isFinite(k) ? Math.min(Math.max(k, 1), 1000) : 8;
+}
+
+async function searchSimilar() {
+  const name = $("collection-select").value;
+  $("similar-add").disabled = !name || !state.image;
+  if (!name || !state.image) {
+    renderSimilar(null, []);
+    return;
+  }
+  const seq = ++state.similarSeq;
+  setStatus("similar-status", "searching…", true);
+  try {
+    const path = `/v1/collections/${encodeURIComponent(name)}/search?k=${similarK()}`;
+    const data = await api(path, { method: "POST", body: imageForm() });
+    if (seq !== state.similarSeq) return;
+    await renderSimilar(name, data.results, seq);
+    setStatus("similar-status", `${data.results.length} found in ${data.took_ms.toFixed(0)} ms`);
+  } catch (err) {
+    if (seq !== state.similarSeq) return;
+    renderSimilar(null, []);
+    setStatus("similar-status", "failed");
+    showError(err);
+  }
+}
+
+async function renderSimilar(name, results, seq) {
+  for (const url of state.thumbURLs) URL.revokeObjectURL(url);
+  state.thumbURLs = [];
+  const items = [];
+  for (const r of results) {
+    const li = document.createElement("li");
+    li.className = "match";
+    li.dataset.id = r.id;
+    const img = document.createElement("img");
+    img.alt = `Thumbnail of ${r.id}`;
+    img.width = 96;
+    img.height = 96;
+    const caption = document.createElement("div");
+    caption.className = "match-caption";
+    const id = Object.assign(document.createElement("strong"), { textContent: r.id, title: r.id });
+    const score = Object.assign(document.createElement("span"), {
+      className: "score",
+      textContent: r.score.toFixed(3),
+    });
+    const meta = Object.assign(document.createElement("code"), {
+      className: "meta",
+      textContent: Object.keys(r.metadata || {}).length ? JSON.stringify(r.metadata) : "",
+    });
+    caption.append(id, score, meta);
+    li.append(img, caption);
+    items.push(li);
+  }
+  $("similar").replaceChildren(...items);
+  $("similar-empty").hidden = items.length > 0;
+  if (!name) return;
+  await Promise.all(
+    results.map(async (r, i) => {
+      const path = `/v1/collections/${encodeURIComponent(name)}/items/${encodeURIComponent(r.id)}/thumbnail`;
+      try {
+        const blob = await api(path, { as: "blob" });
+        if (seq !== state.similarSeq) return;
+        const url = URL.createObjectURL(blob);
+        state.thumbURLs.push(url);
+        items[i].querySelector("img").src = url;
+      } catch {
+        items[i].classList.add("no-thumbnail"); // none kept for this item (or a vector added without an image)
+      }
+    }),
+  );
+}
+
+async function addToCollection() {
+  const name = $("collection-select").value;
+  if (!name || !state.image) return;
+  setStatus("similar-status", "adding…", true);
+  try {
+    const form = imageForm();
+    form.append("metadata", JSON.stringify([{ filename: state.image.name }]));
+    const data = await api(`/v1/collections/${encodeURIComponent(name)}/images`, { method: "POST", body: form });
+    setStatus("similar-status", `added ${data.ids[0]}`);
+    await loadCollections(name);
+    await searchSimilar();
+  } catch (err) {
+    setStatus("similar-status", "failed");
+    showError(err);
+  }
+}
+
+async function createCollection(event) {
+  event.preventDefault();
+  const name = $("collection-name").value.trim();
+  if (!name || !state.model) return;
+  try {
+    const response = await fetch("/v1/collections", {
+      method: "POST",
+      headers: { ...authHeaders(), "Content-Type": "application/json" },
+      body: JSON.stringify({ name, model: state.model.name }),
+    });
+    if (!response.ok) throw await errorFrom(response);
+    $("collection-name").value = "";
+    await loadCollections(name);
+    await searchSimilar();
+  } catch (err) {
+    showError(err);
+  }
+}
+
+function wireSimilar() {
+  state.similarSeq = 0;
+  state.thumbURLs = [];
+  $("collection-select").addEventListener("change", searchSimilar);
+  $("similar-k").addEventListener("change", searchSimilar);
+  $("similar-add").addEventListener("click", addToCollection);
+  $("collection-form").addEventListener("submit", createCollection);
+}
+
 async function main() {
   wireTabs();
   wireUpload();
   wireDrawing();
   wireControls();
+  wireSimilar();
   try {
     await loadColormap();
   } catch (err) {
     showError(new ApiError(`Could not load the colour map (${err.message}).`, "page_error", 0));
   }
   await loadModels();
+  await loadCollections();
 }
 
 main();

@@ -43,6 +43,18 @@ def test_existing_path_folder_name_in_repository_and_named_spec(tiny_models_dir,
     assert read_checkpoint("./alpha").config.num_classes == 10  # a relative path
 
 
+def test_source_is_the_spec_as_given_or_the_repository_folder_name(tiny_models_dir, tmp_path, monkeypatch):
+    # a model of the repository reports its folder name, however it was reached; never a machine's path
+    assert read_checkpoint(str(tiny_models_dir / "alpha"), models_dir=tiny_models_dir).source == "alpha"
+    assert read_checkpoint("beta", models_dir=tiny_models_dir).source == "beta"
+    # anything else: the SPEC as the operator wrote it (relative stays relative)
+    monkeypatch.chdir(tiny_models_dir.parent)
+    spec = f"{tiny_models_dir.name}/alpha/model.safetensors"
+    assert read_checkpoint(spec, models_dir=tmp_path).source == spec
+    folder = f"{tiny_models_dir.name}/alpha"
+    assert read_checkpoint(f"x={folder}", models_dir=tmp_path).source == folder
+
+
 def test_unknown_spec_lists_the_repository(tiny_models_dir):
     with pytest.raises(CheckpointError, match=r"^gamma: no such file or folder.*\(it holds: beta, alpha\)"):
         read_checkpoint("gamma", models_dir=tiny_models_dir)
@@ -271,3 +283,19 @@ def test_strict_loading_names_the_keys(change, message, tmp_path, make_tiny_vit)
     (tmp_path / "config.json").write_text('{"num_heads": 2}')
     with pytest.raises(CheckpointError, match=message):
         load_model(str(tmp_path / "w.safetensors"))
+
+
+class Command:
+    """Unpickling this would run a shell command: a global from a module torch's safe unpickler blocks outright."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_a_blocked_global_is_named_in_the_refusal(tmp_path):
+    path = tmp_path / "command.pth"
+    torch.save({"x": Command()}, path)
+    with pytest.raises(CheckpointError, match=r"command\.pth holds pickled objects other than tensors") as err:
+        read_checkpoint(str(path))
+    assert f"({os.system.__module__}.system)" in str(err.value)  # posix.system on Linux
+    assert "corrupt?" not in str(err.value)

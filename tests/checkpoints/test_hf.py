@@ -192,11 +192,14 @@ def test_a_config_we_cannot_reproduce_is_refused_by_name(change, words, perturb,
         read_checkpoint(str(folder))
 
 
-def test_deit_model_type_is_refused_with_reason(perturb, tmp_path):
+@pytest.mark.parametrize(
+    ("model_type", "why"), [("dinov3_vit", "RoPE"), ("beit", "relative position bias"), ("vit_hybrid", "CNN stem")]
+)
+def test_unsupported_model_type_is_refused_with_reason(perturb, tmp_path, model_type, why):
     folder = save(hf_model("square", perturb), tmp_path / "vit", "safetensors")
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "model_type": "deit"}))
-    with pytest.raises(CheckpointError, match="distillation token"):
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    with pytest.raises(CheckpointError, match=why):
         read_checkpoint(str(folder))
 
 

@@ -8,8 +8,8 @@ from app.checkpoints.keys import config_from_shape, square_grid
 
 def test_square_grid_reads_the_class_token_slot_and_the_patch_grid():
     assert square_grid(1 + 14 * 14, "x") == (14, 14)
-    with pytest.raises(CheckpointError, match="none for the class token"):
-        square_grid(14 * 14, "x")
+    assert square_grid(14 * 14, "x", num_prefix=0) == (14, 14)  # no_embed_class: no slot for the class token
+    assert square_grid(6 + 14 * 14, "x", num_prefix=6) == (14, 14)  # class, distillation and 4 registers
     with pytest.raises(CheckpointError, match=r"not 1 \+ a square patch grid.*config.json"):
         square_grid(1 + 12 * 16, "x")
 

@@ -146,9 +146,9 @@ def test_arch_that_does_not_fit_the_weights(perturb, tmp_path):
     ("arch", "message"),
     [
         ("vit_tinyest_patch3_7", "unknown timm architecture 'vit_tinyest_patch3_7'"),
-        ("vit_small_patch14_reg4_dinov2", "register tokens"),
-        ("deit_tiny_distilled_patch16_224", "distillation token"),
-        ("vit_base_patch16_gap_224", "no class token"),
+        ("vit_base_patch16_rope_224", "RoPE"),
+        ("vit_relpos_base_patch16_224", "relative position bias"),
+        ("vit_base_r50_s16_224", "hybrid CNN stem"),
         ("vit_b_16", "a torchvision name"),
     ],
 )
@@ -161,14 +161,10 @@ def test_unknown_or_unsupported_arch(arch, message, perturb, tmp_path):
 @pytest.mark.parametrize(
     ("name", "kwargs", "message"),
     [
-        ("vit_tiny_patch16_224", {"reg_tokens": 4}, "register tokens"),
-        ("deit_tiny_distilled_patch16_224", {}, "distillation token"),
-        ("vit_tiny_patch16_224", {"init_values": 1e-5}, "layer scale"),
-        ("vit_tiny_patch16_224", {"global_pool": "avg"}, "average pooling"),
-        ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg", "fc_norm": False}, "no class token"),
         ("vit_tiny_patch16_224", {"qk_norm": True}, "qk norm"),
-        ("vit_tiny_patch16_224", {"pre_norm": True}, "pre-norm"),
-        ("vit_tiny_patch16_224", {"no_embed_class": True}, "none for the class token"),
+        # the keys of CLIP- and SigLIP-style weights do not say their activation
+        ("vit_tiny_patch16_224", {"pre_norm": True}, "activation.*--arch"),
+        ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg", "fc_norm": False}, "activation.*--arch"),
     ],
 )
 def test_unsupported_timm_models_are_refused(name, kwargs, message, perturb, tmp_path):
@@ -177,6 +173,28 @@ def test_unsupported_timm_models_are_refused(name, kwargs, message, perturb, tmp
     with pytest.raises(CheckpointError, match=message) as err:
         load_model(str(path))
     assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("vit_tiny_patch16_224", {"reg_tokens": 4}),
+        ("deit_tiny_distilled_patch16_224", {}),
+        ("vit_tiny_patch16_224", {"init_values": 1e-5}),
+        ("vit_tiny_patch16_224", {"global_pool": "avg"}),
+        ("vit_tiny_patch16_224", {"no_embed_class": True}),
+        ("vit_tiny_patch16_224", {"no_embed_class": True, "reg_tokens": 2}),
+    ],
+)
+def test_bare_family_weights_load_from_their_keys(name, kwargs, perturb, tmp_path):
+    """Registers, distillation, layer scale, average pooling and no_embed_class are read from the keys alone."""
+    ref = timm_model(name, perturb, depth=1, img_size=32, patch_size=8, **kwargs)
+    model = load_model(str(write(ref, tmp_path / "w", "safetensors")))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = ref.forward_features(x)
+        torch.testing.assert_close(model(x).logits, ref.forward_head(feats), atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(model(x).embedding, ref.forward_head(feats, pre_logits=True), atol=1e-4, rtol=1e-3)
 
 
 def test_unknown_width_needs_heads(perturb, tmp_path):

@@ -1,6 +1,6 @@
 """Fixtures for the HTTP tests: tiny random native checkpoints, real photos, and a running app.
 
-The engine helper's tests/conftest.py has function-scoped fixtures; these are session / module scoped so the
+The engine tests' tests/conftest.py has function-scoped fixtures; these are session / module scoped so the
 whole HTTP suite loads its models a handful of times only.
 """
 

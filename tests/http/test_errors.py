@@ -278,3 +278,14 @@ def test_one_log_line_per_request(client, png, caplog):
     line = lines[0]
     for part in ("log-me", "POST", "/v1/classify", "model=other", "images=2", "status=200", "duration_ms="):
         assert part in line
+
+
+def test_log_lines_show_routes_and_unmatched_paths_alike(client, caplog):
+    """A route's template and a path that matched no route are both written bare, the latter escaped."""
+    caplog.set_level(logging.INFO, logger="vitserve.access")
+    client.get("/static/app.js", headers={"X-Request-ID": "log-route"})
+    client.get("/no%20where%0Aforged%20line", headers={"X-Request-ID": "log-path"})  # decoded by the server
+    lines = {r.getMessage().split()[0]: r.getMessage() for r in caplog.records if r.name == "vitserve.access"}
+    assert " GET /static/{name} " in lines["log-route"]
+    assert " GET /no\\x20where\\nforged\\x20line " in lines["log-path"], lines["log-path"]
+    assert "'" not in lines["log-path"] and "\n" not in lines["log-path"]

@@ -14,12 +14,16 @@ govern) rather than `wait_for_function` (which would need 'unsafe-eval').
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,7 +114,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
         "--api-key", API_KEY, "--decode-workers", "1", "--decode-pool", "thread", "--log-level", "warning",
     ]  # fmt: skip
-    yield from run_server(command, root / "server.log", port)
+    with private_data_dir() as data:
+        yield from run_server([*command, "--data-dir", str(data)], root / "server.log", port)
+
+
+@contextlib.contextmanager
+def private_data_dir() -> Iterator[Path]:
+    """The collections' PostgreSQL (the page lists collections) in a folder of its own outside pytest's tmp root:
+    as root, pgserver opens the parent folders to its `pgserver` user, and never the user's own data folder."""
+    folder = Path(tempfile.mkdtemp(prefix="vitserve-page-"))
+    try:
+        yield folder / "data"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_server(command: list[str], log: Path, port: int) -> Iterator[str]:
@@ -480,6 +496,86 @@ def test_a_model_without_a_head_says_so_and_still_shows_attention(page, chelsea_
     assert not page.problems, page.problems
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def offline_page(browser, url: str, width: int = 1280):
+    """A page whose every request that leaves the machine is aborted (and recorded)."""
+    from urllib.parse import urlparse
+
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    page = context.new_page()
+    blocked: list[str] = []
+
+    def only_loopback(route) -> None:
+        url = route.request.url
+        if url.startswith(("data:", "blob:")) or urlparse(url).hostname in LOOPBACK:
+            route.continue_()
+        else:
+            blocked.append(url)
+            route.abort()
+
+    page.route("**/*", only_loopback)
+    page.goto(url)
+    return context, page, blocked
+
+
+def test_the_api_docs_render_with_the_network_blocked(browser, server):
+    """/docs (Swagger UI) and /redoc list the operations with nothing fetched from outside the machine, and
+    /docs offers a file upload for the image routes."""
+    context, page, blocked = offline_page(browser, server + "/docs")
+    try:
+        page.wait_for_selector(".opblock-summary-path", timeout=30_000)
+        paths = page.eval_on_selector_all(".opblock-summary-path", "els => els.map(e => e.dataset.path)")
+        for path in ("/healthz", "/readyz", "/v1/classify", "/v1/embed", "/v1/attention", "/v2/models/{name}/infer"):
+            assert path in paths, paths
+        page.click("#operations-v1-classify_v1_classify_post .opblock-summary")
+        page.click("#operations-v1-classify_v1_classify_post .try-out__btn")
+        page.wait_for_selector("#operations-v1-classify_v1_classify_post .opblock-body select", timeout=10_000)
+        types = page.eval_on_selector_all(
+            "#operations-v1-classify_v1_classify_post .opblock-body select.content-type option, "
+            "#operations-v1-classify_v1_classify_post .body-param-content-type select option",
+            "els => els.map(e => e.value)",
+        )
+        assert {"multipart/form-data", "image/png", "application/json"} <= set(types), types
+        page.select_option(
+            "#operations-v1-classify_v1_classify_post .body-param-content-type select", "multipart/form-data"
+        )
+        page.wait_for_selector("#operations-v1-classify_v1_classify_post input[type=file]", timeout=10_000)
+        assert not blocked, blocked
+        page.goto(server + "/redoc")
+        page.wait_for_selector("[data-section-id^='operation/']", timeout=30_000)
+        sections = page.eval_on_selector_all("[data-section-id^='operation/']", "els => els.length")
+        assert sections >= 19
+        # ReDoc's sidebar credits its maker with a logo from its CDN: an image that does not load, nothing else
+        assert set(blocked) <= {"https://cdn.redoc.ly/redoc/logo-mini.svg"}, blocked
+    finally:
+        context.close()
+
+
+def test_the_attention_controls_show_their_whole_labels_at_1280px(browser, server):
+    context, page, _ = offline_page(browser, server + "/")
+    try:
+        page.fill("#api-key", API_KEY)
+        page.press("#api-key", "Tab")
+        page.wait_for_selector("#layer-select option", state="attached", timeout=30_000)
+        widths = page.evaluate(
+            """[...document.querySelectorAll('.controls select')].map(s => {
+                const style = getComputedStyle(s);
+                const ctx = document.createElement('canvas').getContext('2d');
+                ctx.font = `${style.fontWeight} ${style.fontSize} ${style.fontFamily}`;
+                const text = Math.max(...[...s.options].map(o => ctx.measureText(o.text).width));
+                const room = s.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight) - 20;
+                return [s.id, Math.ceil(text), Math.floor(room)];
+            })"""
+        )
+        assert len(widths) == 3
+        for name, text, room in widths:
+            assert text <= room, f"{name}: its longest option needs {text} px, it has {room} (the arrow aside)"
+    finally:
+        context.close()
+
+
 def test_screenshot_for_people(page, chelsea_jpeg, tmp_path_factory):
     """Not an assertion about looks: a screenshot of the full page, kept for a person to look at."""
     page.enter_key(API_KEY)
@@ -517,6 +613,63 @@ def test_a_file_the_browser_cannot_show_gets_the_servers_overlay(page, server, c
     assert page.error_text() == ""
 
 
+def test_similar_images_add_search_and_show_thumbnails(page, server):
+    """The "Similar images" view: make a collection, add three pictures through the page, give one of them
+    again, and see its neighbours as thumbnails with scores and metadata, the picture itself first."""
+    page.enter_key(API_KEY)
+    page.wait_models()
+    page.page.fill("#collection-name", "page-pics")
+    page.page.click("#collection-create")
+    page.wait("document.querySelector('#collection-select').value === 'page-pics'", what="the new collection")
+    rng = np.random.default_rng(0)
+    pictures = {}
+    for name in ("red.png", "noise.png", "stripes.png"):
+        a = np.zeros((80, 60, 3), np.uint8)
+        if name == "red.png":
+            a[..., 0] = 220
+        elif name == "noise.png":
+            a = (rng.random((80, 60, 3)) * 255).astype(np.uint8)
+        else:
+            a[::8] = 255
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "PNG")
+        pictures[name] = buf.getvalue()
+    idle = "!document.querySelector('#similar-status').classList.contains('busy')"
+    for n, (name, data) in enumerate(pictures.items(), start=1):
+        page.page.set_input_files("#file-input", files=[{"name": name, "mimeType": "image/png", "buffer": data}])
+        page.wait(f"window.vitserve.image && window.vitserve.image.name === {name!r} && {idle}", what=name)
+        page.wait("!document.querySelector('#similar-add').disabled", what="the add button")
+        page.page.click("#similar-add")
+        page.wait(f"document.querySelectorAll('#similar li.match').length === {n} && {idle}", what=f"{n} matches")
+    assert api(server, "GET", "/v1/collections/page-pics").json()["count"] == 3
+
+    data = pictures["noise.png"]
+    page.page.set_input_files("#file-input", files=[{"name": "again.png", "mimeType": "image/png", "buffer": data}])
+    page.wait(
+        "window.vitserve.image.name === 'again.png' && document.querySelectorAll('#similar li.match').length === 3"
+        " && [...document.querySelectorAll('#similar li.match img')].every(i => i.complete && i.naturalWidth > 0)"
+        f" && {idle}",
+        what="three thumbnails",
+    )
+    matches = page.js(
+        "[...document.querySelectorAll('#similar li.match')].map(li => [li.querySelector('strong').textContent,"
+        " li.querySelector('.score').textContent, li.querySelector('.meta').textContent,"
+        " li.querySelector('img').naturalWidth, li.querySelector('img').naturalHeight])"
+    )
+    assert json.loads(matches[0][2])["filename"] == "noise.png"
+    assert float(matches[0][1]) == pytest.approx(1.0, abs=1e-3)
+    assert all(max(m[3], m[4]) == 128 for m in matches), matches  # the stored thumbnails, longest side 128
+    scores = [float(m[1]) for m in matches]
+    assert scores == sorted(scores, reverse=True)
+    ids = [m[0] for m in matches]
+    expected = api(
+        server, "POST", "/v1/collections/page-pics/search?k=8", files={"images": ("q.png", data, "image/png")}
+    )
+    assert ids == [r["id"] for r in expected.json()["results"]]
+    assert page.error_text() == ""
+    assert not page.problems, page.problems
+
+
 def bundled_model_folder() -> Path | None:
     """The bundled default's folder in the repository's models/, once the training helper has put one there."""
     models = Path(__file__).resolve().parents[2] / "models"
@@ -539,7 +692,9 @@ def bundled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
         "--decode-workers", "1", "--decode-pool", "thread", "--log-level", "warning",
     ]  # fmt: skip
-    yield from run_server(command, tmp_path_factory.mktemp("bundled") / "server.log", port)
+    with private_data_dir() as data:
+        log = tmp_path_factory.mktemp("bundled") / "server.log"
+        yield from run_server([*command, "--data-dir", str(data)], log, port)
 
 
 def test_the_bundled_model_reads_a_drawn_one(browser, bundled_server):
