@@ -144,6 +144,7 @@ class BodyReader:
             raise self._timeout(clock.received) from None
         finally:
             clock.stop()
+            chunks.clear()  # the pieces go now (an exception's traceback would keep this frame's list alive)
             self.pending -= held
             self._large_ended |= held >= TRIM_AFTER_BYTES
             if self._large_ended and self.pending == 0 and self._trim is None:
@@ -222,7 +223,7 @@ def content_length(request: Request) -> int:
     return int(length)
 
 
-def _libc_malloc_trim() -> ctypes._CFuncPtr | None:
+def _libc_malloc_trim() -> Callable[[int], int] | None:
     name = ctypes.util.find_library("c")
     with contextlib.suppress(OSError, AttributeError):
         return ctypes.CDLL(name).malloc_trim if name else None
