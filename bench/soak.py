@@ -10,7 +10,8 @@ baseline of well-behaved requests alone:
 - slow bodies: `--slow` connections at all times, half trickling 5 bytes every 5 s into a 100 KB body, half
   sending all but the last KiB of a 20 MiB body and stalling (unless refused within half a second of their
   headers); each opens again once answered or closed (a second later when refused);
-- bombs: `--bombs-per-s` images that claim 60,000 x 60,000 pixels, PNG and JPEG in turn;
+- bombs: `--bombs-per-s` images in turn: a PNG and a JPEG that claim 60,000 x 60,000 pixels, and a
+  progressive JPEG of 300 scans;
 - at `--kill-at-min`, one worker killed with SIGKILL (the supervisor replaces it).
 
 When the load ends the slow bodies close; 10 s later the server's memory is read once more. The JSON report
@@ -88,6 +89,25 @@ def jpeg_bomb(jpeg: bytes, side: int = 60_000) -> bytes:
             return jpeg[: i + 5] + struct.pack(">HH", side, side) + jpeg[i + 9 :]
         i += 2 + length
     raise ValueError("no frame header in the JPEG")
+
+
+def scans_bomb(jpeg: bytes, scans: int = 300) -> bytes:
+    """A progressive JPEG with its first scan repeated `scans` times: each scan is a pass over the whole image."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    out = BytesIO()
+    Image.open(BytesIO(jpeg)).save(out, "JPEG", quality=90, progressive=True)
+    data = out.getvalue()
+    start = data.index(b"\xff\xda")  # the first scan's header (SOS)
+    end = start + 2 + struct.unpack(">H", data[start + 2 : start + 4])[0]
+    while True:  # its entropy-coded data runs to the next marker (0xFF 0x00 is a stuffed byte, 0xFFD0-D7 restarts)
+        end = data.index(b"\xff", end)
+        if data[end + 1] != 0 and not 0xD0 <= data[end + 1] <= 0xD7:
+            break
+        end += 2
+    return data[:end] + data[start:end] * scans + data[end:]
 
 
 # -- the server's processes ------------------------------------------------------------------------------------
@@ -230,7 +250,11 @@ class Soak:
         jobs = [self.scheduled("good", self.rate, good, until)]
         slow = None
         if attack:
-            bombs = [("/v1/classify", png_bomb(), "image/png"), ("/v1/classify", jpeg_bomb(self.jpeg), "image/jpeg")]
+            bombs = [
+                ("/v1/classify", png_bomb(), "image/png"),
+                ("/v1/classify", jpeg_bomb(self.jpeg), "image/jpeg"),
+                ("/v1/classify", scans_bomb(self.jpeg), "image/jpeg"),
+            ]
             jobs.append(self.scheduled("bomb", self.bombs_per_s, bombs, until))
             context = multiprocessing.get_context("spawn")
             results = context.Queue()
