@@ -19,7 +19,8 @@ gives every answer's status by kind, p50/p99 of the well-behaved requests agains
 the 30 s after the kill), the resident memory of the server's process tree over time, and the three targets:
 no 5xx for well-behaved requests and bombs besides the killed worker's requests in flight (slow bodies beyond
 the byte budget get 503 by design), p99 within 2x of the baseline, memory within 150 MB of its start 10 s after
-the slow bodies end. Only loopback is ever contacted; every loop ends with the load.
+the slow bodies end. Beside them, once a second during the load: /readyz's status and `vit_queue_depth`.
+Only loopback is ever contacted; every loop ends with the load.
 """
 
 from __future__ import annotations
@@ -282,6 +283,21 @@ def slow_bodies(host: str, port: int, n: int, until: float, results: multiproces
     results.put([(r.kind, r.started, r.ended, r.status, r.error) for r in soak.records])
 
 
+async def get(host: str, port: int, path: str) -> tuple[int, str]:
+    """A GET on a new connection: its status (0 for a connection error) and body."""
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n".encode())
+            data = await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        return int(head.split()[1]), body.decode("utf-8", "replace")
+    except (OSError, TimeoutError, ValueError, IndexError):
+        return 0, ""
+
+
 # -- the report ---------------------------------------------------------------------------------------------
 
 
@@ -351,10 +367,19 @@ async def soak(args: argparse.Namespace, url: str, supervisor: int, jpeg: bytes)
     t0 = time.monotonic()
     kill: dict | None = None
 
+    ready: Counter = Counter()  # /readyz's answers, once a second
+    depths: list[float] = []  # vit_queue_depth, summed over the workers, once a second
+
     async def watch() -> None:
         nonlocal kill
         while not loaded.stopping.is_set():
             await asyncio.sleep(1.0)
+            status, _ = await get("127.0.0.1", port, "/readyz")
+            ready[str(status)] += 1
+            status, text = await get("127.0.0.1", port, "/metrics")
+            if status == 200:
+                lines = [line for line in text.splitlines() if line.startswith("vit_queue_depth{")]
+                depths.append(sum(float(line.split()[-1]) for line in lines))
             now = time.monotonic() - t0
             if not samples or now - samples[-1][0] >= 10:
                 samples.append((round(now, 1), tree_rss_mb(supervisor)[0]))
@@ -388,7 +413,13 @@ async def soak(args: argparse.Namespace, url: str, supervisor: int, jpeg: bytes)
         "over_time": samples,
         "processes_at_the_end": {str(k): round(v, 1) for k, v in each.items()},
     }
-    return report(quiet.records, loaded.records, kill, rss)
+    result = report(quiet.records, loaded.records, kill, rss)
+    result["during_the_load"] = {
+        "readyz_statuses": dict(ready),
+        "queue_depth_max": max(depths, default=0.0),
+        "queue_depth_mean": round(sum(depths) / max(1, len(depths)), 2),
+    }
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
