@@ -1,9 +1,9 @@
 """HTTP connections: at most --max-connections open, and request headers within --header-timeout-s.
 
-uvicorn's h11 protocol waits for ever for a connection's first request, and for the rest of headers that have
-begun to arrive (its keep-alive timer only runs between requests, and any byte stops it); its
-`limit_concurrency` still reads every request to answer 503. `guarded_protocol` is uvicorn's own protocol with
-both limits, handed to uvicorn through its public `Config(http=...)`:
+uvicorn's HTTP protocols (h11 and httptools) wait for ever for a connection's first request, and for the rest
+of headers that have begun to arrive (their keep-alive timer only runs between requests, and any byte stops
+it); `limit_concurrency` still reads every request to answer 503. `guarded_protocol` is uvicorn's own protocol
+with both limits, handed to uvicorn through its public `Config(http=...)`:
 
 - a connection beyond the limit is closed as soon as it is accepted, before a byte is read (asyncio offers no
   public way to stop accepting). With --workers N each process takes its share of the limit, rounded up.
@@ -23,18 +23,18 @@ import asyncio
 import logging
 import math
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 log = logging.getLogger("vitserve")
 
 
 def guarded_protocol(max_connections: int, header_timeout_s: float) -> type[asyncio.Protocol]:
-    """uvicorn's h11 protocol with a cap on open connections (this process's) and a deadline for headers."""
+    """uvicorn's HTTP protocol (httptools where installed, else h11: what its "auto" picks) with a cap on open
+    connections (this process's) and a deadline for headers."""
 
     warned = 0.0  # when a refusal was last logged: one line a minute, however many are refused
 
-    class GuardedH11Protocol(H11Protocol):
+    class GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._waiting: asyncio.TimerHandle | None = None
@@ -49,17 +49,21 @@ def guarded_protocol(max_connections: int, header_timeout_s: float) -> type[asyn
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            if self.conn.our_state is h11.SEND_RESPONSE:  # a request's headers have arrived: the app has it
+            if self._answering():  # a request's headers have arrived: the app has it
                 self._stop_waiting()
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()  # may already have taken a pipelined request's headers
-            if not self.transport.is_closing() and self.conn.our_state is not h11.SEND_RESPONSE:
+            super().on_response_complete()  # may already have started a pipelined request
+            if not self.transport.is_closing() and not self._answering():
                 self._wait_for_headers()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_waiting()
             super().connection_lost(exc)
+
+        def _answering(self) -> bool:
+            """A request's headers have arrived and its response is not complete."""
+            return self.cycle is not None and not self.cycle.response_complete
 
         def _wait_for_headers(self) -> None:
             self._stop_waiting()
@@ -72,10 +76,10 @@ def guarded_protocol(max_connections: int, header_timeout_s: float) -> type[asyn
 
         def _too_late(self) -> None:
             self._waiting = None
-            if self.conn.our_state is not h11.SEND_RESPONSE and not self.transport.is_closing():
+            if not self._answering() and not self.transport.is_closing():
                 self.transport.close()
 
-    return GuardedH11Protocol
+    return GuardedProtocol
 
 
 def per_worker(max_connections: int, workers: int) -> int:
