@@ -170,10 +170,14 @@ def test_a_burst_beyond_max_queue_gets_503_with_retry_after_and_nothing_else_fai
     assert after.status_code == 200
 
 
-def test_bodies_being_read_hold_places_in_the_queue(checkpoints, pngs):
-    """max-queue bounds the bodies being read too (and so the memory they hold): two slow uploads fill a queue of
-    two, and a third request is refused before a byte of its body is read; once they are answered, room is back."""
-    app = create_app(settings_for(checkpoints, "tiny", max_queue=2, max_images_per_request=1))
+def test_bodies_being_read_hold_no_place_in_the_queue_only_bytes_of_the_budget(checkpoints, pngs):
+    """A slow upload takes nothing from the model's queue (it would keep images that are ready from the model): two
+    of them leave a queue of two empty, and another request is answered meanwhile. What they hold is bytes of
+    --max-pending-body-bytes: with those taken, a request is refused before a byte of its body is read; once the
+    uploads end, the bytes are back."""
+    budget = 200 + len(pngs[2])  # the slow uploads' first 100 bytes each, and one more image
+    settings = settings_for(checkpoints, "tiny", max_queue=2, max_images_per_request=1, max_pending_body_bytes=budget)
+    app = create_app(settings)
 
     async def held(data: bytes, gate: asyncio.Event):
         yield data[:100]
@@ -182,18 +186,23 @@ def test_bodies_being_read_hold_places_in_the_queue(checkpoints, pngs):
 
     async def main():
         async with serve(app) as client:
-            batcher = app.state.vit.models["tiny"].batcher
+            batcher, bodies = app.state.vit.models["tiny"].batcher, app.state.vit.bodies
             gate = asyncio.Event()
             slow = [asyncio.ensure_future(asgi_call(app, "POST", "/v1/classify", RAW, held(p, gate))) for p in pngs[:2]]
-            await until(lambda: batcher.depth == 2)
-            third = await asgi_call(app, "POST", "/v1/classify", RAW, [pngs[2]])
+            await until(lambda: bodies.pending == 200)  # chunked: they hold what has arrived
+            depth_while_reading = batcher.depth
+            meanwhile = await classify(client, pngs[2])
+            too_much = {**RAW, "content-length": str(budget)}  # more than the room left
+            refused = await asgi_call(app, "POST", "/v1/classify", too_much, [pngs[2]])
             gate.set()
-            return third, await asyncio.gather(*slow), await classify(client, pngs[2]), batcher.depth
+            return depth_while_reading, meanwhile, refused, await asyncio.gather(*slow), batcher.depth, bodies.pending
 
-    third, slow, after, depth = asyncio.run(main())
-    assert third["status"] == 503 and third["pulled"] == 0
+    depth_while_reading, meanwhile, refused, slow, depth, pending = asyncio.run(main())
+    assert depth_while_reading == 0
+    assert meanwhile.status_code == 200
+    assert refused["status"] == 503 and refused["pulled"] == 0
     assert [r["status"] for r in slow] == [200, 200]
-    assert after.status_code == 200 and depth == 0
+    assert depth == 0 and pending == 0
 
 
 def test_a_full_queue_refuses_before_reading_the_images(checkpoints, pngs):
