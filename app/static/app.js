@@ -163,13 +163,18 @@ function describeModel(m) {
   $("model-facts").textContent = facts.filter(Boolean).join(" · ");
 }
 
-// The attention the server computes for `method` ("cls" or "rollout") on this model's token layout, the name
-// /v1/attention gives it (app/analysis.py): an attention-pooled (MAP) model is read through its probe, an
-// average-pooled one through the patches' mean row; only a class-token model reads its class token.
+// Whether the model has a class token to read (ModelInfo "prefix_tokens"; a server without it: assume one).
+function hasClassToken(m) {
+  return !m.prefix_tokens || m.prefix_tokens.class !== 0;
+}
+
+// The name /v1/attention gives the map for `method` ("cls" or "rollout") on this model's tokens
+// (app/analysis.py): a class-token model reads its class token; without one, an attention-pooled (MAP) model
+// is read through its probe and an average-pooled one through the patches' mean row.
 function attentionMethodFor(m, method) {
+  if (hasClassToken(m)) return method;
   if (m.pool === "map") return method === "cls" ? "probe" : "probe_rollout";
-  if (m.pool === "mean") return method === "cls" ? "mean" : "mean_rollout";
-  return method;
+  return method === "cls" ? "mean" : "mean_rollout";
 }
 
 const METHOD_NOTES = {
@@ -205,10 +210,13 @@ function fillAttentionSelectors(m) {
   for (let h = 0; h < m.num_heads; h++) heads.push(new Option(`Head ${h + 1}`, String(h)));
   head.replaceChildren(...heads);
   // the options say what each method reads on this model's tokens
-  const labels = {
-    map: ["Probe rollout (all layers)", "Pooling probe (own layer)"],
-    mean: ["Patch mean rollout (all layers)", "Patch mean (one layer)"],
-  }[m.pool] || ["Rollout (all layers)", "Class token (one layer)"];
+  let labels = ["Rollout (all layers)", "Class token (one layer)"];
+  if (!hasClassToken(m)) {
+    labels =
+      m.pool === "map"
+        ? ["Probe rollout (all layers)", "Pooling probe (own layer)"]
+        : ["Patch mean rollout (all layers)", "Patch mean (one layer)"];
+  }
   const options = $("method-select").options;
   for (const option of options) option.text = option.value === "rollout" ? labels[0] : labels[1];
   syncMethodControls();
@@ -216,7 +224,7 @@ function fillAttentionSelectors(m) {
 
 function syncMethodControls() {
   const perLayer = $("method-select").value === "cls"; // rollout spans every layer and head-averages
-  const probe = state.model && state.model.pool === "map"; // the probe is one layer of its own: no layer to pick
+  const probe = state.model && attentionMethodFor(state.model, "cls") === "probe"; // a layer of its own: none to pick
   $("layer-select").disabled = !perLayer || probe;
   $("head-select").disabled = !perLayer;
 }
@@ -412,8 +420,8 @@ function describeWhere(method) {
 
 const POOL_NAMES = {
   cls: "class token",
-  mean: "mean of patch tokens",
-  map: "attention pooling (MAP)",
+  mean: "patch mean",
+  map: "attention (MAP)",
 };
 
 // What the model info says about its embedding, before (and beside) any image's vector.
@@ -428,7 +436,7 @@ function describeEmbedding(m) {
     : "";
   $("embed-family").textContent = m.family || "vit";
   const pool = m.pool || "cls";
-  $("embed-pool").textContent = POOL_NAMES[pool] ? `${POOL_NAMES[pool]}` : pool;
+  $("embed-pool").textContent = POOL_NAMES[pool] || pool;
   $("embed-pool").title = `pool: ${pool}`;
   const dim = m.embedding_dim || m.embed_dim;
   $("embed-dim").textContent = dim === m.embed_dim ? String(dim) : `${dim} (projected from ${m.embed_dim})`;
