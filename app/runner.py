@@ -418,7 +418,7 @@ def warmup_items(runner: Runner, batch_size: int, key: str) -> list[Item]:
     task: Task
     if key == ATTENTION:
         task = AttentionMap("rollout")
-    elif model.config.num_classes > 0:
+    elif model.num_classes > 0:  # 0 for a projection head (CLIP), which gives no logits
         task = Classify(1)
     else:
         task = Embed()
