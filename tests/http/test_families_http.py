@@ -330,6 +330,18 @@ def families(tmp_path_factory) -> dict[str, Family]:
             prefix_tokens={"class": 0, "distillation": 0, "registers": 0},
             grid=[4, 4],
         ),
+        build_timm(
+            root,
+            "gap_reg",
+            "vit_medium_patch16_reg4_gap_256",
+            64,
+            5,
+            8,
+            family="vit_gap",
+            pool="mean",
+            prefix_tokens={"class": 0, "distillation": 0, "registers": 4},
+            grid=[4, 4],
+        ),
     ]
     return {f.name: f for f in built}
 
@@ -375,7 +387,7 @@ def engines(families) -> dict:
     return {n: vit.load_model(str(f.path), device="cpu", dtype="float32") for n, f in families.items()}
 
 
-NAMES = ["clip", "siglip", "dinov2reg", "timm_dinov2reg", "deit_distilled", "openclip", "gap"]
+NAMES = ["clip", "siglip", "dinov2reg", "timm_dinov2reg", "deit_distilled", "openclip", "gap", "gap_reg"]
 
 
 def reference(family: Family, what, data: bytes) -> torch.Tensor:
@@ -457,7 +469,7 @@ def test_model_info_tells_the_family_and_the_processor(client, families, name):
 
 def test_timm_preprocessing_is_timms_eval_transform(client, families):
     """timm's config.json pretrained cfg -> resize floor(size / crop_pct), centre-crop size, its mean and std."""
-    for name in ("timm_dinov2reg", "deit_distilled", "gap"):
+    for name in ("timm_dinov2reg", "deit_distilled", "gap", "gap_reg"):
         family = families[name]
         cfg = timm.data.resolve_data_config({}, model=family.ref)
         size = family.expect["image_size"][0]
@@ -478,7 +490,7 @@ def test_classify_refuses_a_projection_or_a_model_without_a_head(client, jpegs, 
     assert "no classification head" in r.text
 
 
-@pytest.mark.parametrize("name", ["siglip", "dinov2reg", "deit_distilled", "gap"])
+@pytest.mark.parametrize("name", ["siglip", "dinov2reg", "deit_distilled", "gap", "gap_reg"])
 def test_classify_matches_the_librarys_classifier(client, families, jpegs, name):
     family = families[name]
     for photo_name in ("astronaut", "coffee"):
@@ -499,7 +511,7 @@ def test_classify_matches_the_librarys_classifier(client, families, jpegs, name)
 
 
 def test_cls_pool_is_refused_without_a_class_token(client, jpegs):
-    for name in ("siglip", "gap"):
+    for name in ("siglip", "gap", "gap_reg"):
         r = client.post(f"/v1/embed?model={name}&pool=cls", content=jpegs["chelsea"], headers=JPEG)
         assert r.status_code == 422, r.text
         assert "no class token" in r.text
@@ -513,9 +525,11 @@ def test_mean_pool_is_the_mean_of_the_patch_tokens_only(client, families, jpegs,
     assert r.status_code == 200, r.text
     served = r.json()["results"][0]["embedding"]
     expected = reference(family, family.mean_pool, data)
-    if name == "gap":  # through fc_norm: the mean pool of an average-pooled model is its default embedding
-        assert not isinstance(family.ref.fc_norm, torch.nn.Identity)
+    if name.startswith("gap"):  # the mean pool of an average-pooled model is its default embedding
         close(served, reference(family, family.embedding, data))
+    if name == "gap_reg":  # registers left out, then fc_norm (timm's final norm is an identity here)
+        assert not isinstance(family.ref.fc_norm, torch.nn.Identity)
+        assert isinstance(family.ref.norm, torch.nn.Identity)
     close(served, expected)
 
 
@@ -539,6 +553,7 @@ METHODS = {
     "deit_distilled": ("cls", "rollout"),
     "openclip": ("cls", "rollout"),
     "gap": ("mean", "mean_rollout"),
+    "gap_reg": ("mean", "mean_rollout"),
 }
 
 
@@ -630,3 +645,66 @@ def test_two_families_served_at_once_stay_apart(families, jpegs):
         family = families[name]
         assert r.json()["model"] == name
         close(r.json()["results"][0]["embedding"], reference(family, family.embedding, data))
+
+
+def test_bare_timm_state_dicts_with_arch(tmp_path, jpegs):
+    """timm weights alone (no config.json), their architecture given by --arch (the pretrained tag's
+    preprocessing): a DeiT distilled at its own size, a DINOv2 with registers served at 56 (--image-size), both
+    at the architectures' real widths and depths (--arch checks them), in one server."""
+    specs = {"deit_tiny_distilled_patch16_224": (224, None), "vit_small_patch14_reg4_dinov2": (56, 56)}
+    refs, transforms, names, archs, sizes = {}, {}, [], [], []
+    for seed, (arch, (size, image_size)) in enumerate(specs.items()):
+        ref = perturb(timm.create_model(arch, pretrained=False, num_classes=10, img_size=size), seed + 10)
+        path = tmp_path / f"{arch}.safetensors"
+        save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+        data = timm.data.resolve_data_config({}, model=ref)
+        data["input_size"] = (3, size, size)
+        refs[arch], transforms[arch] = ref, timm.data.create_transform(**data)
+        names.append(f"{arch}={path}")
+        archs.append(arch)
+        sizes.append(image_size)
+    settings = Settings(
+        model=names,
+        arch=archs,
+        image_size=sizes,
+        device="cpu",
+        dtype="float32",
+        decode_workers=1,
+        decode_pool="thread",
+        jpeg_decoder="pil",
+        jpeg_draft=False,
+    )
+    app = create_app(settings)
+    data = jpegs["coffee"]
+
+    async def main():
+        async with serve(app) as client:
+            answers = {}
+            for arch in specs:
+                info = (await client.get(f"/v1/models/{arch}")).json()
+                embed = await client.post(f"/v1/embed?model={arch}", content=data, headers=JPEG)
+                classify = await client.post(f"/v1/classify?model={arch}&top_k=10", content=data, headers=JPEG)
+                answers[arch] = info, embed.json(), classify.json()
+            return answers
+
+    answers = asyncio.run(main())
+    for arch, (info, embed, classify) in answers.items():
+        ref = refs[arch]
+        with torch.no_grad():
+            x = transforms[arch](decoded(data)).unsqueeze(0)
+            feats = ref.forward_features(x)
+            pre_logits, probs = ref.forward_head(feats, pre_logits=True)[0], ref.forward_head(feats)[0].softmax(0)
+        size = specs[arch][0]
+        assert info["image_size"] == [size, size] and info["num_classes"] == 10
+        assert info["prefix_tokens"] == {
+            "class": 1,
+            "distillation": int("distilled" in arch),
+            "registers": 4 if "reg4" in arch else 0,
+        }
+        close(embed["results"][0]["embedding"], pre_logits)
+        predictions = classify["results"][0]["predictions"]
+        assert predictions[0]["index"] == int(probs.argmax())
+        scores = torch.zeros(10)
+        for p in predictions:
+            scores[p["index"]] = p["score"]
+        close(scores, probs)
