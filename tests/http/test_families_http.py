@@ -201,6 +201,79 @@ def build_hf_dinov2_reg(root: Path) -> Family:
     )
 
 
+def build_hf_dinov2(root: Path) -> Family:
+    """Dinov2ForImageClassification: its head reads the class token and the mean patch token side by side."""
+    config = transformers.Dinov2Config(**HF_VISION, image_size=518, patch_size=14, num_labels=4)
+    ref = transformers.Dinov2ForImageClassification(config)
+    ref.set_attn_implementation("eager")
+    perturb(ref, 11)
+    folder = root / "dinov2"
+    ref.save_pretrained(folder)
+    processor = transformers.BitImageProcessorPil(
+        size={"shortest_edge": 256},
+        crop_size={"height": 224, "width": 224},
+        resample=3,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+    )
+    processor.save_pretrained(folder)
+    return Family(
+        "dinov2",
+        folder,
+        ref,
+        lambda img: processor(images=img, return_tensors="pt")["pixel_values"],
+        lambda x: ref.dinov2(x).pooler_output,
+        logits=lambda x: ref(pixel_values=x).logits,
+        mean_pool=lambda x: ref.dinov2(x).last_hidden_state[:, 1:].mean(dim=1),
+        expect={
+            "family": "dinov2",
+            "pool": "cls",
+            "prefix_tokens": {"class": 1, "distillation": 0, "registers": 0},
+            "embedding_dim": 64,
+            "num_classes": 4,
+            "image_size": [224, 224],
+            "grid": [16, 16],
+        },
+    )
+
+
+def build_hf_deit(root: Path) -> Family:
+    """DeiTForImageClassificationWithTeacher: the mean of its class and distillation heads; DeiT's processor
+    squashes to 256x256, then centre-crops 224."""
+    config = transformers.DeiTConfig(**HF_VISION, image_size=224, patch_size=32, num_labels=4)
+    ref = transformers.DeiTForImageClassificationWithTeacher(config)
+    ref.set_attn_implementation("eager")
+    perturb(ref, 12)
+    folder = root / "deit"
+    ref.save_pretrained(folder)
+    processor = transformers.DeiTImageProcessorPil()
+    processor.save_pretrained(folder)
+
+    def embedding(x):
+        tokens = ref.deit(x).last_hidden_state
+        return (tokens[:, 0] + tokens[:, 1]) / 2
+
+    return Family(
+        "hf_deit",
+        folder,
+        ref,
+        lambda img: processor(images=img, return_tensors="pt")["pixel_values"],
+        embedding,
+        logits=lambda x: ref(pixel_values=x).logits,
+        mean_pool=lambda x: ref.deit(x).last_hidden_state[:, 2:].mean(dim=1),
+        expect={
+            "family": "deit_distilled",
+            "pool": "cls",
+            "prefix_tokens": {"class": 1, "distillation": 1, "registers": 0},
+            "embedding_dim": 64,
+            "num_classes": 4,
+            "image_size": [224, 224],
+            "preprocess": {"resize": [256, 256], "crop": [224, 224], "interpolation": "bicubic"},
+            "grid": [7, 7],
+        },
+    )
+
+
 def build_timm(root: Path, name: str, arch: str, size: int, num_classes: int, seed: int, **expect) -> Family:
     """A timm model saved as timm pushes one: model.safetensors + config.json with the architecture, its
     model_args and the pretrained cfg (the default tag's, at this input size)."""
@@ -293,6 +366,8 @@ def families(tmp_path_factory) -> dict[str, Family]:
         build_clip(root),
         build_siglip(root),
         build_hf_dinov2_reg(root),
+        build_hf_dinov2(root),
+        build_hf_deit(root),
         build_timm(
             root,
             "timm_dinov2reg",
@@ -387,7 +462,18 @@ def engines(families) -> dict:
     return {n: vit.load_model(str(f.path), device="cpu", dtype="float32") for n, f in families.items()}
 
 
-NAMES = ["clip", "siglip", "dinov2reg", "timm_dinov2reg", "deit_distilled", "openclip", "gap", "gap_reg"]
+NAMES = [
+    "clip",
+    "siglip",
+    "dinov2reg",
+    "dinov2",
+    "hf_deit",
+    "timm_dinov2reg",
+    "deit_distilled",
+    "openclip",
+    "gap",
+    "gap_reg",
+]
 
 
 def reference(family: Family, what, data: bytes) -> torch.Tensor:
@@ -490,7 +576,7 @@ def test_classify_refuses_a_projection_or_a_model_without_a_head(client, jpegs, 
     assert "no classification head" in r.text
 
 
-@pytest.mark.parametrize("name", ["siglip", "dinov2reg", "deit_distilled", "gap", "gap_reg"])
+@pytest.mark.parametrize("name", ["siglip", "dinov2reg", "dinov2", "hf_deit", "deit_distilled", "gap", "gap_reg"])
 def test_classify_matches_the_librarys_classifier(client, families, jpegs, name):
     family = families[name]
     for photo_name in ("astronaut", "coffee"):
@@ -549,6 +635,8 @@ METHODS = {
     "clip": ("cls", "rollout"),
     "siglip": ("probe", "probe_rollout"),
     "dinov2reg": ("cls", "rollout"),
+    "dinov2": ("cls", "rollout"),
+    "hf_deit": ("cls", "rollout"),
     "timm_dinov2reg": ("cls", "rollout"),
     "deit_distilled": ("cls", "rollout"),
     "openclip": ("cls", "rollout"),
