@@ -175,15 +175,17 @@ class OneDNNLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
 
-def pack_linears(net: nn.Module, rows_hint: int) -> None:
+def pack_linears(net: nn.Module, rows_hint: int, fold: bool = True) -> None:
     """Pack `net` for the CPU, in place: every layer scale folded into the linear layer (or LayerNorm) ending its
     branch (`app.model.vit.fold_layer_scales`), an MLP's GELU (exact or tanh) moved into its first layer, and every
     `nn.Linear` replaced by a `OneDNNLinear`. The model stays the same module tree, so everything written once in
     `app/model/` runs packed; CLIP's QuickGELU and SwiGLU's gate stay ops of their own (oneDNN has no such
-    epilogue), around packed linears."""
+    epilogue), around packed linears. fold=False leaves the layer scales as they are (bench.cpu_variants measures
+    what folding gains)."""
     from app.model.vit import fold_layer_scales
 
-    fold_layer_scales(net)
+    if fold:
+        fold_layer_scales(net)
     for module in list(net.modules()):
         fc1, act = getattr(module, "fc1", None), getattr(module, "act", None)
         if isinstance(fc1, nn.Linear) and isinstance(act, nn.GELU) and act.approximate in ("none", "tanh"):

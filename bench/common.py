@@ -43,18 +43,31 @@ FAMILY_SHAPES: dict[str, tuple[str, dict, str, int]] = {
     ),
     "dinov2-s14-reg4": (  # the same with 4 register tokens
         "Dinov2WithRegistersModel",
-        {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "mlp_ratio": 4, "patch_size": 14,
-         "num_register_tokens": 4},
+        {
+            "hidden_size": 384,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 6,
+            "mlp_ratio": 4,
+            "patch_size": 14,
+            "num_register_tokens": 4,
+        },
         "vit_small_patch14_reg4_dinov2",
         0,
-    ),  # fmt: skip
+    ),
     "clip-b16": (  # OpenAI's CLIP B/16 image tower: pre-norm, QuickGELU, the 512-d projection as the embedding
         "CLIPVisionModelWithProjection",
-        {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
-         "patch_size": 16, "projection_dim": 512, "hidden_act": "quick_gelu"},
+        {
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "intermediate_size": 3072,
+            "patch_size": 16,
+            "projection_dim": 512,
+            "hidden_act": "quick_gelu",
+        },
         "vit_base_patch16_clip_quickgelu_224",
         512,
-    ),  # fmt: skip
+    ),
 }
 
 
