@@ -13,12 +13,10 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from app.decode import Decoder, Limits
-from app.http import collections, errors, health, page, v1, v2
-from app.http.checks import ProtectDocs
-from app.http.inputs import PARSER_MODULES
+from app.http import collections, envelope, health, page, v1, v2
+from app.http.envelope import FastJSON, ProtectDocs, RequestContext
 from app.http.loading import Loader, engine_loader, load_all
-from app.http.middleware import RequestContext
-from app.http.responses import FastJSON
+from app.http.pipeline import PARSER_MODULES
 from app.http.state import ServerState
 from app.metrics import Metrics
 from app.settings import Settings
@@ -75,7 +73,7 @@ def create_app(
         default_response_class=FastJSON,
     )
     app.state.vit = state
-    errors.install(app)
+    envelope.install(app)
     app.include_router(health.router)
     app.include_router(v1.router)
     app.include_router(collections.router)  # /v1/collections: image search (app.collections)

@@ -5,9 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse, Response
 
-from app.http.checks import require_ready
-from app.http.pipeline import state_of
-from app.http.responses import FastJSON
+from app.http.envelope import FastJSON, require_ready, state_of
 from app.http.schemas import Health, Ready, errors, ok
 
 router = APIRouter(tags=["health"])

@@ -13,11 +13,8 @@ from PIL import Image
 from starlette.responses import Response
 
 from app import visuals
-from app.http.checks import CheckedRoute
-from app.http.errors import invalid
-from app.http.middleware import note
-from app.http.pipeline import infer, pick_model, state_of
-from app.http.responses import FastJSON
+from app.http.envelope import CheckedRoute, FastJSON, invalid, note, state_of
+from app.http.pipeline import infer, pick_model
 from app.http.schemas import (
     EXAMPLES,
     IMAGES_BODY,

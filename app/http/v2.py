@@ -17,7 +17,7 @@ and server metadata stay open, like /healthz), 404 unknown model, 413 body or im
 503 overloaded (with Retry-After) or not ready, 504 past the request timeout; 400 for image data that
 cannot be used (undecodable bytes, zero-sized or oversized pixels, an FP32 tensor not at the model's size
 or not finite); 422 for a malformed request (JSON, datatypes, shapes, unknown outputs). Every error is the
-protocol's `{"error": "<message>"}`: `app.http.errors` gives every /v2 path that shape, whoever raised it.
+protocol's `{"error": "<message>"}`: `app.http.envelope` gives every /v2 path that shape, whoever raised it.
 """
 
 from __future__ import annotations
@@ -32,12 +32,20 @@ from starlette.responses import Response
 
 from app.batching import Admission
 from app.decode import ImageError, check_resize, check_size, model_input
-from app.http.checks import CheckedRoute, require_ready
-from app.http.errors import ApiError, image_error, invalid
-from app.http.inputs import Upload, parse_off_loop, read_body, too_many
-from app.http.middleware import note
-from app.http.pipeline import decode_uploads, expect, guarded, pick_model, reserve, run_items, state_of, to_item
-from app.http.responses import FastJSON
+from app.http.envelope import ApiError, CheckedRoute, FastJSON, image_error, invalid, note, require_ready, state_of
+from app.http.pipeline import (
+    Upload,
+    decode_uploads,
+    expect,
+    guarded,
+    parse_off_loop,
+    pick_model,
+    read_body,
+    reserve,
+    run_items,
+    to_item,
+    too_many,
+)
 from app.http.schemas import (
     EXAMPLES,
     V1_CHECKS,

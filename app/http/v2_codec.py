@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from app.http.errors import ApiError, invalid
-from app.http.inputs import image_base64, too_large, too_many
+from app.http.envelope import ApiError, invalid
+from app.http.pipeline import image_base64, too_large, too_many
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 NUMERIC = {"UINT8": np.dtype("<u1"), "FP32": np.dtype("<f4")}  # the numeric datatypes we take in

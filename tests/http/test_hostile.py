@@ -17,8 +17,8 @@ from test_decode import isolated_processes, many_scans_jpeg
 from test_errors import error
 
 from app.http import create_app
-from app.http.checks import key_matches
-from app.http.inputs import INLINE_SEPARATORS, parse_off_loop
+from app.http.envelope import key_matches
+from app.http.pipeline import INLINE_SEPARATORS, parse_off_loop
 
 INFER = "/v2/models/tiny/infer"
 

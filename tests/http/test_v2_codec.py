@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 import pytest
 
-from app.http.errors import ApiError
+from app.http.envelope import ApiError
 from app.http.v2_codec import decompress, parse_request
 
 

@@ -5,6 +5,7 @@ threads, the forward threads), and fails when an `app` module runs that the walk
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import socket
 import sys
@@ -22,6 +23,19 @@ from app.http import create_app
 DESIGN = Path(__file__).resolve().parents[2] / "docs" / "design.md"
 
 
+def module_of(dotted: str) -> str:
+    """The module part of `app.pkg.module.Class.function`: its longest importable prefix."""
+    parts = dotted.split(".")
+    for end in range(len(parts), 0, -1):
+        name = ".".join(parts[:end])
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return name
+        except ModuleNotFoundError:
+            continue
+    raise AssertionError(f"docs/design.md names {dotted}, which is in no module")
+
+
 def walk_modules() -> list[str]:
     """The `app` modules the walk names, in order of first mention."""
     text = DESIGN.read_text()
@@ -30,7 +44,8 @@ def walk_modules() -> list[str]:
     assert steps, "docs/design.md has no numbered walk"
     modules: list[str] = []
     for line in steps:
-        for name in re.findall(r"`(app(?:\.\w+)*?)\.\w+`", line):
+        for dotted in re.findall(r"`(app\.[\w.]+)`", line):
+            name = module_of(dotted)
             if name not in modules:
                 modules.append(name)
     return modules
