@@ -152,20 +152,20 @@ def has_onednn_linear() -> bool:
 
 
 class OneDNNLinear(nn.Module):
-    """`nn.Linear` through oneDNN: the weight packed once, an optional exact-GELU epilogue fused in.
+    """`nn.Linear` through oneDNN: the weight packed once, an optional GELU epilogue fused in (exact or tanh).
 
     Measured on a 2-core AVX-512 CPU (S/16, float32): eager PyTorch sends float32 linears to MKL, which runs the
     ViT's shapes 25-35% slower than oneDNN with a packed weight; fusing the MLP's GELU saves another 19% at
     batch 8 (docs/design.md, "Speed mechanisms")."""
 
-    def __init__(self, linear: nn.Linear, rows_hint: int, gelu: bool = False):
+    def __init__(self, linear: nn.Linear, rows_hint: int, gelu: str | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        # "gelu" with algorithm "none" is the exact (erf) GELU, as nn.GELU() computes it
-        self.attr, self.algorithm = ("gelu", "none") if gelu else ("none", "")
+        # gelu: nn.GELU's `approximate`, which oneDNN's "gelu" epilogue names its algorithm ("none": erf, "tanh")
+        self.attr, self.algorithm = ("gelu", gelu) if gelu is not None else ("none", "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -175,13 +175,21 @@ class OneDNNLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
 
-def pack_linears(net: nn.Module, rows_hint: int) -> None:
-    """Replace every `nn.Linear` of `net` by a `OneDNNLinear`, in place; an MLP's exact GELU moves into its first
-    layer. The model stays the same module tree, so everything written once in `app/model/` runs packed."""
+def pack_linears(net: nn.Module, rows_hint: int, fold: bool = True) -> None:
+    """Pack `net` for the CPU, in place: every layer scale folded into the linear layer (or LayerNorm) ending its
+    branch (`app.model.vit.fold_layer_scales`), an MLP's GELU (exact or tanh) moved into its first layer, and every
+    `nn.Linear` replaced by a `OneDNNLinear`. The model stays the same module tree, so everything written once in
+    `app/model/` runs packed; CLIP's QuickGELU and SwiGLU's gate stay ops of their own (oneDNN has no such
+    epilogue), around packed linears. fold=False leaves the layer scales as they are (bench.cpu_variants measures
+    what folding gains)."""
+    from app.model.vit import fold_layer_scales
+
+    if fold:
+        fold_layer_scales(net)
     for module in list(net.modules()):
         fc1, act = getattr(module, "fc1", None), getattr(module, "act", None)
-        if isinstance(fc1, nn.Linear) and isinstance(act, nn.GELU) and act.approximate == "none":
-            module.fc1 = OneDNNLinear(fc1, rows_hint, gelu=True)
+        if isinstance(fc1, nn.Linear) and isinstance(act, nn.GELU) and act.approximate in ("none", "tanh"):
+            module.fc1 = OneDNNLinear(fc1, rows_hint, gelu=act.approximate)
             module.act = nn.Identity()
     for module in list(net.modules()):
         for name, child in list(module.named_children()):
