@@ -240,7 +240,7 @@ class Model:
         if out.attentions is None:
             raise ValueError("the forward was run without attentions=True")
         maps, probe = out.attentions, out.probe_attention
-        B = next(a.shape[0] for a in maps if a is not None)
+        B = out.tokens.shape[0]  # a MAP model's probe map reads no layer: every layer's map may be None
         if rows is not None and rows != list(range(B)):
             maps = [None if a is None else a[rows] for a in maps]
             probe = probe[rows] if probe is not None else None

@@ -32,6 +32,91 @@ SHAPES: dict[str, tuple[int, int, int, int, str]] = {
 NUM_CLASSES = 1000
 
 
+# the families' shapes: name -> (transformers model class, its config, timm architecture, timm num_classes); the
+# weights are transformers' random ones, loaded by our engine from the saved folder and into timm from ours
+FAMILY_SHAPES: dict[str, tuple[str, dict, str, int]] = {
+    "dinov2-s14": (  # DINOv2 S/14 at 224x224 (16x16 patches): layer scale, exact GELU; the final-normed class token
+        "Dinov2Model",
+        {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "mlp_ratio": 4, "patch_size": 14},
+        "vit_small_patch14_dinov2",
+        0,
+    ),
+    "dinov2-s14-reg4": (  # the same with 4 register tokens
+        "Dinov2WithRegistersModel",
+        {
+            "hidden_size": 384,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 6,
+            "mlp_ratio": 4,
+            "patch_size": 14,
+            "num_register_tokens": 4,
+        },
+        "vit_small_patch14_reg4_dinov2",
+        0,
+    ),
+    "clip-b16": (  # OpenAI's CLIP B/16 image tower: pre-norm, QuickGELU, the 512-d projection as the embedding
+        "CLIPVisionModelWithProjection",
+        {
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "intermediate_size": 3072,
+            "patch_size": 16,
+            "projection_dim": 512,
+            "hidden_act": "quick_gelu",
+        },
+        "vit_base_patch16_clip_quickgelu_224",
+        512,
+    ),
+}
+
+
+def family_hf_model(shape: str, seed: int = 0) -> torch.nn.Module:
+    """transformers' model for a family shape, random weights (a fixed seed), SDPA attention, eval mode."""
+    import torch
+    import transformers
+
+    cls_name, kwargs, _, _ = FAMILY_SHAPES[shape]
+    cls = getattr(transformers, cls_name)
+    torch.manual_seed(seed)
+    model = cls(cls.config_class(image_size=224, **kwargs))
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def write_family_checkpoint(shape: str, folder: str | Path, seed: int = 0) -> Path:
+    """`family_hf_model` saved in transformers' format (with a 224x224 processor config) in `folder`."""
+    folder = Path(folder)
+    family_hf_model(shape, seed).save_pretrained(folder)
+    processor = {
+        "do_resize": True,
+        "size": {"shortest_edge": 224},
+        "do_center_crop": True,
+        "crop_size": {"height": 224, "width": 224},
+        "resample": 3,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    return folder
+
+
+def family_timm_model(shape: str, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """timm's model for a family shape at 224x224 holding `state_dict` (ours, in timm's naming). transformers'
+    CLIP projection has no bias where timm's head has one: that bias stays zero."""
+    import timm
+    import torch
+
+    _, _, arch, num_classes = FAMILY_SHAPES[shape]
+    net = timm.create_model(arch, pretrained=False, num_classes=num_classes, img_size=224).eval()
+    if num_classes:
+        torch.nn.init.zeros_(net.head.bias)
+    missing, unexpected = net.load_state_dict(state_dict, strict=False)
+    if unexpected or set(missing) - {"head.bias"}:
+        raise ValueError(f"timm {arch}: missing {missing}, unexpected {unexpected}")
+    return net
+
+
 def vit_config(shape: str, image_size: int = 224, num_classes: int = NUM_CLASSES):
     from app.model import ViTConfig
 

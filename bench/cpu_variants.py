@@ -1,6 +1,7 @@
 """Which CPU forward is fastest for our ViT: the serving path (`app.runner`'s packed linears) beside the alternatives.
 
     OMP_WAIT_POLICY=PASSIVE python -m bench.cpu_variants --shape s16 --batch-sizes 1,8
+    python -m bench.cpu_variants --shape dinov2-s14 --variants eager,onednn,onednn-ls-apart   # what folding gains
     python -m bench.cpu_variants --variants eager,onednn,freeze-static,onnx --seconds 20
 
 Variants (all float32 unless --dtype, same weights, round-robin timing, logits checked against eager):
@@ -8,6 +9,8 @@ Variants (all float32 unless --dtype, same weights, round-robin timing, logits c
   onednn           what the CPU runner serves (--compile auto): a copy of the model with its linear layers packed
                    for oneDNN by `app.runner.pack_linears` (weights pre-packed, the MLP's GELU fused into fc1)
   onednn-gelu-apart the same packed linears with the GELU left a separate op: what fusing it gains
+  onednn-ls-apart  packed as `onednn`, the layer scales left ops of their own: what folding them gains (a family
+                   shape with layer scale: dinov2-s14, dinov2-s14-reg4)
   eager-manual     our model's attention-weights path (softmax(QK^T) materialised), as the attention endpoints run
   freeze-static    torch.compile, inductor, freezing, dynamic=False: one graph per batch size
   freeze-dynamic   the same with a dynamic batch dimension: one graph for every batch size
@@ -37,7 +40,8 @@ ALL = "eager,onednn,onednn-gelu-apart,eager-manual,freeze-static,freeze-dynamic,
 
 
 class FastPath(nn.Module):
-    """The classify forward as one module: pixels -> (final-normed tokens, logits), what the variants compile."""
+    """The classify forward as one module: pixels -> (final-normed tokens, logits), what the variants compile; a
+    model without logits (a family shape such as dinov2-s14) gives its default embedding in their place."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -45,7 +49,12 @@ class FastPath(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         tokens = self.net.forward_features(x).tokens
-        return tokens, self.net.forward_head(tokens)
+        return tokens, head_or_embedding(self.net, tokens)
+
+
+def head_or_embedding(net: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    logits = net.forward_head(tokens)
+    return net.embed(tokens) if logits is None else logits
 
 
 def build(variant: str, net, sd: dict, shape: str, batch: int, dtype: torch.dtype, folder):
@@ -56,15 +65,15 @@ def build(variant: str, net, sd: dict, shape: str, batch: int, dtype: torch.dtyp
     t0 = time.perf_counter()
     if variant == "eager":
         fn = lambda x: fast(x)[1]  # noqa: E731
-    elif variant in ("onednn", "onednn-gelu-apart"):
+    elif variant in ("onednn", "onednn-gelu-apart", "onednn-ls-apart"):
         from app.runner import OneDNNLinear, has_onednn_linear, pack_linears
 
         if not has_onednn_linear():
             raise RuntimeError("this torch has no oneDNN linear with pre-packed weights")
         packed = copy.deepcopy(net)  # packing replaces the layers in place: the other variants keep the plain net
         rows_hint = batch * (1 + packed.cfg.num_patches)
-        if variant == "onednn":
-            pack_linears(packed, rows_hint)
+        if variant in ("onednn", "onednn-ls-apart"):
+            pack_linears(packed, rows_hint, fold=variant == "onednn")
         else:  # every nn.Linear packed as pack_linears does, no epilogue
             for module in list(packed.modules()):
                 for name, child in list(module.named_children()):
@@ -75,7 +84,7 @@ def build(variant: str, net, sd: dict, shape: str, batch: int, dtype: torch.dtyp
             packed_fast(x)  # oneDNN builds its kernels per shape on first use
         fn = lambda x: packed_fast(x)[1]  # noqa: E731
     elif variant == "eager-manual":
-        fn = lambda x: net.forward_head(net.forward_features(x, attentions=True).tokens)  # noqa: E731
+        fn = lambda x: head_or_embedding(net, net.forward_features(x, attentions=True).tokens)  # noqa: E731
     elif variant in ("freeze-static", "freeze-dynamic", "nofreeze-static", "autotune"):
         import torch._dynamo as dynamo
 
@@ -105,6 +114,10 @@ def build(variant: str, net, sd: dict, shape: str, batch: int, dtype: torch.dtyp
 
         sess = onnx_session(net.float(), folder, torch.get_num_threads(), torch.device("cpu"))
         fn = lambda x: torch.from_numpy(sess.run(None, {"pixels": x.float().numpy()})[0])  # noqa: E731
+    elif variant == "hf" and shape in common.FAMILY_SHAPES:
+        from bench.raw import _hf_family
+
+        fn = _hf_family(shape, torch.device("cpu"), dtype)
     elif variant == "hf":
         hf = common.hf_model(shape, sd).to(dtype)
         fn = lambda x: hf(pixel_values=x).logits  # noqa: E731
@@ -130,11 +143,17 @@ def main(argv: list[str] | None = None) -> dict:
     from app.model import VisionTransformer
 
     dtype = getattr(torch, args.dtype)
-    sd = common.random_state_dict(args.shape)
-    net = VisionTransformer(common.vit_config(args.shape)).eval()
-    net.load_state_dict(sd)
-    net = net.to(dtype)
     folder = common.temp_dir("vitserve-variants-")
+    if args.shape in common.FAMILY_SHAPES:  # transformers' random weights, loaded by our engine from its files
+        from app.engine import load_model
+
+        net = load_model(str(common.write_family_checkpoint(args.shape, folder / args.shape))).net
+        sd = net.state_dict()
+    else:
+        sd = common.random_state_dict(args.shape)
+        net = VisionTransformer(common.vit_config(args.shape)).eval()
+        net.load_state_dict(sd)
+    net = net.to(dtype)
     result = {"bench": "cpu_variants", "env": common.environment("cpu"), "args": vars(args), "results": []}
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         fns, builds = {}, {}

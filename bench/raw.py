@@ -8,10 +8,17 @@ Implementations (`--impls`):
   ours        the engine's `Model.__call__` (eager PyTorch, SDPA)
   ours-accel  the same model after `app.runner.make_runner` (its linear layers packed for oneDNN on a CPU, called
               as before; on a GPU the runner's CUDA graphs, one per batch-size bucket); `--compile off`: eager
-  hf          transformers' ViTForImageClassification, SDPA attention
+  hf          transformers' ViTForImageClassification, SDPA attention (families: `Dinov2Model`,
+              `Dinov2WithRegistersModel`, `CLIPVisionModelWithProjection`)
   timm        timm's VisionTransformer
   timm-compile timm under torch.compile (GPU only by default: a compiled peer to compare with)
   onnx        our model exported with torch.onnx.export, run by ONNX Runtime (float32, CPU provider or CUDA)
+
+Shapes: the plain ViTs ti16, s16, b16 (logits; weights made by timm), and the families (`bench.common.FAMILY_SHAPES`,
+the default embedding; weights made by transformers, saved in its format and loaded by our engine from there):
+  dinov2-s14       DINOv2 S/14 at 224x224 (16x16 patches, layer scale), timm `vit_small_patch14_dinov2`
+  dinov2-s14-reg4  the same with 4 registers, timm `vit_small_patch14_reg4_dinov2`
+  clip-b16         OpenAI CLIP B/16's image tower and projection, timm `vit_base_patch16_clip_quickgelu_224`
 
 Each (shape, dtype, batch) times its implementations round-robin, so load changes hit all alike; the figures
 are medians. Ratios are ours-accel (or ours) over each peer, from the same run. Prints a table, then JSON.
@@ -34,7 +41,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.raw", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="cpu, cuda, auto")
-    p.add_argument("--shapes", default=None, help="comma list of ti16, s16, b16")
+    p.add_argument("--shapes", default=None, help="comma list of ti16, s16, b16, dinov2-s14, dinov2-s14-reg4, clip-b16")
     p.add_argument("--batch-sizes", default=None, help="comma list (default 1,8,32,64; 256 added on CUDA)")
     p.add_argument("--dtypes", default=None, help="comma list (default float32 + bfloat16 where native)")
     p.add_argument("--impls", default=None, help="comma list of ours, ours-accel, hf, timm, timm-compile, onnx")
@@ -111,11 +118,17 @@ def onnx_session(net: torch.nn.Module, folder: Path, threads: int, device: torch
 def build_impls(
     shape: str, dtype: torch.dtype, device: torch.device, impls: list[str], args, folder: Path, batch_sizes: list[int]
 ) -> tuple[dict, dict]:
-    """name -> callable(x) returning logits (any dtype), and per-implementation notes (build times, errors)."""
+    """name -> callable(x) returning logits (a family shape: the default embedding), any dtype, and
+    per-implementation notes (build times, errors)."""
     from app.engine import load_model
 
-    sd = common.random_state_dict(shape)
-    ckpt = common.write_native_checkpoint(shape, folder / shape)
+    family = shape in common.FAMILY_SHAPES
+    if family:
+        ckpt = common.write_family_checkpoint(shape, folder / shape)
+        sd = load_model(str(ckpt)).net.state_dict()  # ours, in timm's naming: what timm loads
+    else:
+        sd = common.random_state_dict(shape)
+        ckpt = common.write_native_checkpoint(shape, folder / shape)
     dtype_name = str(dtype).removeprefix("torch.")
     built: dict = {}
     notes: dict = {}
@@ -128,9 +141,12 @@ def build_impls(
         except Exception as e:  # a peer that cannot run here is reported, not fatal
             notes[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
 
+    def result(out):  # the engine's Output -> what the peers return
+        return out.embedding if family else out.logits
+
     if "ours" in impls:
         model = load_model(str(ckpt), device=str(device), dtype=dtype_name)
-        built["ours"] = lambda x, m=model: m(x).logits
+        built["ours"] = lambda x, m=model: result(m(x))
         notes["ours"] = {}
     if "ours-accel" in impls:
 
@@ -144,29 +160,40 @@ def build_impls(
             if graphs is not None:
                 graphs.capture_all()
                 notes_accel["buckets_s"] = {str(k): round(v, 2) for k, v in sorted(graphs.build_seconds.items())}
-                return lambda x: graphs(x).logits
-            return lambda x: m(x).logits  # the CPU: the model itself runs packed
+                return lambda x: result(graphs(x))
+            return lambda x: result(m(x))  # the CPU: the model itself runs packed
 
         notes_accel: dict = {}
         guarded("ours-accel", make_accel)
         notes.setdefault("ours-accel", {}).update(notes_accel)
     if "hf" in impls:
-        guarded("hf", lambda: _hf(shape, sd, device, dtype))
+        guarded("hf", lambda: _hf_family(shape, device, dtype) if family else _hf(shape, sd, device, dtype))
     if "timm" in impls:
         guarded("timm", lambda: _timm(shape, sd, device, dtype, compiled=False))
     if "timm-compile" in impls:
         guarded("timm-compile", lambda: _timm(shape, sd, device, dtype, compiled=True))
     if "onnx" in impls and dtype == torch.float32:
-        from app.model import VisionTransformer
 
         def make_onnx():
-            net = VisionTransformer(common.vit_config(shape)).eval()
-            net.load_state_dict(sd)
+            net = load_model(str(ckpt)).net  # float32; a model without logits exports its default embedding
             sess = onnx_session(net, folder / shape, torch.get_num_threads(), device)
             return lambda x: torch.from_numpy(sess.run(None, {"pixels": x.float().cpu().numpy()})[0])
 
         guarded("onnx", make_onnx)
     return built, notes
+
+
+def _hf_family(shape, device, dtype):
+    """transformers' own model for a family shape, the same random weights as ours (our engine loaded them from
+    its files); the default embedding: `pooler_output` (DINOv2), `image_embeds` (CLIP's projection)."""
+    hf = common.family_hf_model(shape).to(device=device, dtype=dtype)
+
+    @torch.inference_mode()
+    def run(x):
+        out = hf(pixel_values=x)
+        return out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
+
+    return run
 
 
 def _hf(shape, sd, device, dtype):
@@ -180,8 +207,11 @@ def _hf(shape, sd, device, dtype):
 
 
 def _timm(shape, sd, device, dtype, compiled: bool):
-    net = common.timm_model(shape)
-    net.load_state_dict(sd)
+    if shape in common.FAMILY_SHAPES:
+        net = common.family_timm_model(shape, sd)
+    else:
+        net = common.timm_model(shape)
+        net.load_state_dict(sd)
     net = net.to(device=device, dtype=dtype)
     fn = torch.compile(net) if compiled else net
 

@@ -95,6 +95,23 @@ def test_raw_bench_runs_and_reports_agreement():
     assert notes["fast_path"] == ("onednn" if has_onednn_linear() else "eager")  # the CPU runner's packed model
 
 
+def test_raw_bench_family_shapes_run_beside_timm_and_transformers():
+    """DINOv2 S/14 (registers) and CLIP B/16: transformers' random weights, loaded by our engine from its files and
+    into timm; every implementation gives our default embedding."""
+    pytest.importorskip("timm")
+    pytest.importorskip("transformers")
+    from bench import raw
+
+    argv = "--shapes dinov2-s14-reg4,clip-b16 --batch-sizes 1 --dtypes float32 --impls ours,ours-accel,hf,timm"
+    result = raw.main([*argv.split(), "--seconds", "0", "--min-repeats", "1", "--device", "cpu"])
+    assert [e["shape"] for e in result["results"]] == ["dinov2-s14-reg4", "clip-b16"]
+    for entry in result["results"]:
+        assert set(entry["impls"]) == {"ours", "ours-accel", "hf", "timm"}, result["build"]
+        for name in ("ours-accel", "hf", "timm"):
+            assert entry["impls"][name]["max_abs_diff_vs_ours"] < 1e-4
+        assert {"ours-accel/hf", "ours-accel/timm"} <= set(entry["ratios"])
+
+
 def test_float8_bench_reports_accuracy_agreement_and_speed():
     from app.model.float8 import float8_problem
     from bench import float8

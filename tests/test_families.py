@@ -396,25 +396,139 @@ def test_timm_clip_tags(tmp_path):
     close(projected.pooled(projected(x), "cls"), pre_logits)
 
 
-@pytest.mark.parametrize(
-    "name", ["vit_base_patch16_siglip_224", "vit_giant_patch14_dinov2", "vit_small_patch16_18x2_224"]
-)
-def test_packed_cpu_path_keeps_the_numbers(tmp_path, name):
-    """The CPU runner packs every linear layer of the model in place (app.runner.pack_linears): the families'
-    pieces (MAP head, SwiGLU, parallel branches) run packed to the same numbers."""
-    timm = pytest.importorskip("timm")
+# -- the fast paths: the CPU runner's packed model, CUDA graphs -------------------------------------------------
+
+# timm architecture, extra model args, the activation fused into fc1 ("none": exact GELU, "tanh"; None: left apart),
+# whether the model has layer scales
+PACKED = [
+    ("vit_small_patch14_reg4_dinov2", {}, "none", True),  # registers, layer scale
+    ("vit_giant_patch14_dinov2", {"mlp_ratio": 4.0}, None, True),  # SwiGLU, layer scale
+    ("vit_base_patch16_siglip_224", {}, "none", False),  # MAP head (timm's SigLIP: exact GELU)
+    ("vit_base_patch16_clip_quickgelu_224", {}, "quick", False),  # QuickGELU, pre-norm
+    ("vit_base_patch16_clip_224", {}, "none", False),  # exact GELU, pre-norm, the projection as head
+    ("deit_tiny_distilled_patch16_224", {}, "none", False),  # distillation token, two heads
+    ("vit_medium_patch16_reg4_gap_256", {}, "none", True),  # gap: fc_norm over the mean patch token, layer scale
+    ("vit_base_patch16_rpn_224", {}, "none", False),  # post-norm blocks
+    ("vit_small_patch16_18x2_224", {"init_values": 0.1}, "none", True),  # parallel blocks, layer scale per branch
+    ("hf-siglip", {}, "tanh", False),  # transformers' SigLIP: MAP head, tanh GELU (the MAP head's MLP too)
+]
+
+
+def hf_siglip_folder(tmp_path):
+    """transformers' SiglipModel (MAP head, tanh GELU: `gelu_pytorch_tanh`), saved in its format."""
+    transformers = pytest.importorskip("transformers")
+    vision = {**HF_SMALL, "image_size": 32, "patch_size": 8}
+    ref = hf_model(transformers.SiglipModel, transformers.SiglipConfig(vision_config=vision, text_config=TEXT))
+    return save_hf(tmp_path, "siglip", ref)
+
+
+def packed_pair(tmp_path, name: str, extra: dict, dtype: str = "float32"):
+    """A perturbed random timm model (or `hf-siglip`) saved in its format and loaded twice: (plain, packed by the
+    CPU runner)."""
     from app import runner
 
     if not runner.has_onednn_linear():
         pytest.skip("this torch has no oneDNN linear")
-    extra = {"mlp_ratio": 4.0} if "giant" in name else {}
-    ref = perturb(timm.create_model(name, pretrained=False, num_classes=5, **SMALL, **extra))
-    folder = save_timm(tmp_path, name, ref, {**{k: v for k, v in SMALL.items() if k != "img_size"}, **extra})
-    model = app.load_model(str(folder))
+    if name == "hf-siglip":
+        folder = hf_siglip_folder(tmp_path)
+    else:
+        timm = pytest.importorskip("timm")
+        ref = perturb(timm.create_model(name, pretrained=False, num_classes=5, **SMALL, **extra))
+        folder = save_timm(tmp_path, name, ref, {**{k: v for k, v in SMALL.items() if k != "img_size"}, **extra})
+    plain = app.load_model(str(folder))
+    served = app.load_model(str(folder), dtype=dtype)
+    cpu = runner.make_runner(served, max_batch_size=4)
+    assert cpu.fast_path == "onednn"
+    return plain, served
+
+
+def same_output(got, want, atol: float = ATOL, rtol: float = RTOL) -> None:
+    def check(a, b):
+        torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol)
+
+    check(got.tokens, want.tokens)
+    check(got.embedding, want.embedding)
+    assert (got.logits is None) == (want.logits is None)
+    if want.logits is not None:
+        check(got.logits, want.logits)
+    if want.attentions is not None:
+        for g, w in zip(got.attentions, want.attentions, strict=True):
+            check(g, w)
+    if want.probe_attention is not None:
+        check(got.probe_attention, want.probe_attention)
+
+
+@pytest.mark.parametrize(("name", "extra", "fused", "scaled"), PACKED, ids=[p[0] for p in PACKED])
+def test_packed_cpu_path_keeps_the_numbers(tmp_path, name, extra, fused, scaled):
+    """The CPU runner packs the model in place (app.runner.pack_linears): layer scales folded into the linear layer
+    ending their branch, exact and tanh GELUs fused into fc1, every linear layer packed; logits, default embedding,
+    tokens and attention maps stay those of the unpacked model."""
+    from app.model.twists import LayerScale
+    from app.runner import OneDNNLinear
+
+    plain, served = packed_pair(tmp_path, name, extra)
+    modules = list(served.net.modules())
+    assert not any(isinstance(m, torch.nn.Linear) for m in modules)
+    assert not any(isinstance(m, LayerScale) for m in modules)  # folded, wherever there was one
+    assert scaled == any(isinstance(m, LayerScale) for m in plain.net.modules())
+    fc1s = [m.fc1 for m in modules if isinstance(getattr(m, "fc1", None), OneDNNLinear)]
+    epilogue = {"quick": ("swish", ""), None: ("none", "")}.get(fused, ("gelu", fused))  # QuickGELU: a scaled swish
+    assert fc1s and all((f.attr, f.algorithm) == epilogue for f in fc1s)
+    for n in (1, 3, 4, 6):  # 6: beyond the batch size packed for
+        x = pixels(batch=n)
+        same_output(served(x), plain(x))
     x = pixels()
-    before = model(x, attentions=True)
-    runner.pack_linears(model.net, rows_hint=2 * 17)
-    after = model(x, attentions=True)
-    close(after.logits, before.logits)
-    close(after.embedding, before.embedding)
-    close(after.attentions[-1], before.attentions[-1])
+    same_output(served(x, attentions=True), plain(x, attentions=True))
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch14_reg4_dinov2", "hf-siglip"])
+def test_packed_bfloat16_close_to_float32(tmp_path, name):
+    plain, served = packed_pair(tmp_path, name, {}, dtype="bfloat16")
+    assert served.net.blocks[0].mlp.fc1.packed_weight.dtype == torch.bfloat16
+    x = pixels()
+    same_output(served(x), plain(x), atol=0.15, rtol=0.05)
+
+
+def test_layer_scale_folds_into_a_post_norm_blocks_layer_norm(tmp_path):
+    """Post-norm blocks with layer scale (x + ls(LN(branch))): the scale folds into the LayerNorm's affine map."""
+    from app.checkpoints import native
+    from app.model import VisionTransformer, ViTConfig
+    from app.model.twists import LayerScale
+    from app.preprocess import PreprocessConfig
+    from app.runner import has_onednn_linear, make_runner
+
+    if not has_onednn_linear():
+        pytest.skip("this torch has no oneDNN linear")
+    cfg = ViTConfig(
+        image_size=(32, 32), patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_dim=128, num_classes=5,
+        layer_scale=True, post_norm=True, final_norm=False, class_token=False, pool="mean", fc_norm=True,
+    )  # fmt: skip
+    net = perturb(VisionTransformer(cfg))
+    pre = PreprocessConfig.from_dict({"resize": [32, 32], "crop": None, "mean": [0.5] * 3, "std": [0.5] * 3})
+    native.save(tmp_path / "m.safetensors", cfg, net.state_dict(), pre, [f"c{i}" for i in range(5)])
+    plain, served = (app.load_model(str(tmp_path / "m.safetensors")) for _ in range(2))
+    make_runner(served, max_batch_size=4)
+    assert not any(isinstance(m, LayerScale) for m in served.net.modules())
+    x = pixels()
+    same_output(served(x, attentions=True), plain(x, attentions=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["vit_base_patch16_siglip_224", "vit_small_patch14_reg4_dinov2"])
+def test_cuda_graphs_give_the_eager_numbers(tmp_path, name):
+    """CUDA graphs capture `Model.fast_forward` (tokens, logits); the default embedding (a MAP head's pooling, the
+    class token) is computed from the graph's tokens by `Model.output`: the same numbers as the eager model."""
+    timm = pytest.importorskip("timm")
+    from app.runner import make_runner
+
+    ref = perturb(timm.create_model(name, pretrained=False, num_classes=5, **SMALL))
+    folder = save_timm(tmp_path, name, ref, {k: v for k, v in SMALL.items() if k != "img_size"})
+    plain = app.load_model(str(folder), device="cuda", dtype="float32")
+    served = app.load_model(str(folder), device="cuda", dtype="float32")
+    cuda = make_runner(served, max_batch_size=4)
+    assert cuda.fast_path == "cudagraph"
+    cuda.graphs.capture_all()
+    with torch.inference_mode():
+        for n in (1, 3, 6):  # 3 pads to 4; 6 = 4 + 2
+            x = pixels(batch=n).cuda()
+            same_output(cuda.graphs(x), plain(x))

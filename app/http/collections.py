@@ -24,8 +24,6 @@ import orjson
 from fastapi import APIRouter, FastAPI, Query, Request
 from PIL import Image
 from pydantic import Field
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.responses import Response
 
 from app.collections import (
@@ -39,12 +37,14 @@ from app.collections import (
 from app.collections.store import check_filter, check_id, check_metadata, check_name, check_vector
 from app.http.envelope import ApiError, CheckedRoute, FastJSON, invalid, note, state_of
 from app.http.pipeline import (
+    Part,
     Upload,
     admit,
     decode_base64,
     decode_uploads,
     guarded,
     media_type,
+    multipart_parts,
     pick_model,
     refuse_when_full,
     run_items,
@@ -136,13 +136,6 @@ def _embed_task(pool: str) -> Embed:
 
 
 @dataclass
-class Part:
-    name: str
-    filename: str | None
-    data: bytes
-
-
-@dataclass
 class ImageBatch:
     """What an image request carries: the images, and per image an optional id and metadata."""
 
@@ -151,58 +144,6 @@ class ImageBatch:
     ids: list[str | None] = field(default_factory=list)
     metadata: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # search: filter; parsed from the same body
-
-
-def _parts(body: bytes, content_type: str) -> list[Part]:
-    _, params = parse_options_header(content_type)
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise invalid("multipart/form-data without a boundary")
-    parts: list[Part] = []
-    cur: dict = {}
-
-    def begin() -> None:
-        cur.update(headers={}, field=b"", value=b"", data=[])
-
-    def hfield(data: bytes, start: int, end: int) -> None:
-        cur["field"] += data[start:end]
-
-    def hvalue(data: bytes, start: int, end: int) -> None:
-        cur["value"] += data[start:end]
-
-    def hend() -> None:
-        cur["headers"][cur["field"].lower()] = cur["value"]
-        cur["field"], cur["value"] = b"", b""
-
-    def pdata(data: bytes, start: int, end: int) -> None:
-        cur["data"].append(data[start:end])
-
-    def pend() -> None:
-        _, disp = parse_options_header(cur["headers"].get(b"content-disposition", b""))
-        filename = disp.get(b"filename")
-        parts.append(
-            Part(
-                disp.get(b"name", b"").decode("utf-8", "replace"),
-                filename.decode("utf-8", "replace") if filename is not None else None,
-                b"".join(cur["data"]),
-            )
-        )
-
-    callbacks = {
-        "on_part_begin": begin,
-        "on_header_field": hfield,
-        "on_header_value": hvalue,
-        "on_header_end": hend,
-        "on_part_data": pdata,
-        "on_part_end": pend,
-    }
-    try:
-        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
-        parser.write(body)
-        parser.finalize()
-    except MultipartParseError as e:
-        raise invalid(f"malformed multipart body: {e}") from None
-    return parts
 
 
 def _json(data: bytes, what: str) -> Any:
@@ -257,12 +198,19 @@ def _checked(check, value, where):  # type: ignore[no-untyped-def]
         return check(value, where)
 
 
+def _form_parts(request: Request, body: bytes) -> list[Part]:
+    limit = state_of(request).settings.max_images_per_request
+    return multipart_parts(body, request.headers.get("content-type", ""), limit)
+
+
 def _parse_add(request: Request, body: bytes) -> ImageBatch:
     """The add-images forms of API.md: multipart (images, ids, metadata), a raw image (?id=), JSON items."""
     kind = media_type(request)
     batch = ImageBatch()
     if kind == "multipart/form-data":
-        parts = _parts(body, request.headers.get("content-type", ""))
+        parts = multipart_parts(
+            body, request.headers.get("content-type", ""), state_of(request).settings.max_images_per_request
+        )
         images = [p for p in parts if p.name == "images"]
         ids_part = next((p for p in parts if p.name == "ids"), None)
         meta_part = next((p for p in parts if p.name == "metadata"), None)
@@ -300,7 +248,9 @@ def _parse_search(request: Request, body: bytes) -> ImageBatch:
     kind = media_type(request)
     batch = ImageBatch()
     if kind == "multipart/form-data":
-        parts = _parts(body, request.headers.get("content-type", ""))
+        parts = multipart_parts(
+            body, request.headers.get("content-type", ""), state_of(request).settings.max_images_per_request
+        )
         images = [p for p in parts if p.name == "images"]
         batch.images = [p.data for p in images]
         batch.filenames = [p.filename for p in images]

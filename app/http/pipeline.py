@@ -274,7 +274,7 @@ async def read_uploads(request: Request, bodies: BodyReader, max_images: int) ->
     content_type = request.headers.get("content-type", "")
     separators = 0  # what the parse would walk through, counted in C
     if parse is _multipart:
-        _check_parts(body, _boundary(content_type), max_images)
+        _check_parts(body, _boundary(content_type), max_images)  # before the separators are even counted
         separators = body.count(b"\r\n")
     elif parse is _json:
         separators = body.count(b",")
@@ -359,10 +359,18 @@ def _check_parts(body: bytes, boundary: bytes, max_images: int) -> None:
         raise ApiError(413, "payload_too_large", f"{message} ({max_images} images and {MAX_OTHER_PARTS} other fields)")
 
 
-def _multipart(body: bytes, content_type: str, max_images: int) -> list[Upload]:
-    """The `images` parts (the part count checked by `_check_parts` before)."""
+@dataclass
+class Part:
+    name: str  # the form field's name
+    filename: str | None
+    data: bytes
+
+
+def multipart_parts(body: bytes, content_type: str, max_images: int) -> list[Part]:
+    """Every part of a multipart body, its count checked before parsing (413 past max_images + MAX_OTHER_PARTS)."""
     boundary = _boundary(content_type)
-    parts: list[tuple[dict[bytes, bytes], bytes]] = []
+    _check_parts(body, boundary, max_images)
+    parts: list[Part] = []
     state: dict = {}
 
     def part_begin() -> None:
@@ -382,7 +390,12 @@ def _multipart(body: bytes, content_type: str, max_images: int) -> list[Upload]:
         state["data"].append(data[start:end])
 
     def part_end() -> None:
-        parts.append((state["headers"], b"".join(state["data"])))
+        _, disposition = parse_options_header(state["headers"].get(b"content-disposition", b""))
+        filename = disposition.get(b"filename")
+        name = disposition.get(b"name", b"").decode("utf-8", "replace")
+        parts.append(
+            Part(name, filename.decode("utf-8", "replace") if filename is not None else None, b"".join(state["data"]))
+        )
 
     callbacks = {
         "on_part_begin": part_begin,
@@ -398,19 +411,17 @@ def _multipart(body: bytes, content_type: str, max_images: int) -> list[Upload]:
         parser.finalize()
     except FormParserError as e:  # a malformed body, or a boundary longer than the parser takes
         raise invalid(f"malformed multipart body: {e}") from None
-    uploads = []
-    names = []
-    for headers, data in parts:
-        _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
-        names.append(disposition.get(b"name", b"").decode("utf-8", "replace"))
-        if names[-1] != "images":
-            continue
-        filename = disposition.get(b"filename")
-        uploads.append(Upload(data, filename.decode("utf-8", "replace") if filename is not None else None))
-        if len(uploads) > max_images:
-            raise too_many(len(uploads), max_images)
-    if not uploads and names:
-        sent = ", ".join(repr(name[:40]) for name in dict.fromkeys(names))
+    return parts
+
+
+def _multipart(body: bytes, content_type: str, max_images: int) -> list[Upload]:
+    """The `images` parts; 422 naming the fields sent when none is called `images`."""
+    parts = multipart_parts(body, content_type, max_images)
+    uploads = [Upload(p.data, p.filename) for p in parts if p.name == "images"]
+    if len(uploads) > max_images:
+        raise too_many(len(uploads), max_images)
+    if not uploads and parts:
+        sent = ", ".join(repr(name[:40]) for name in dict.fromkeys(p.name for p in parts))
         raise invalid(
             f"the multipart files must be fields named 'images' (-F images=@photo.jpg); this request has {sent}"
         )

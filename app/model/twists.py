@@ -1,6 +1,7 @@
 """The pieces that the ViT families deployed today add to the plain ViT of vit.py, one small module each.
 
-- `LayerScale` (CaiT, Touvron et al. 2021; DINOv2): each residual branch scaled per channel by a learned gamma.
+- `LayerScale` (CaiT, Touvron et al. 2021; DINOv2): each residual branch scaled per channel by a learned gamma;
+  `fold_into` moves the scale into the branch's last linear layer (or LayerNorm) for serving.
 - `QuickGELU` (CLIP): x * sigmoid(1.702 x), the sigmoid approximation OpenAI trained CLIP with; `activation`
   maps each format's name for its activation to a module (SigLIP's tanh approximation included).
 - `SwiGLU` (Shazeer 2020; DINOv2-giant): silu(x W1) * (x W2), W1 and W2 packed as one `fc1` as timm packs them.
@@ -26,6 +27,16 @@ class LayerScale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gamma
+
+    @torch.no_grad()
+    def fold_into(self, module: nn.Linear | nn.LayerNorm) -> None:
+        """Scale the per-channel output of `module` (the branch's last affine map: a linear layer's weight rows and
+        bias, or a LayerNorm's affine weight and bias) by gamma, in place, so that `module` alone computes
+        `self(module(x))`: this scale can then be replaced by `nn.Identity()`. Computed in float32."""
+        gamma = self.gamma.float()
+        for p in (module.weight, module.bias):
+            if p is not None:
+                p.copy_(p.float() * gamma.view(-1, *[1] * (p.dim() - 1)))
 
 
 class QuickGELU(nn.Module):

@@ -262,6 +262,30 @@ class ParallelBlock(nn.Module):
         return x, torch.cat([w for _, w in outs], dim=1) if need_weights else None
 
 
+def fold_layer_scales(net: nn.Module) -> int:
+    """Fold every layer scale of `net` into the affine map that ends its branch (`LayerScale.fold_into`) and
+    replace it by `nn.Identity()`: the same function, one pass over the activations fewer. Returns how many."""
+    folded = 0
+    for block in net.modules():
+        if isinstance(block, PostNormBlock):  # x + ls(LN(branch)): into the LayerNorm's affine weight and bias
+            pairs = [("ls1", block.norm1), ("ls2", block.norm2)]
+        elif isinstance(block, Block):  # x + ls(attn.proj(...)), x + ls(mlp.fc2(...))
+            pairs = [("ls1", block.attn.proj), ("ls2", block.mlp.fc2)]
+        elif isinstance(block, AttentionBranch):
+            pairs = [("ls", block.attn.proj)]
+        elif isinstance(block, MlpBranch):
+            pairs = [("ls", block.mlp.fc2)]
+        else:
+            continue
+        for name, target in pairs:
+            scale = getattr(block, name)
+            if isinstance(scale, LayerScale):
+                scale.fold_into(target)
+                setattr(block, name, nn.Identity())
+                folded += 1
+    return folded
+
+
 def make_block(cfg: ViTConfig) -> nn.Module:
     if cfg.parallel > 1:
         return ParallelBlock(cfg)

@@ -7,11 +7,13 @@ const state = {
   models: [], // ModelInfo objects from GET /v1/models
   model: null, // the selected ModelInfo
   image: null, // {blob, name}: what the analyses run on
-  attention: null, // {grid, heatmap, region?} of the image on screen
+  attention: null, // {grid, heatmap, region?, method} of the image on screen
+  embedding: null, // {model, dim, vector, norm} of the image on screen (POST /v1/embed, pool=default)
   noPreview: false, // the browser cannot show the file: the heatmap comes as the server's PNG overlay
   lut: null, // Uint8Array(256 * 3): the colour map, the same table the server's PNGs use
   seq: 0, // bumped per image / per attention request, so late answers never overwrite newer ones
   attentionSeq: 0,
+  embedSeq: 0,
   urls: {}, // object URLs in use, revoked when replaced
   retry: null,
 };
@@ -119,7 +121,10 @@ async function loadModels() {
     const select = $("model-select");
     const previous = state.model && state.model.name;
     select.replaceChildren(
-      ...models.map((m) => new Option(`${m.name} (${m.image_size[0]}×${m.image_size[1]}, ${m.num_classes} classes)`, m.name)),
+      ...models.map((m) => {
+        const head = m.num_classes ? `${m.num_classes} classes` : "embeddings only";
+        return new Option(`${m.name} (${m.image_size[0]}×${m.image_size[1]}, ${head})`, m.name);
+      }),
     );
     if (models.some((m) => m.name === previous)) select.value = previous;
     select.disabled = models.length < 2;
@@ -141,6 +146,7 @@ async function selectModel(name) {
   if (!state.model) return;
   fillAttentionSelectors(state.model);
   describeModel(state.model);
+  describeEmbedding(state.model);
   loadMosaic();
   if (state.image) analyse();
 }
@@ -148,13 +154,49 @@ async function selectModel(name) {
 function describeModel(m) {
   const p = m.preprocess || {};
   const facts = [
-    `${m.name}: ${m.format}`,
+    `${m.name}: ${m.format}${m.family ? ` ${m.family}` : ""}`,
     `${m.depth} layers × ${m.num_heads} heads, width ${m.embed_dim}`,
     `${m.image_size[0]}×${m.image_size[1]} input, patch ${m.patch_size} (${m.grid[0]}×${m.grid[1]} grid)`,
     p.crop ? `resize ${p.resize}, crop ${p.crop.join("×")}` : null,
     `${m.device}, ${m.dtype}`,
   ];
   $("model-facts").textContent = facts.filter(Boolean).join(" · ");
+}
+
+// Whether the model has a class token to read (ModelInfo "prefix_tokens"; a server without it: assume one).
+function hasClassToken(m) {
+  return !m.prefix_tokens || m.prefix_tokens.class !== 0;
+}
+
+// The name /v1/attention gives the map for `method` ("cls" or "rollout") on this model's tokens
+// (app/analysis.py): a class-token model reads its class token; without one, an attention-pooled (MAP) model
+// is read through its probe and an average-pooled one through the patches' mean row.
+function attentionMethodFor(m, method) {
+  if (hasClassToken(m)) return method;
+  if (m.pool === "map") return method === "cls" ? "probe" : "probe_rollout";
+  return method === "cls" ? "mean" : "mean_rollout";
+}
+
+const METHOD_NOTES = {
+  cls: "the class token's attention to each patch in the chosen layer",
+  rollout: "the class token's attention rolled out through all layers",
+  probe: "the attention-pooling (MAP) probe's attention to each patch; the probe is a layer of its own",
+  probe_rollout: "the attention-pooling (MAP) probe's attention rolled out through all layers",
+  mean: "the attention each patch receives, averaged over the patches, in the chosen layer (no class token is read)",
+  mean_rollout: "the patches' mean attention rolled out through all layers (no class token is read)",
+};
+
+function showAttentionMethod(method) {
+  const note = $("att-method");
+  if (!method) {
+    note.hidden = true;
+    note.replaceChildren();
+    return;
+  }
+  note.dataset.method = method;
+  const text = METHOD_NOTES[method];
+  note.replaceChildren("Method ", Object.assign(document.createElement("code"), { textContent: method }), text ? `: ${text}.` : ".");
+  note.hidden = false;
 }
 
 function fillAttentionSelectors(m) {
@@ -167,12 +209,23 @@ function fillAttentionSelectors(m) {
   const heads = [new Option("Mean of all heads", "mean")];
   for (let h = 0; h < m.num_heads; h++) heads.push(new Option(`Head ${h + 1}`, String(h)));
   head.replaceChildren(...heads);
+  // the options say what each method reads on this model's tokens
+  let labels = ["Rollout (all layers)", "Class token (one layer)"];
+  if (!hasClassToken(m)) {
+    labels =
+      m.pool === "map"
+        ? ["Probe rollout (all layers)", "Pooling probe (own layer)"]
+        : ["Patch mean rollout (all layers)", "Patch mean (one layer)"];
+  }
+  const options = $("method-select").options;
+  for (const option of options) option.text = option.value === "rollout" ? labels[0] : labels[1];
   syncMethodControls();
 }
 
 function syncMethodControls() {
   const perLayer = $("method-select").value === "cls"; // rollout spans every layer and head-averages
-  $("layer-select").disabled = !perLayer;
+  const probe = state.model && attentionMethodFor(state.model, "cls") === "probe"; // a layer of its own: none to pick
+  $("layer-select").disabled = !perLayer || probe;
   $("head-select").disabled = !perLayer;
 }
 
@@ -197,6 +250,7 @@ async function loadMosaic() {
 function setImage(blob, name) {
   state.image = { blob, name };
   state.attention = null;
+  state.embedding = null;
   state.noPreview = false;
   const img = $("input-image");
   delete img.dataset.overlay;
@@ -215,6 +269,7 @@ function analyse() {
   hideError();
   const seq = ++state.seq;
   classify(seq);
+  embed(seq);
   loadAttention();
   loadDistance(seq);
   searchSimilar();
@@ -223,8 +278,7 @@ function analyse() {
 async function classify(seq) {
   const model = state.model;
   if (!model.num_classes) {
-    renderPredictions([]);
-    $("pred-empty").textContent = `${model.name} has no classification head: it only embeds images.`;
+    renderPredictions([]); // the card stays hidden: the embedding card stands in its place
     setStatus("pred-status", "");
     return;
   }
@@ -297,19 +351,23 @@ async function loadAttention() {
     const request = { method: "POST", body: imageForm(), as: format === "png" ? "blob" : "json" };
     const data = await api(`/v1/attention?${modelQuery(params)}`, request);
     if (seq !== state.attentionSeq) return;
-    const where = method === "rollout" ? "rollout over all layers" : describeLayerHead();
     if (format === "png") {
+      const named = attentionMethodFor(state.model, method); // a PNG does not name its method: ModelInfo does
       showServerOverlay(data);
-      setStatus("att-status", `${where} (drawn by the server)`);
+      showAttentionMethod(named);
+      setStatus("att-status", `${describeWhere(named)} (drawn by the server)`);
       return;
     }
     const result = data.results[0];
-    state.attention = { grid: result.grid, heatmap: result.heatmap, region: result.region || null, method };
+    const named = result.method || attentionMethodFor(state.model, method);
+    state.attention = { grid: result.grid, heatmap: result.heatmap, region: result.region || null, method: named };
     drawHeatmap();
-    setStatus("att-status", where);
+    showAttentionMethod(named);
+    setStatus("att-status", describeWhere(named));
   } catch (err) {
     if (seq !== state.attentionSeq) return;
     clearHeatmap();
+    showAttentionMethod(null);
     if (state.noPreview) showNoPreview();
     setStatus("att-status", "failed");
     showError(err);
@@ -347,6 +405,173 @@ function describeLayerHead() {
   const layer = $("layer-select");
   const head = $("head-select");
   return `${layer.options[layer.selectedIndex].text}, ${head.options[head.selectedIndex].text.toLowerCase()}`;
+}
+
+function describeWhere(method) {
+  if (method.endsWith("rollout")) return "rollout over all layers";
+  if (method === "probe") {
+    const head = $("head-select");
+    return `pooling probe, ${head.options[head.selectedIndex].text.toLowerCase()}`;
+  }
+  return describeLayerHead();
+}
+
+// ------------------------------------------------------------------------------------------ the embedding
+
+const POOL_NAMES = {
+  cls: "class token",
+  mean: "patch mean",
+  map: "attention (MAP)",
+};
+
+// What the model info says about its embedding, before (and beside) any image's vector.
+function describeEmbedding(m) {
+  const headless = !m.num_classes;
+  $("predictions-card").hidden = headless;
+  $("embed-card").classList.toggle("compact", !headless);
+  const about = $("embed-about");
+  about.hidden = !headless;
+  about.textContent = headless
+    ? `${m.name} has no classification head: it embeds images. This is its vector for the image (POST /v1/embed), for search, clustering or a classifier of your own.`
+    : "";
+  $("embed-family").textContent = m.family || "vit";
+  const pool = m.pool || "cls";
+  $("embed-pool").textContent = POOL_NAMES[pool] || pool;
+  $("embed-pool").title = `pool: ${pool}`;
+  const dim = m.embedding_dim || m.embed_dim;
+  $("embed-dim").textContent = dim === m.embed_dim ? String(dim) : `${dim} (projected from ${m.embed_dim})`;
+  renderEmbedding(null);
+}
+
+function formatNumber(x) {
+  if (x === 0) return "0";
+  const a = Math.abs(x);
+  return a >= 1e4 || a < 1e-3 ? x.toExponential(3) : String(Number(x.toPrecision(5)));
+}
+
+async function embed(seq) {
+  const model = state.model;
+  const embedSeq = ++state.embedSeq;
+  setStatus("embed-status", "embedding…", true);
+  try {
+    const data = await api(`/v1/embed?${modelQuery({ pool: "default" })}`, { method: "POST", body: imageForm() });
+    if (seq !== state.seq || embedSeq !== state.embedSeq) return;
+    const vector = data.results[0].embedding;
+    const norm = Math.sqrt(vector.reduce((sum, v) => sum + v * v, 0));
+    state.embedding = { model: data.model, dim: data.dim, vector, norm };
+    renderEmbedding(state.embedding);
+    setStatus("embed-status", model.num_classes ? "pool=default" : `${data.model}`);
+  } catch (err) {
+    if (seq !== state.seq || embedSeq !== state.embedSeq) return;
+    state.embedding = null;
+    renderEmbedding(null);
+    $("embed-empty").textContent = "No embedding for this image.";
+    setStatus("embed-status", "failed");
+    showError(err);
+  }
+}
+
+function renderEmbedding(e) {
+  $("embed-copied").textContent = "";
+  $("embed-copy").disabled = !e;
+  $("embed-figure").hidden = !e;
+  $("embed-empty").hidden = !!e;
+  $("embed-probe").textContent = "";
+  if (!e) {
+    $("embed-norm").textContent = "–";
+    $("embed-empty").textContent = "Give an image to see its embedding (POST /v1/embed).";
+    delete $("embed-strip").dataset.drawn;
+    return;
+  }
+  const m = state.model;
+  $("embed-dim").textContent = m && m.embed_dim !== e.dim ? `${e.dim} (projected from ${m.embed_dim})` : String(e.dim);
+  $("embed-norm").textContent = formatNumber(e.norm);
+  const lo = Math.min(...e.vector);
+  const hi = Math.max(...e.vector);
+  $("embed-range").textContent = `${e.dim} values, from ${formatNumber(lo)} to ${formatNumber(hi)}`;
+  $("embed-strip").setAttribute(
+    "aria-label",
+    `The embedding's ${e.dim} values as bars around zero, from ${formatNumber(lo)} to ${formatNumber(hi)}`,
+  );
+  drawStrip();
+}
+
+// The vector as a strip of bars around a zero line: positive up in the accent colour, negative down in
+// viridis' dark end; with more values than pixel columns, each column shows the extremes of its values.
+function drawStrip() {
+  const canvas = $("embed-strip");
+  const e = state.embedding;
+  if (!e || !canvas.clientWidth) return;
+  const ratio = window.devicePixelRatio || 1;
+  const width = Math.round(canvas.clientWidth * ratio);
+  const height = Math.round(canvas.clientHeight * ratio);
+  canvas.width = width;
+  canvas.height = height;
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, width, height);
+  const n = e.vector.length;
+  const scale = Math.max(...e.vector.map(Math.abs)) || 1;
+  const mid = height / 2;
+  const reach = mid - ratio; // a pixel of air above and below
+  const columns = Math.min(n, width);
+  const step = width / columns;
+  const gap = step >= 4 * ratio ? ratio : 0; // separate bars only where they are wide enough
+  for (let c = 0; c < columns; c++) {
+    const from = Math.floor((c * n) / columns);
+    const to = Math.max(from + 1, Math.floor(((c + 1) * n) / columns));
+    let up = 0;
+    let down = 0;
+    for (let i = from; i < to; i++) {
+      up = Math.max(up, e.vector[i]);
+      down = Math.min(down, e.vector[i]);
+    }
+    const x = c * step;
+    const w = Math.max(step - gap, 1);
+    if (up > 0) {
+      ctx.fillStyle = "#21918c";
+      const h = Math.max((up / scale) * reach, ratio);
+      ctx.fillRect(x, mid - h, w, h);
+    }
+    if (down < 0) {
+      ctx.fillStyle = "#440154";
+      const h = Math.max((-down / scale) * reach, ratio);
+      ctx.fillRect(x, mid, w, h);
+    }
+  }
+  ctx.fillStyle = "rgba(29, 35, 48, 0.25)";
+  ctx.fillRect(0, Math.round(mid) - Math.floor(ratio / 2), width, Math.max(1, Math.round(ratio / 2)));
+  canvas.dataset.drawn = "1";
+}
+
+function probeStrip(event) {
+  const e = state.embedding;
+  const canvas = $("embed-strip");
+  if (!e || !canvas.clientWidth) return;
+  const rect = canvas.getBoundingClientRect();
+  const i = Math.min(e.vector.length - 1, Math.max(0, Math.floor(((event.clientX - rect.left) / rect.width) * e.vector.length)));
+  $("embed-probe").textContent = `[${i}] = ${formatNumber(e.vector[i])}`;
+}
+
+async function copyEmbedding() {
+  const e = state.embedding;
+  if (!e) return;
+  const text = JSON.stringify(e.vector);
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch {
+    // no clipboard API (an http page on another host, say): the older way, through a selected text field
+    const area = Object.assign(document.createElement("textarea"), { value: text, readOnly: true });
+    area.className = "visually-hidden";
+    document.body.append(area);
+    area.select();
+    const copied = document.execCommand("copy");
+    area.remove();
+    if (!copied) {
+      $("embed-copied").textContent = "copying is not allowed here";
+      return;
+    }
+  }
+  $("embed-copied").textContent = `copied ${e.dim} numbers`;
 }
 
 async function loadDistance(seq) {
@@ -645,6 +870,10 @@ function wireControls() {
     drawHeatmap();
   });
   $("input-image").addEventListener("error", onPreviewError);
+  $("embed-copy").addEventListener("click", copyEmbedding);
+  $("embed-strip").addEventListener("pointermove", probeStrip);
+  $("embed-strip").addEventListener("pointerleave", () => ($("embed-probe").textContent = ""));
+  new ResizeObserver(() => drawStrip()).observe($("embed-strip"));
   $("error-close").addEventListener("click", hideError);
 
   const key = $("api-key");

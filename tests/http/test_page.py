@@ -335,11 +335,20 @@ def test_a_photo_shows_top5_heatmap_mosaic_and_distance(page, server, chelsea_jp
     widths = page.js("[...document.querySelectorAll('.bar-fill')].map(b => parseFloat(b.style.width))")
     assert widths == sorted(widths, reverse=True) and widths[0] > 0
 
+    # beside the classes, compactly: the embedding of the same file
+    page.wait("document.querySelector('#embed-strip').dataset.drawn === '1'", what="the embedding strip")
+    embedded = api(server, "POST", "/v1/embed?model=digits", files=upload).json()
+    norm = float(np.linalg.norm(embedded["results"][0]["embedding"]))
+    assert page.js("document.querySelector('#embed-card').classList.contains('compact')") is True
+    assert page.js("document.querySelector('#embed-dim').textContent") == str(embedded["dim"])
+    assert float(page.js("document.querySelector('#embed-norm').textContent")) == pytest.approx(norm, rel=1e-4)
+
     # the heatmap: the API's map, coloured with viridis, smoothly over the crop the model saw, dimmed outside
     attention = api(server, "POST", "/v1/attention?model=digits", files=upload).json()["results"][0]
     heatmap = np.asarray(attention["heatmap"])
     gh, gw = attention["grid"]
     assert np.allclose(np.asarray(page.js("window.vitserve.attention.heatmap")), heatmap, atol=1e-4)
+    assert page.js("document.querySelector('#att-method').dataset.method") == attention["method"] == "rollout"
     canvas = page.canvas_png("#heatmap")
     photo = Image.open(chelsea_jpeg)
     assert canvas.shape[:2] == (photo.height, photo.width)
@@ -478,7 +487,10 @@ def test_the_model_selector_switches_every_view(page, server, chelsea_jpeg):
     assert not page.problems, page.problems
 
 
-def test_a_model_without_a_head_says_so_and_still_shows_attention(page, chelsea_jpeg):
+def test_a_model_without_a_head_shows_its_embedding_and_attention(page, server, chelsea_jpeg):
+    """A headless model: the embedding card (family, pooling, dimension, L2 norm, the vector as a strip, a copy
+    button) stands where the top classes would be, and the attention map names the method the server used."""
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
     page.enter_key(API_KEY)
     page.wait_models()
     page.page.select_option("#model-select", "plain")
@@ -486,12 +498,59 @@ def test_a_model_without_a_head_says_so_and_still_shows_attention(page, chelsea_
     page.page.set_input_files("#file-input", str(chelsea_jpeg))
     page.wait(
         "document.querySelector('#heatmap').dataset.drawn === '1'"
-        " && document.querySelector('#distance-plot').naturalWidth > 0",
-        what="attention of the headless model",
+        " && document.querySelector('#distance-plot').naturalWidth > 0"
+        " && document.querySelector('#embed-strip').dataset.drawn === '1'"
+        " && !document.querySelector('#embed-status').classList.contains('busy')"
+        " && !document.querySelector('#att-status').classList.contains('busy')",
+        what="embedding and attention of the headless model",
     )
+    info = api(server, "GET", "/v1/models/plain").json()
+    assert info["num_classes"] == 0
+    upload = {"images": ("chelsea.jpg", chelsea_jpeg.read_bytes(), "image/jpeg")}
+    embedded = api(server, "POST", "/v1/embed?model=plain&pool=default", files=upload).json()
+    vector = np.asarray(embedded["results"][0]["embedding"])
+    assert embedded["dim"] == info["embedding_dim"] == vector.size
+
+    # no top-5: the predictions card is gone and the embedding card says why
     assert page.bars() == []
-    assert "no classification head" in page.js("document.querySelector('#pred-empty').textContent")
-    assert page.js("document.querySelector('#pred-empty').hidden") is False
+    assert page.js("document.querySelector('#predictions-card').hidden") is True
+    assert page.js("document.querySelector('#predictions-card').offsetParent") is None
+    assert "no classification head" in page.js("document.querySelector('#embed-about').textContent")
+
+    def text(selector: str) -> str:
+        return page.js(f"document.querySelector({selector!r}).textContent")
+
+    assert text("#embed-dim") == str(info["embedding_dim"])
+    assert text("#embed-family") == info["family"]
+    assert info["pool"] in page.js("document.querySelector('#embed-pool').title")
+    assert float(text("#embed-norm")) == pytest.approx(float(np.linalg.norm(vector)), rel=1e-4)
+    assert np.allclose(page.js("window.vitserve.embedding.vector"), vector, atol=1e-6)
+
+    # the strip: bars both sides of the zero line, as many as the vector has values (it is narrower than the strip)
+    strip = page.canvas_png("#embed-strip")
+    assert strip.shape[1] >= vector.size
+    painted = strip[..., 3] > 0
+    assert painted.any(axis=0).mean() > 0.5
+    teal = (np.abs(strip[..., :3].astype(int) - [0x21, 0x91, 0x8C]).sum(-1) < 10) & painted
+    purple = (np.abs(strip[..., :3].astype(int) - [0x44, 0x01, 0x54]).sum(-1) < 10) & painted
+    mid = strip.shape[0] // 2
+    assert (vector > 0).any() == teal[:mid].any() and (vector < 0).any() == purple[mid:].any()
+
+    # copy as JSON: the same numbers on the clipboard
+    page.page.click("#embed-copy")
+    page.wait("document.querySelector('#embed-copied').textContent.startsWith('copied')", what="the copy")
+    copied = json.loads(page.js("navigator.clipboard.readText()"))
+    assert np.allclose(copied, vector, atol=1e-6)
+
+    # the attention card names the method the server answered with
+    method = api(server, "POST", "/v1/attention?model=plain", files=upload).json()["results"][0]["method"]
+    assert page.js("document.querySelector('#att-method').dataset.method") == method
+    assert page.js("document.querySelector('#att-method').hidden") is False
+    assert method in text("#att-method")
+
+    page.page.set_viewport_size({"width": 1280, "height": 1000})
+    page.page.wait_for_timeout(200)  # the strip redraws at its new width
+    page.page.screenshot(path="/tmp/headless.png")
     assert page.error_text() == ""
     assert not page.problems, page.problems
 
