@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -359,7 +360,9 @@ async def soak(args: argparse.Namespace, url: str, supervisor: int, jpeg: bytes)
     await Soak("127.0.0.1", port, args.rate, 0, 0.0, jpeg).run(args.warmup_s, attack=False)
     quiet = Soak("127.0.0.1", port, args.rate, 0, 0.0, jpeg)
     print(f"baseline: {args.baseline_s:g} s of {args.rate:g} well-behaved requests a second", file=sys.stderr)
+    machine_load = {"baseline_start": os.getloadavg()[0]}  # the machine's 1-minute load average: others' work too
     await quiet.run(args.baseline_s, attack=False)
+    machine_load["load_start"] = os.getloadavg()[0]
 
     start_rss, _ = tree_rss_mb(supervisor)
     samples: list[tuple[float, float]] = [(0.0, start_rss)]
@@ -413,7 +416,14 @@ async def soak(args: argparse.Namespace, url: str, supervisor: int, jpeg: bytes)
         "over_time": samples,
         "processes_at_the_end": {str(k): round(v, 1) for k, v in each.items()},
     }
+    machine_load["load_end"] = os.getloadavg()[0]
     result = report(quiet.records, loaded.records, kill, rss)
+    result["machine_load_average_1m"] = machine_load
+    good = sorted((r for r in loaded.records if r.kind == "good"), key=lambda r: r.started)
+    result["well_behaved_by_minute"] = [
+        {"minute": m, **latency_ms([r for r in good if m * 60 <= r.started - t0 < (m + 1) * 60])}
+        for m in range(math.ceil(args.minutes))
+    ]
     result["during_the_load"] = {
         "readyz_statuses": dict(ready),
         "queue_depth_max": max(depths, default=0.0),
