@@ -152,20 +152,20 @@ def has_onednn_linear() -> bool:
 
 
 class OneDNNLinear(nn.Module):
-    """`nn.Linear` through oneDNN: the weight packed once, an optional activation fused in as its epilogue.
+    """`nn.Linear` through oneDNN: the weight packed once, an optional GELU epilogue fused in (exact or tanh).
 
     Measured on a 2-core AVX-512 CPU (S/16, float32): eager PyTorch sends float32 linears to MKL, which runs the
     ViT's shapes 25-35% slower than oneDNN with a packed weight; fusing the MLP's GELU saves another 19% at
     batch 8 (docs/design.md, "Speed mechanisms")."""
 
-    def __init__(self, linear: nn.Linear, rows_hint: int, epilogue: str = "none", algorithm: str = ""):
+    def __init__(self, linear: nn.Linear, rows_hint: int, gelu: str | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        # epilogue: oneDNN's fused activation ("gelu" with algorithm "none" (erf) or "tanh"; "swish"), or "none"
-        self.attr, self.algorithm = epilogue, algorithm
+        # gelu: nn.GELU's `approximate`, which oneDNN's "gelu" epilogue names its algorithm ("none": erf, "tanh")
+        self.attr, self.algorithm = ("gelu", gelu) if gelu is not None else ("none", "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -177,44 +177,24 @@ class OneDNNLinear(nn.Module):
 
 def pack_linears(net: nn.Module, rows_hint: int, fold: bool = True) -> None:
     """Pack `net` for the CPU, in place: every layer scale folded into the linear layer (or LayerNorm) ending its
-    branch (`app.model.vit.fold_layer_scales`), an MLP's activation moved into its first layer (`_fuse_activation`),
-    and every `nn.Linear` replaced by a `OneDNNLinear`. The model stays the same module tree, so everything written
-    once in `app/model/` runs packed; SwiGLU's gate stays an op of its own around packed linears. fold=False leaves
-    the layer scales as they are (bench.cpu_variants measures what folding gains)."""
+    branch (`app.model.vit.fold_layer_scales`), an MLP's GELU (exact or tanh) moved into its first layer, and every
+    `nn.Linear` replaced by a `OneDNNLinear`. The model stays the same module tree, so everything written once in
+    `app/model/` runs packed; CLIP's QuickGELU and SwiGLU's gate stay ops of their own (oneDNN has no such
+    epilogue), around packed linears. fold=False leaves the layer scales as they are (bench.cpu_variants measures
+    what folding gains)."""
     from app.model.vit import fold_layer_scales
 
     if fold:
         fold_layer_scales(net)
     for module in list(net.modules()):
-        if isinstance(getattr(module, "fc1", None), nn.Linear) and isinstance(getattr(module, "fc2", None), nn.Linear):
-            _fuse_activation(module, rows_hint)
+        fc1, act = getattr(module, "fc1", None), getattr(module, "act", None)
+        if isinstance(fc1, nn.Linear) and isinstance(act, nn.GELU) and act.approximate in ("none", "tanh"):
+            module.fc1 = OneDNNLinear(fc1, rows_hint, gelu=act.approximate)
+            module.act = nn.Identity()
     for module in list(net.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, OneDNNLinear(child, rows_hint))
-
-
-QUICK_GELU_SCALE = 1.702  # QuickGELU(z) = z * sigmoid(1.702 z) = swish(1.702 z) / 1.702
-
-
-def _fuse_activation(mlp: nn.Module, rows_hint: int) -> None:
-    """fc1 -> act -> fc2 with act fused into fc1: oneDNN's GELU (exact or tanh) as it is; CLIP's QuickGELU as a
-    swish, the 1.702 moved into fc1's weights and its inverse into fc2's (the same function, one pass fewer)."""
-    from app.model.twists import QuickGELU
-
-    act = getattr(mlp, "act", None)
-    if isinstance(act, nn.GELU) and act.approximate in ("none", "tanh"):
-        mlp.fc1 = OneDNNLinear(mlp.fc1, rows_hint, "gelu", act.approximate)
-    elif isinstance(act, QuickGELU):
-        with torch.no_grad():
-            mlp.fc1.weight.mul_(QUICK_GELU_SCALE)
-            if mlp.fc1.bias is not None:
-                mlp.fc1.bias.mul_(QUICK_GELU_SCALE)
-            mlp.fc2.weight.div_(QUICK_GELU_SCALE)
-        mlp.fc1 = OneDNNLinear(mlp.fc1, rows_hint, "swish")
-    else:
-        return
-    mlp.act = nn.Identity()
 
 
 def set_threads(intra_op: int | None = None, inter_op: int | None = None) -> None:

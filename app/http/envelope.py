@@ -40,6 +40,8 @@ def state_of(request: Request) -> ServerState:
     return request.app.state.vit
 
 
+# -- JSON bodies and the error envelope ------------------------------------------------------------------------------
+
 OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
@@ -180,6 +182,9 @@ _VALID_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 CLIENT_CLOSED = 499  # nginx's code for a client that went away before its answer
 
 
+# -- the request context: id, in-flight count, metrics, the log line -------------------------------------------------
+
+
 def request_id_of(scope: Scope) -> str:
     return scope.get("vitserve", {}).get("request_id", "")
 
@@ -258,6 +263,9 @@ class RequestContext:
             status,
             seconds * 1000.0,
         )
+
+
+# -- the checks before a route: API key, readiness, the protected docs -----------------------------------------------
 
 
 def require_api_key(request: Request) -> None:
