@@ -364,9 +364,11 @@ def environment(device: str) -> dict:
     return env
 
 
-def git_head() -> str | None:
+def git_head(folder: str | Path | None = None) -> str | None:
+    """The short commit checked out in `folder` (default: the current directory), or None outside git."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        cmd = ["git", "rev-parse", "--short", "HEAD"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=5, cwd=folder)
         return out.stdout.strip() or None
     except Exception:
         return None

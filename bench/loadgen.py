@@ -430,11 +430,11 @@ def stop(proc: subprocess.Popen, grace_s: float = 8) -> None:
         proc.wait(timeout=10)
 
 
-def spawn(cmd: list[str], env: dict | None, log_path: str) -> subprocess.Popen:
-    """Start a server in its own process group (so stopping it also stops its worker processes)."""
+def spawn(cmd: list[str], env: dict | None, log_path: str, cwd: str | None = None) -> subprocess.Popen:
+    """Start a server in its own process group (so stopping it also stops its worker processes), in `cwd`."""
     log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
     return subprocess.Popen(
-        cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd
     )
 
 

@@ -3,6 +3,7 @@
     python -m bench.server --spawn                          # start vitserve (random-weights S/16) and load it
     python -m bench.server --spawn --quick                  # c=1 and c=4, 640x480 single images, a few seconds each
     python -m bench.server --url http://127.0.0.1:8000 --pid 1234   # a server you started (pid: for its RSS)
+    python -m bench.server --builds base=../old,new=. --rounds 4 --loads 640x480:1:16   # two checkouts in turn
 
 For each image size (640x480, 4000x3000 JPEGs made from scikit-image's photographs), images per request (1, 32)
 and concurrency (1, 16, 64; 256 on a GPU) it reports images/s, requests/s, p50/p90/p99 latency, errors by
@@ -13,11 +14,17 @@ On a shared machine the load changes from one second to the next, so a raw figur
 says little about that load. `--rounds N --raw` therefore runs the plan N times and times the raw forward
 between loads (raw, load 1, raw, load 2, raw, ...): each load is compared with the mean of the raw windows
 just before and just after it (`server_over_raw`), and the summary gives medians over the rounds.
+
+`--builds NAME=DIR,...` compares checkouts of vitserve (a `git worktree` of an older commit, say) on this
+machine: each round starts the server of every build in turn (its `app` from DIR, the same random weights and this
+checkout's load generator, so only the server differs) and loads it, and `ratios` gives each build's median
+images/s and p50 over the first build's.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -34,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     target = p.add_mutually_exclusive_group()
     target.add_argument("--spawn", action="store_true", help="start vitserve here (the default without --url)")
     target.add_argument("--url", help="base URL of a running server (loopback only)")
+    target.add_argument("--builds", help="NAME=DIR,...: spawn the app of each checkout in turn, every round")
     p.add_argument("--pid", type=int, default=None, help="with --url: the server's pid, for its memory")
     p.add_argument("--device", default="cpu", help="for --spawn: cpu, cuda, auto")
     p.add_argument("--dtype", default=None, help="for --spawn: default float32 on CPU, bfloat16 on CUDA")
@@ -58,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="640x480 single images at c=1 and 4, 4 s each")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.builds:
+        args.builds = dict(item.split("=", 1) for item in args.builds.split(","))  # {name: folder}, in order
+        for name, folder in args.builds.items():
+            if not (Path(folder) / "app" / "__main__.py").is_file():
+                p.error(f"--builds {name}={folder} holds no app/__main__.py")
     cuda = args.device.startswith("cuda") or (args.device == "auto" and _cuda())
     if args.quick:
         args.concurrency = args.concurrency or "1,4"
@@ -82,8 +95,9 @@ def _cuda() -> bool:
 class VitServe(Spawned):
     """vitserve in a subprocess on loopback, with a random-weights native checkpoint in a temp folder."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, app_dir: str | None = None):
         self.args = args
+        self.app_dir = app_dir  # a checkout whose `app` to run; None: this one's
         self.folder = common.temp_dir("vitserve-bench-")
         self.ckpt = common.write_native_checkpoint(args.shape, self.folder, name="bench")
         self.port = free_port()
@@ -116,9 +130,11 @@ class VitServe(Spawned):
 
     def start(self) -> VitServe:
         env = {"VIT_COMPILE": self.args.compile, "PYTHONUNBUFFERED": "1"}
+        if self.app_dir is not None:
+            env["PYTHONPATH"] = str(Path(self.app_dir).resolve())
         self.log = str(self.folder / "server.log")
         self._t0 = time.perf_counter()
-        self.proc = spawn(self.command(), env, self.log)
+        self.proc = spawn(self.command(), env, self.log, cwd=self.app_dir)
         return self
 
 
@@ -281,6 +297,28 @@ def median_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def build_ratios(rows: list[dict], names: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """For each load, each build's median images/s and p50 over the first build's (>1: the build is faster, its
+    p50 longer)."""
+    by_load: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_load.setdefault(f"{r['image']}x{r['images_per_request']}:c{r['concurrency']}", {})[r["server"]] = r
+    ratios = {}
+    for load, rs in by_load.items():
+        first = rs.get(names[0])
+        if first is None:
+            continue
+        ratios[load] = {
+            name: {
+                "images_per_s": round(r["images_per_s"] / first["images_per_s"], 3),
+                "p50": round(r["latency_ms"]["p50"] / first["latency_ms"]["p50"], 3),
+            }
+            for name, r in rs.items()
+            if name != names[0]
+        }
+    return ratios
+
+
 def print_row(r: dict) -> None:
     lat = r["latency_ms"]
     vs_raw = f"  raw {r['raw_images_per_s']:.1f} img/s -> x{r['server_over_raw']:.2f}" if "server_over_raw" in r else ""
@@ -350,7 +388,16 @@ def main(argv: list[str] | None = None) -> dict:
         save(result, rounds, args, complete=False)
 
     save(result, rounds, args, complete=False)  # a file from the start, even if the server never comes up
-    if args.url:
+    if args.builds:
+        result["builds"] = {name: common.git_head(folder) for name, folder in args.builds.items()}
+        for _ in range(args.rounds):
+            rounds.append([])
+            for name, folder in args.builds.items():
+                with VitServe(args, folder) as server:
+                    run_matrix(server.url, args.endpoint, server.proc.pid, args, name, on_row=record)
+        result["ratios"] = build_ratios(result["results"], list(args.builds))
+        print(json.dumps(result["ratios"], indent=1))
+    elif args.url:
         for _ in range(args.rounds):
             rounds.append([])
             run_matrix(args.url.rstrip("/"), args.endpoint, args.pid, args, "vitserve", on_row=record)

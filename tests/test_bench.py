@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -350,3 +351,29 @@ def test_peers_pause_the_servers_not_under_load():
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_builds_run_each_checkouts_own_app_in_turn(tmp_path):
+    """--builds: every round loads the server of each checkout, started from that checkout's `app` (here a copy
+    that leaves a mark when imported), and the ratios compare each build with the first."""
+    other = tmp_path / "other"
+    shutil.copytree(ROOT / "app", other / "app", ignore=shutil.ignore_patterns("__pycache__"))
+    marker = tmp_path / "imported-from"
+    init = other / "app" / "__init__.py"
+    init.write_text(init.read_text() + f"\nimport pathlib\npathlib.Path({str(marker)!r}).write_text(__file__)\n")
+    out = tmp_path / "builds.json"
+    cmd = [sys.executable, "-m", "bench.server", "--builds", f"here={ROOT},other={other}", "--shape", "micro"]
+    cmd += ["--loads", "64x48:1:1", "--seconds", "1", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=300, capture_output=True)
+    data = json.loads(out.read_text())
+    assert data["complete"] is True
+    assert {r["server"]: r["ok"] > 0 for r in data["results"]} == {"here": True, "other": True}
+    assert data["builds"]["here"] == common.git_head(ROOT)
+    assert set(data["ratios"]["64x48x1:c1"]) == {"other"} and data["ratios"]["64x48x1:c1"]["other"]["images_per_s"] > 0
+    assert marker.read_text() == str(init)
+
+
+def test_builds_refuse_a_folder_without_the_app(tmp_path):
+    cmd = [sys.executable, "-m", "bench.server", "--builds", f"here={ROOT},empty={tmp_path}", "--seconds", "1"]
+    done = subprocess.run(cmd, cwd=ROOT, timeout=120, capture_output=True, text=True)
+    assert done.returncode != 0 and f"--builds empty={tmp_path} holds no app/__main__.py" in done.stderr
