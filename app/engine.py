@@ -19,7 +19,7 @@ from app import analysis
 from app.checkpoints import Checkpoint, CheckpointError, read_checkpoint
 from app.model import VisionTransformer, ViTConfig, resample_pos_embed
 from app.model.float8 import float8_problem, to_float8
-from app.preprocess import Normalizer, preprocess_for_size, to_model_pixels
+from app.preprocess import PreprocessConfig, preprocess_for_size, to_model_pixels
 
 log = logging.getLogger("vitserve")
 
@@ -37,6 +37,30 @@ class Output:
     tokens: torch.Tensor  # (B, P + gh*gw, D) float32: every final-normed token, P prefix tokens first
     attentions: list[torch.Tensor | None] | None = None  # depth x (B, heads, T, T) float32, when asked
     probe_attention: torch.Tensor | None = None  # (B, heads, 1, gh*gw) float32: a MAP head's probe, with attentions
+
+
+class Normalizer(torch.nn.Module):
+    """uint8 (B, h, w, 3) -> (B, 3, h, w), (x / 255 - mean) / std, on whatever device it lives.
+
+    Computed as one fused multiply-add, x * scale + shift with scale = 1 / (255 std) and shift = -mean / std,
+    in float32 and written straight into the output's dtype (the model's, e.g. bfloat16): one kernel from uint8
+    to the model's input instead of a conversion, three arithmetic passes and a cast.
+    """
+
+    def __init__(self, cfg: PreprocessConfig):
+        super().__init__()
+        mean = torch.tensor(cfg.mean, dtype=torch.float64).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.std, dtype=torch.float64).view(1, 3, 1, 1)
+        self.register_buffer("scale", (1.0 / (255.0 * std)).float(), persistent=False)
+        self.register_buffer("shift", (-mean / std).float(), persistent=False)
+
+    def forward(self, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2)  # a view: the kernel reads channels-last and writes channels-first
+        return self.into(x, torch.empty(x.shape, dtype=dtype, device=x.device))
+
+    def into(self, pixels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, h, w) (any strides) -> `out` (B, 3, h, w) of any float dtype, normalised; returns `out`."""
+        return torch.addcmul(self.shift, pixels, self.scale, out=out)
 
 
 def resolve_device(device: str) -> torch.device:

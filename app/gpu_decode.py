@@ -25,15 +25,78 @@ import warnings
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 
 from app.decode import Encoded
-from app.preprocess import TENSOR_INTERPOLATIONS, PreprocessConfig, to_model_pixels_tensor
+from app.preprocess import PreprocessConfig, crop_box, resized_size
 
 CHUNK_PIXELS = 1 << 27  # decoded at once: 134 M pixels, 400 MB of uint8 RGB
 GROUP_PIXELS = 1 << 25  # resized at once: 33 M pixels, 400 MB of float32 RGB
 
 # torch.frombuffer over the request's immutable bytes (no copy): the decoder only reads them
 warnings.filterwarnings("ignore", message="The given buffer is not writable", module=r"app\.gpu_decode")
+
+
+# -- app.preprocess's geometry on tensors -----------------------------------------------------------------------
+
+TENSOR_INTERPOLATIONS = ("bilinear", "bicubic")  # PIL's filters that torch reproduces (antialias=True)
+# ITU-R 601-2 luma in Pillow's fixed point: L = (19595 R + 38470 G + 7471 B + 0x8000) >> 16
+_LUMA = (19595, 38470, 7471)
+
+
+def resize_like_pil(x: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """float (N, 3, H, W) holding 0..255 -> float (N, 3, h, w) holding integers 0..255, as PIL's `resize`.
+
+    Pillow resamples in two passes, horizontal first, each rounded and clipped to 8 bits; the kernels
+    (support scaled by the reduction, bicubic a = -0.5) are the ones torch uses with antialias=True. Doing
+    the same two passes with the same rounding leaves only float-versus-fixed-point differences of weights.
+    """
+    if interpolation not in TENSOR_INTERPOLATIONS:
+        raise ValueError(f"{interpolation!r} resizing has no tensor equivalent of PIL's; use the PIL path")
+    h, w = size
+    if x.shape[-1] != w:
+        x = F.interpolate(x, size=(x.shape[-2], w), mode=interpolation, antialias=True, align_corners=False)
+        x = _round_uint8_range(x)
+    if x.shape[-2] != h:
+        x = F.interpolate(x, size=(h, w), mode=interpolation, antialias=True, align_corners=False)
+        x = _round_uint8_range(x)
+    return x
+
+
+def _round_uint8_range(x: torch.Tensor) -> torch.Tensor:
+    # Pillow's clip8: (sum + 0.5) truncated, clipped to 0..255 (round half up, not to even)
+    return x.add_(0.5).floor_().clamp_(0.0, 255.0)
+
+
+def crop_tensor(x: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+    """(..., H, W) -> the (left, top, right, bottom) box; outside the image is black, as PIL's `crop` pads."""
+    left, top, right, bottom = box
+    height, width = x.shape[-2:]
+    if left >= 0 and top >= 0 and right <= width and bottom <= height:
+        return x[..., top:bottom, left:right]
+    out = x.new_zeros((*x.shape[:-2], bottom - top, right - left))
+    src_t, src_l, src_b, src_r = max(top, 0), max(left, 0), min(bottom, height), min(right, width)
+    if src_b > src_t and src_r > src_l:
+        out[..., src_t - top : src_b - top, src_l - left : src_r - left] = x[..., src_t:src_b, src_l:src_r]
+    return out
+
+
+def to_model_pixels_tensor(x: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    """uint8 or float (N, 3, H, W) upright RGB images of one size -> float (N, 3, h, w) of whole grey levels at
+    the model's input size: the steps of `to_model_pixels` (resize, crop, grayscale, invert) on any device."""
+    x = x.float()
+    width, height = x.shape[-1], x.shape[-2]
+    rw, rh = resized_size(width, height, cfg.resize)
+    x = resize_like_pil(x, (rh, rw), cfg.interpolation)
+    if cfg.crop is not None:
+        x = crop_tensor(x, crop_box(rw, rh, cfg.crop, cfg.crop_rounding))
+    if cfg.grayscale:
+        weights = torch.tensor(_LUMA, dtype=torch.int32, device=x.device).view(1, 3, 1, 1)
+        luma = ((x.to(torch.int32) * weights).sum(dim=1, keepdim=True) + 0x8000) >> 16
+        x = luma.float().expand(-1, 3, -1, -1)
+    if cfg.invert:
+        x = 255.0 - x
+    return x
 
 
 @functools.cache

@@ -3,7 +3,12 @@
 The geometric steps run on PIL images, exactly as the reference libraries' own PIL pipelines do
 (transformers' `ViTImageProcessor`, timm's eval transform, torchvision's published transforms),
 and produce uint8 pixels at the model's input size. Normalisation runs on a batch tensor, on the
-model's device, so that only uint8 data crosses from the decoding workers to the GPU.
+model's device, so that only uint8 data crosses from the decoding workers to the GPU
+(`app.engine.Normalizer`); the same geometry on tensors, for JPEGs decoded on the device, is in
+`app.gpu_decode`.
+
+Nothing here imports torch: the processes that decode and parse request bodies (`app.decode`) import this
+module and stay free of torch's few hundred megabytes.
 """
 
 from __future__ import annotations
@@ -12,8 +17,6 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -166,89 +169,3 @@ def to_model_pixels(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     if cfg.invert:
         pixels = 255 - pixels
     return pixels
-
-
-class Normalizer(torch.nn.Module):
-    """uint8 (B, h, w, 3) -> (B, 3, h, w), (x / 255 - mean) / std, on whatever device it lives.
-
-    Computed as one fused multiply-add, x * scale + shift with scale = 1 / (255 std) and shift = -mean / std,
-    in float32 and written straight into the output's dtype (the model's, e.g. bfloat16): one kernel from uint8
-    to the model's input instead of a conversion, three arithmetic passes and a cast.
-    """
-
-    def __init__(self, cfg: PreprocessConfig):
-        super().__init__()
-        mean = torch.tensor(cfg.mean, dtype=torch.float64).view(1, 3, 1, 1)
-        std = torch.tensor(cfg.std, dtype=torch.float64).view(1, 3, 1, 1)
-        self.register_buffer("scale", (1.0 / (255.0 * std)).float(), persistent=False)
-        self.register_buffer("shift", (-mean / std).float(), persistent=False)
-
-    def forward(self, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        x = pixels.permute(0, 3, 1, 2)  # a view: the kernel reads channels-last and writes channels-first
-        return self.into(x, torch.empty(x.shape, dtype=dtype, device=x.device))
-
-    def into(self, pixels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, h, w) (any strides) -> `out` (B, 3, h, w) of any float dtype, normalised; returns `out`."""
-        return torch.addcmul(self.shift, pixels, self.scale, out=out)
-
-
-# -- the same geometry on tensors (JPEGs decoded on the model's device, app.gpu_decode) ---------------------------
-
-TENSOR_INTERPOLATIONS = ("bilinear", "bicubic")  # PIL's filters that torch reproduces (antialias=True)
-# ITU-R 601-2 luma in Pillow's fixed point: L = (19595 R + 38470 G + 7471 B + 0x8000) >> 16
-_LUMA = (19595, 38470, 7471)
-
-
-def resize_like_pil(x: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
-    """float (N, 3, H, W) holding 0..255 -> float (N, 3, h, w) holding integers 0..255, as PIL's `resize`.
-
-    Pillow resamples in two passes, horizontal first, each rounded and clipped to 8 bits; the kernels
-    (support scaled by the reduction, bicubic a = -0.5) are the ones torch uses with antialias=True. Doing
-    the same two passes with the same rounding leaves only float-versus-fixed-point differences of weights.
-    """
-    if interpolation not in TENSOR_INTERPOLATIONS:
-        raise ValueError(f"{interpolation!r} resizing has no tensor equivalent of PIL's; use the PIL path")
-    h, w = size
-    if x.shape[-1] != w:
-        x = F.interpolate(x, size=(x.shape[-2], w), mode=interpolation, antialias=True, align_corners=False)
-        x = _round_uint8_range(x)
-    if x.shape[-2] != h:
-        x = F.interpolate(x, size=(h, w), mode=interpolation, antialias=True, align_corners=False)
-        x = _round_uint8_range(x)
-    return x
-
-
-def _round_uint8_range(x: torch.Tensor) -> torch.Tensor:
-    # Pillow's clip8: (sum + 0.5) truncated, clipped to 0..255 (round half up, not to even)
-    return x.add_(0.5).floor_().clamp_(0.0, 255.0)
-
-
-def crop_tensor(x: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
-    """(..., H, W) -> the (left, top, right, bottom) box; outside the image is black, as PIL's `crop` pads."""
-    left, top, right, bottom = box
-    height, width = x.shape[-2:]
-    if left >= 0 and top >= 0 and right <= width and bottom <= height:
-        return x[..., top:bottom, left:right]
-    out = x.new_zeros((*x.shape[:-2], bottom - top, right - left))
-    src_t, src_l, src_b, src_r = max(top, 0), max(left, 0), min(bottom, height), min(right, width)
-    if src_b > src_t and src_r > src_l:
-        out[..., src_t - top : src_b - top, src_l - left : src_r - left] = x[..., src_t:src_b, src_l:src_r]
-    return out
-
-
-def to_model_pixels_tensor(x: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
-    """uint8 or float (N, 3, H, W) upright RGB images of one size -> float (N, 3, h, w) of whole grey levels at
-    the model's input size: the steps of `to_model_pixels` (resize, crop, grayscale, invert) on any device."""
-    x = x.float()
-    width, height = x.shape[-1], x.shape[-2]
-    rw, rh = resized_size(width, height, cfg.resize)
-    x = resize_like_pil(x, (rh, rw), cfg.interpolation)
-    if cfg.crop is not None:
-        x = crop_tensor(x, crop_box(rw, rh, cfg.crop, cfg.crop_rounding))
-    if cfg.grayscale:
-        weights = torch.tensor(_LUMA, dtype=torch.int32, device=x.device).view(1, 3, 1, 1)
-        luma = ((x.to(torch.int32) * weights).sum(dim=1, keepdim=True) + 0x8000) >> 16
-        x = luma.float().expand(-1, 3, -1, -1)
-    if cfg.invert:
-        x = 255.0 - x
-    return x

@@ -147,7 +147,7 @@ def serve(settings: Settings) -> int:
 
 def server_app(settings: Settings) -> FastAPI:
     """The service, in a process whose forward threads are set. Imported here, never in the supervisor."""
-    from app.http import create_app
+    from app.http.factory import create_app
     from app.runner import set_threads
 
     set_threads(settings.forward_threads)  # deliberately: torch's default ignores a container's CPU quota

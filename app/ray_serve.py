@@ -38,7 +38,7 @@ from ray.serve.deployment import Deployment
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.http import create_app
+from app.http.factory import create_app
 from app.http.state import ServerState
 from app.settings import Settings
 

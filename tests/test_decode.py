@@ -522,3 +522,33 @@ def test_closing_the_decoder_kills_its_isolated_processes():
 
     assert asyncio.run(main()) < 5.0
     assert not isolated_processes()
+
+
+def test_the_decoding_processes_never_map_torch(cat):
+    """The pool's workers, the isolated calls and the fork server they start from import only app.decode and the
+    body parsers: none of them maps torch's libraries, which would cost each process a few hundred megabytes."""
+    import multiprocessing.forkserver
+    from pathlib import Path
+
+    from app.http.pipeline import PARSER_MODULES
+
+    maps = Path("/proc/self/maps")
+
+    async def main(decoder):  # type: ignore[no-untyped-def]
+        await decoder.pixels(encode(cat, "JPEG"), CFG)  # the worker has decoded an image
+        return await decoder._run(maps.read_text), await decoder.isolated(maps.read_text)
+
+    decoder = Decoder(LIMIT, workers=1, kind="process", preload=("app.decode", *PARSER_MODULES))
+
+    async def started():  # type: ignore[no-untyped-def]
+        await decoder.start()
+        try:
+            return await main(decoder)
+        finally:
+            decoder.close()
+
+    worker, isolated = asyncio.run(started())
+    fork_server = Path(f"/proc/{multiprocessing.forkserver._forkserver._forkserver_pid}/maps").read_text()
+    assert "libtorch" in Path("/proc/self/maps").read_text()  # the test process itself has torch: the check works
+    for name, mapped in (("worker", worker), ("isolated call", isolated), ("fork server", fork_server)):
+        assert "libtorch" not in mapped and "libc10" not in mapped, name

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from app.checkpoints import hf
+from app.engine import Normalizer
 from app.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    Normalizer,
     PreprocessConfig,
     preprocess_for_size,
     seen_region,

@@ -36,7 +36,7 @@ from ray import serve
 from ray.serve import Application
 
 from app.checkpoints import native
-from app.http import create_app
+from app.http.factory import create_app
 from app.model import VisionTransformer, ViTConfig
 from app.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from app.ray_serve import DEPLOYMENT, SERVED_BY, app_builder, build_app

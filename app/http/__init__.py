@@ -1,5 +1,5 @@
-"""The HTTP service: `create_app(settings)` builds the FastAPI app (see factory.py)."""
+"""The HTTP service: `app.http.factory.create_app(settings)` builds the FastAPI app.
 
-from app.http.factory import create_app
-
-__all__ = ["create_app"]
+This package imports nothing itself: the processes that parse large request bodies (`app.http.pipeline`'s parsers,
+run by `app.decode.Decoder.isolated`) import only what parsing needs, never the engine or torch.
+"""

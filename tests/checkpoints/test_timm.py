@@ -16,7 +16,8 @@ from app import load_model
 from app.checkpoints import CheckpointError, read_checkpoint
 from app.checkpoints import timm as timm_reader
 from app.checkpoints.tables import imagenet_labels, timm_table
-from app.preprocess import Normalizer, to_model_pixels
+from app.engine import Normalizer
+from app.preprocess import to_model_pixels
 
 TOL = {"atol": 1e-4, "rtol": 1e-3}
 MODELS = {

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from http_support import photo, save_tiny, settings_for, wait_ready
 from PIL import Image
 
-from app.http import create_app
+from app.http.factory import create_app
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from http_support import asgi_call, encode, serve, settings_for, wait_ready
 from test_decode import bomb_png
 
-from app.http import create_app
+from app.http.factory import create_app
 
 RAW = {"content-type": "image/png"}
 

@@ -32,7 +32,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import app as vit
-from app.http import create_app
+from app.http.factory import create_app
 from app.settings import Settings
 
 transformers = pytest.importorskip("transformers")

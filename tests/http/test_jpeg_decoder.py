@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from http_support import encode, serve, settings_for, wait_ready, wrapping_loader
 
 from app import gpu_decode
-from app.http import create_app
+from app.http.factory import create_app
 
 pytestmark = [
     pytest.mark.skipif(not gpu_decode.available(), reason="torchvision is not installed"),

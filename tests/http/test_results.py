@@ -217,7 +217,7 @@ def test_a_float8_server_is_refused_on_a_cpu(checkpoints):
     from fastapi.testclient import TestClient
     from http_support import settings_for
 
-    from app.http import create_app
+    from app.http.factory import create_app
 
     fatal: list[str] = []
     settings = settings_for(checkpoints, "tiny", dtype="float8")
@@ -244,7 +244,7 @@ def test_a_float8_server_on_a_gpu_answers_as_its_engine(checkpoints, uploads):
     from fastapi.testclient import TestClient
     from http_support import settings_for, wait_ready
 
-    from app.http import create_app
+    from app.http.factory import create_app
 
     engine = app.load_model(str(checkpoints["tiny"]), device="cuda", dtype="float8")
     settings = settings_for(checkpoints, "tiny", device="cuda", dtype="float8", jpeg_draft=False, jpeg_decoder="pil")

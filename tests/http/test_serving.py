@@ -16,7 +16,7 @@ import pytest
 from http_support import asgi_call, encode, metric, serve, settings_for, white, wrapping_loader
 from PIL import Image
 
-from app.http import create_app
+from app.http.factory import create_app
 from app.http.loading import engine_loader
 from app.settings import Settings
 

@@ -27,7 +27,7 @@ from http_support import encode, serve, settings_for, wrapping_loader
 from PIL import Image
 
 from app.engine import load_model
-from app.http import create_app
+from app.http.factory import create_app
 from app.http.loading import engine_loader
 
 httpclient = pytest.importorskip("tritonclient.http", reason="pip install -e '.[test]' brings tritonclient[http]")

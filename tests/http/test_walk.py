@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 from http_support import encode, photo, save_tiny, settings_for
 
-from app.http import create_app
+from app.http.factory import create_app
 
 DESIGN = Path(__file__).resolve().parents[2] / "docs" / "design.md"
 
