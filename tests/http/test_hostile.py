@@ -16,8 +16,8 @@ from starlette.datastructures import Headers
 from test_decode import isolated_processes, many_scans_jpeg
 from test_errors import error
 
-from app.http.factory import create_app
 from app.http.envelope import key_matches
+from app.http.factory import create_app
 from app.http.pipeline import INLINE_SEPARATORS, parse_off_loop
 
 INFER = "/v2/models/tiny/infer"
