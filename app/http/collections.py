@@ -199,6 +199,7 @@ def _checked(check, value, where):  # type: ignore[no-untyped-def]
 
 
 def _form_parts(request: Request, body: bytes) -> list[Part]:
+    """The parts of a multipart form, their count checked before parsing (`multipart_parts`)."""
     limit = state_of(request).settings.max_images_per_request
     return multipart_parts(body, request.headers.get("content-type", ""), limit)
 
@@ -208,9 +209,7 @@ def _parse_add(request: Request, body: bytes) -> ImageBatch:
     kind = media_type(request)
     batch = ImageBatch()
     if kind == "multipart/form-data":
-        parts = multipart_parts(
-            body, request.headers.get("content-type", ""), state_of(request).settings.max_images_per_request
-        )
+        parts = _form_parts(request, body)
         images = [p for p in parts if p.name == "images"]
         ids_part = next((p for p in parts if p.name == "ids"), None)
         meta_part = next((p for p in parts if p.name == "metadata"), None)
@@ -248,9 +247,7 @@ def _parse_search(request: Request, body: bytes) -> ImageBatch:
     kind = media_type(request)
     batch = ImageBatch()
     if kind == "multipart/form-data":
-        parts = multipart_parts(
-            body, request.headers.get("content-type", ""), state_of(request).settings.max_images_per_request
-        )
+        parts = _form_parts(request, body)
         images = [p for p in parts if p.name == "images"]
         batch.images = [p.data for p in images]
         batch.filenames = [p.filename for p in images]
