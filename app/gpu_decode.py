@@ -1,7 +1,7 @@
 """JPEG batches decoded where the model runs: `torchvision.io.decode_jpeg` (nvJPEG on CUDA, libjpeg-turbo on the
 CPU), then oriented, resized, cropped and rounded there exactly as `app.preprocess.to_model_pixels` does with PIL.
 
-Used by `app.tasks.prepare_batch` for the queue's `Encoded` items (JPEGs whose header `app.decode` has already
+Used by `app.runner.prepare_items` for the queue's `Encoded` items (JPEGs whose header `app.decode` has already
 checked). Nothing here is imported unless that path is in use, so torchvision stays optional at run time.
 
 What can differ from the PIL path (`--jpeg-decoder pil`):

@@ -1,4 +1,4 @@
-"""Per-checkpoint preprocessing: resize, centre crop, normalise.
+"""Per-checkpoint preprocessing: what each checkpoint expects, and the resize and centre crop on PIL images.
 
 The geometric steps run on PIL images, exactly as the reference libraries' own PIL pipelines do
 (transformers' `ViTImageProcessor`, timm's eval transform, torchvision's published transforms),
