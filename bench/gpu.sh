@@ -6,7 +6,7 @@
 # carry `.whl` and run
 #   bash bench/gpu.sh                 # JSON and logs into $OUT (or bench/results/gpu-<date>/)
 # On a CPU, to check the script itself (tiny shapes, a few seconds per step):
-#   GPU_SH_SMOKE=1 bash bench/gpu.sh
+#   GPU_SH_SMOKE=1 bash bench/gpu.sh  # into $OUT or a temporary folder: its figures measure nothing
 # Some steps only, within a budget (seconds):
 #   GPU_SH_ONLY="server server-workers-4 server-attention" GPU_SH_BUDGET=200 bash bench/gpu.sh
 #
@@ -22,7 +22,7 @@ BUDGET=${GPU_SH_BUDGET:-560}  # seconds for the whole script; a step gets what i
 PY=${PY:-python3}
 SMOKE=${GPU_SH_SMOKE:-0}
 START=$(date +%s)
-DEST=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M)}
+if [ "$SMOKE" = 1 ]; then DEST=${OUT:-$(mktemp -d -t gpu-sh-smoke-XXXX)}; else DEST=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M)}; fi
 mkdir -p "$DEST"
 LOG="$DEST/gpu-sh.log"
 exec > >(tee -a "$LOG") 2>&1
