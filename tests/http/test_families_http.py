@@ -359,6 +359,16 @@ def build_open_clip(root: Path) -> Family:
     )
 
 
+# timm's own files: name, architecture, input size, classes, seed, and what ModelInfo must say (family, pool,
+# class / distillation / register tokens)
+TIMM_FAMILIES = [
+    ("timm_dinov2reg", "vit_small_patch14_reg4_dinov2", 56, 0, 4, "dinov2", "cls", (1, 0, 4)),
+    ("deit_distilled", "deit_tiny_distilled_patch16_224", 64, 5, 5, "deit_distilled", "cls", (1, 1, 0)),
+    ("gap", "vit_medium_patch16_gap_256", 64, 5, 7, "vit_gap", "mean", (0, 0, 0)),
+    ("gap_reg", "vit_medium_patch16_reg4_gap_256", 64, 5, 8, "vit_gap", "mean", (0, 0, 4)),
+]
+
+
 @pytest.fixture(scope="module")
 def families(tmp_path_factory) -> dict[str, Family]:
     root = tmp_path_factory.mktemp("families")
@@ -368,54 +378,21 @@ def families(tmp_path_factory) -> dict[str, Family]:
         build_hf_dinov2_reg(root),
         build_hf_dinov2(root),
         build_hf_deit(root),
-        build_timm(
-            root,
-            "timm_dinov2reg",
-            "vit_small_patch14_reg4_dinov2",
-            56,
-            0,
-            4,
-            family="dinov2",
-            pool="cls",
-            prefix_tokens={"class": 1, "distillation": 0, "registers": 4},
-            grid=[4, 4],
-        ),
-        build_timm(
-            root,
-            "deit_distilled",
-            "deit_tiny_distilled_patch16_224",
-            64,
-            5,
-            5,
-            family="deit_distilled",
-            pool="cls",
-            prefix_tokens={"class": 1, "distillation": 1, "registers": 0},
-            grid=[4, 4],
-        ),
         build_open_clip(root),
-        build_timm(
-            root,
-            "gap",
-            "vit_medium_patch16_gap_256",
-            64,
-            5,
-            7,
-            family="vit_gap",
-            pool="mean",
-            prefix_tokens={"class": 0, "distillation": 0, "registers": 0},
-            grid=[4, 4],
-        ),
-        build_timm(
-            root,
-            "gap_reg",
-            "vit_medium_patch16_reg4_gap_256",
-            64,
-            5,
-            8,
-            family="vit_gap",
-            pool="mean",
-            prefix_tokens={"class": 0, "distillation": 0, "registers": 4},
-            grid=[4, 4],
+        *(
+            build_timm(
+                root,
+                name,
+                arch,
+                size,
+                classes,
+                seed,
+                family=family,
+                pool=pool,
+                grid=[4, 4],
+                prefix_tokens=dict(zip(("class", "distillation", "registers"), prefix, strict=True)),
+            )
+            for name, arch, size, classes, seed, family, pool, prefix in TIMM_FAMILIES
         ),
     ]
     return {f.name: f for f in built}
