@@ -142,7 +142,8 @@ def sniff(data: bytes) -> str | None:
 
 
 def open_checked(data: bytes, limits: Limits | int) -> Image.Image:
-    """Open lazily (header only) and refuse what is unsupported, zero-sized or over the `limits` (an int: pixels)."""
+    """Open lazily (header only) and refuse what is unsupported, zero-sized or over the `limits` (an int: pixels).
+    A JPEG's number of scans is left in `image.info["scans"]`, beside Pillow's own "progressive"."""
     limits = Limits.of(limits)
     if not data:
         raise InvalidImage("the image is empty (zero bytes)")
@@ -161,7 +162,7 @@ def open_checked(data: bytes, limits: Limits | int) -> Image.Image:
             f"({size // (image.width * image.height)} per pixel), more than the limit of {limits.bytes:,}"
         )
     if fmt == "JPEG":
-        check_jpeg_scans(data, limits.jpeg_scans)
+        image.info["scans"] = check_jpeg_scans(data, limits.jpeg_scans)
     return image
 
 
@@ -175,15 +176,18 @@ def decoded_bytes(image: Image.Image) -> int:
     return image.width * image.height * len(mode.bands) * per_band
 
 
-def check_jpeg_scans(data: bytes, max_scans: int) -> None:
+def check_jpeg_scans(data: bytes, max_scans: int) -> int:
     """Refuse a JPEG of more than `max_scans` scans (SOS markers), or of more than MARKERS_PER_SCAN x `max_scans`
     markers in all, counted before decoding: each segment is skipped by its length (so an EXIF thumbnail is not
-    counted), entropy-coded data by a search for the next marker, and counting stops at the end-of-image marker."""
-    if jpeg_scans(data, max_scans) > max_scans:
+    counted), entropy-coded data by a search for the next marker, and counting stops at the end-of-image marker.
+    Returns the number of scans."""
+    scans = jpeg_scans(data, max_scans)
+    if scans > max_scans:
         raise InvalidImage(
             f"the JPEG has more than {max_scans} scans, or more than {MARKERS_PER_SCAN * max_scans} markers in all "
             "(encoders write about 10 scans); it is refused before decoding"
         )
+    return scans
 
 
 def jpeg_scans(data: bytes, max_scans: int = 100) -> int:
@@ -308,7 +312,7 @@ def decode_image(
     """
     limits = Limits.of(limits)
     image = open_checked(data, limits)
-    scan_pixels = image.width * image.height * (jpeg_scans(data, limits.jpeg_scans) if image.format == "JPEG" else 1)
+    scan_pixels = image.width * image.height * image.info.get("scans", 1)
     if not slow_ok and scan_pixels > SLOW_SCAN_PIXELS:
         raise SlowImage()
     size = upright_size(image)
