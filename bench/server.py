@@ -16,9 +16,9 @@ between loads (raw, load 1, raw, load 2, raw, ...): each load is compared with t
 just before and just after it (`server_over_raw`), and the summary gives medians over the rounds.
 
 `--builds NAME=DIR,...` compares checkouts of vitserve (a `git worktree` of an older commit, say) on this
-machine: each round starts the server of every build in turn (its `app` from DIR, the same random weights and this
-checkout's load generator, so only the server differs) and loads it, and `ratios` gives each build's median
-images/s and p50 over the first build's.
+machine: each round starts the server of every build in turn (its `app` from DIR; one checkpoint, written once,
+and this checkout's load generator, so only the server differs) and loads it, and `ratios` gives each build's
+median images/s and p50 over the first build's.
 """
 
 from __future__ import annotations
@@ -95,11 +95,11 @@ def _cuda() -> bool:
 class VitServe(Spawned):
     """vitserve in a subprocess on loopback, with a random-weights native checkpoint in a temp folder."""
 
-    def __init__(self, args: argparse.Namespace, app_dir: str | None = None):
+    def __init__(self, args: argparse.Namespace, app_dir: str | None = None, ckpt: Path | None = None):
         self.args = args
         self.app_dir = app_dir  # a checkout whose `app` to run; None: this one's
         self.folder = common.temp_dir("vitserve-bench-")
-        self.ckpt = common.write_native_checkpoint(args.shape, self.folder, name="bench")
+        self.ckpt = ckpt or common.write_native_checkpoint(args.shape, self.folder, name="bench")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
@@ -390,10 +390,11 @@ def main(argv: list[str] | None = None) -> dict:
     save(result, rounds, args, complete=False)  # a file from the start, even if the server never comes up
     if args.builds:
         result["builds"] = {name: common.git_head(folder) for name, folder in args.builds.items()}
+        ckpt = common.write_native_checkpoint(args.shape, common.temp_dir("vitserve-bench-"), name="bench")
         for _ in range(args.rounds):
             rounds.append([])
             for name, folder in args.builds.items():
-                with VitServe(args, folder) as server:
+                with VitServe(args, folder, ckpt) as server:
                     run_matrix(server.url, args.endpoint, server.proc.pid, args, name, on_row=record)
         result["ratios"] = build_ratios(result["results"], list(args.builds))
         print(json.dumps(result["ratios"], indent=1))
